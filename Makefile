@@ -1,0 +1,38 @@
+# One venv for everything. TORCH_SPEC picks the torch build: the default is the CPU wheel
+# available offline here; on a CUDA machine use e.g. TORCH_SPEC="torch --index-url ...".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: setup lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) tools/demo.py
+
+bench: setup
+	$(PY) bench/bench.py
+
+clean:
+	rm -rf .cache demo_output bench/results

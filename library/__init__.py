@@ -1,0 +1,1 @@
+"""Shared modules of the Textual Inversion trainer and generator (one module per concern)."""

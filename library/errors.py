@@ -1,0 +1,31 @@
+"""The one exception type users see.
+
+Anything the user can fix (a missing file, a wrong flag, a checkpoint we cannot read) is raised
+as ``UserError`` with a single line that names the file or flag and says what to do. The CLI
+entry points catch it and print only that line, so nobody has to read a traceback from deep
+inside torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A problem with the user's input, explained in one line."""
+
+
+def run_cli(main: Callable[[], T]) -> T:
+    """Run a CLI ``main`` and turn a ``UserError`` into ``error: <message>`` and exit code 2."""
+    try:
+        return main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

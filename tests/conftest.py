@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random SD1-like and SD2-like models in every layout, built once and cached.
+
+The models live in ``.cache/tiny-models-v*/`` (git-ignored) and are reused across test runs;
+bump ``FIXTURE_VERSION`` in ``tiny_models.py`` when their layout changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import ensure_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1() -> Path:
+    """Folder with ``diffusers/``, ``model.safetensors`` and ``model.ckpt`` of the tiny SD1 model."""
+    return ensure_tiny_model("sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2() -> Path:
+    """Folder with ``diffusers/``, ``model.safetensors`` and ``model.ckpt`` of the tiny SD2 model."""
+    return ensure_tiny_model("sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tiny_sd1: Path) -> Path:
+    return tiny_sd1 / "diffusers"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_safetensors(tiny_sd1: Path) -> Path:
+    return tiny_sd1 / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_ckpt(tiny_sd1: Path) -> Path:
+    return tiny_sd1 / "model.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tiny_sd2: Path) -> Path:
+    return tiny_sd2 / "diffusers"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_safetensors(tiny_sd2: Path) -> Path:
+    return tiny_sd2 / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_ckpt(tiny_sd2: Path) -> Path:
+    return tiny_sd2 / "model.ckpt"

@@ -1,0 +1,258 @@
+"""Model loading: every layout loads to the same weights; architecture comes from shapes; bad files fail clearly."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from tiny_models import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from library.checkpoint_io import strip_prefix
+from library.errors import UserError
+from library.models import (
+    _sd1_text_weights,
+    _sd2_text_weights,
+    base_config,
+    infer_text_config,
+    infer_unet_config,
+    infer_vae_config,
+    load_sd_model,
+    text_family,
+)
+
+
+def _outputs(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, 8, 8, generator=gen)
+    ids = torch.randint(0, 49407, (1, 77), generator=gen)
+    image = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1
+    with torch.no_grad():
+        hidden = model.text_encoder(ids)[0]
+        noise_pred = model.unet(latents, 500, encoder_hidden_states=hidden).sample
+        encoded = model.vae.encode(image).latent_dist.mean
+        decoded = model.vae.decode(encoded).sample
+    return hidden, noise_pred, encoded, decoded
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_single_files_load_the_same_weights_as_the_diffusers_folder(family, request):
+    root = request.getfixturevalue(f"tiny_{family}")
+    reference = load_sd_model(root / "diffusers")
+    assert reference.family == family
+    expected = _outputs(reference)
+    for name in ("model.safetensors", "model.ckpt"):
+        model = load_sd_model(root / name)
+        assert model.family == family
+        assert model.text_dim == reference.text_dim
+        for got, want in zip(_outputs(model), expected):
+            assert (got - want).abs().max().item() <= 1e-5, name
+
+
+def test_sd2_detected_and_uses_its_tokenizer(tiny_sd2_safetensors, tiny_sd2_dir):
+    for path in (tiny_sd2_safetensors, tiny_sd2_dir):
+        model = load_sd_model(path)
+        assert model.v2
+        assert model.tokenizer.pad_token == "!" and model.tokenizer.pad_token_id == 0
+
+
+def test_sd2_single_file_drops_the_last_text_layer(tiny_sd2_safetensors):
+    # the fixture file has 3 OpenCLIP layers; SD2 uses the penultimate output, so 2 are loaded
+    model = load_sd_model(tiny_sd2_safetensors)
+    assert model.text_encoder.config.num_hidden_layers == 2
+
+
+def test_fp16_checkpoint_loads_as_fp32(tiny_sd1_safetensors, tmp_path):
+    from safetensors.torch import load_file
+
+    half = {k: v.half() for k, v in load_file(str(tiny_sd1_safetensors)).items()}
+    path = tmp_path / "half.safetensors"
+    save_file(half, str(path))
+    model = load_sd_model(path)
+    assert model.unet.dtype == torch.float32
+    assert model.text_encoder.dtype == torch.float32
+
+
+def test_v2_flag_disagreeing_with_file_warns(tiny_sd1_safetensors, tiny_sd2_safetensors, caplog):
+    with caplog.at_level(logging.WARNING):
+        model = load_sd_model(tiny_sd1_safetensors, v2=True)
+    assert model.family == "sd1"
+    assert "SD 1.x" in caplog.text and "--v2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        model = load_sd_model(tiny_sd2_safetensors, v2=False)
+    assert model.family == "sd2"
+    assert "SD 2.x" in caplog.text
+
+
+def test_v_parameterization_sets_prediction_type(tiny_sd2_safetensors):
+    model = load_sd_model(tiny_sd2_safetensors, v_parameterization=True)
+    assert model.scheduler_config["prediction_type"] == "v_prediction"
+    assert load_sd_model(tiny_sd2_safetensors).scheduler_config["prediction_type"] == "epsilon"
+
+
+def test_vae_override_from_ldm_file_diffusers_file_and_folder(tiny_sd1, tmp_path):
+    model = load_sd_model(tiny_sd1 / "model.safetensors")
+    reference = model.vae.state_dict()
+    # an LDM-named VAE file (as distributed, e.g. vae-ft-mse.safetensors) without the prefix
+    vae_only = strip_prefix(vae_to_ldm(model.vae), "first_stage_model.")
+    save_file({k: v.contiguous() for k, v in vae_only.items()}, str(tmp_path / "vae.safetensors"))
+    # a diffusers-named VAE file
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(tmp_path / "vae_diffusers.safetensors"))
+    for vae_path in (
+        tmp_path / "vae.safetensors",
+        tmp_path / "vae_diffusers.safetensors",
+        tiny_sd1 / "diffusers",
+    ):
+        loaded = load_sd_model(tiny_sd1 / "model.safetensors", vae=vae_path).vae.state_dict()
+        assert all(torch.equal(loaded[k], reference[k]) for k in reference), vae_path
+
+
+# ---------------------------------------------------------------------------------------------
+# full-size layouts on the meta device: the inferred configs are the real SD1.5 / SD2.1 ones
+
+
+def _full_size_ldm_state(family: str) -> dict[str, torch.Tensor]:
+    base = base_config(family)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**base["unet"])
+        vae = AutoencoderKL(**base["vae"])
+        text_config = dict(base["text_encoder"])
+        if family == "sd2":
+            text_config["num_hidden_layers"] = 23
+        text = CLIPTextModel(CLIPTextConfig(**text_config))
+    state = {**unet_to_ldm(unet), **vae_to_ldm(vae)}
+    if family == "sd1":
+        state.update(sd1_text_to_ldm(text))
+    else:
+        state.update(sd2_text_to_ldm(text))
+    return state
+
+
+@pytest.mark.parametrize(
+    ("family", "cross", "width", "layers", "heads"),
+    [("sd1", 768, 768, 12, 8), ("sd2", 1024, 1024, 23, [5, 10, 20, 20])],
+)
+def test_full_size_layout_gives_the_real_configs(family, cross, width, layers, heads):
+    state = _full_size_ldm_state(family)
+    assert all(v.is_meta for v in state.values())  # no memory used
+    assert text_family(state) == family
+    unet = infer_unet_config(strip_prefix(state, "model.diffusion_model."), family)
+    assert unet["block_out_channels"] == [320, 640, 1280, 1280]
+    assert unet["layers_per_block"] == 2
+    assert unet["cross_attention_dim"] == cross
+    assert unet["attention_head_dim"] == heads
+    assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert unet["use_linear_projection"] == (family == "sd2")
+    vae = infer_vae_config(strip_prefix(state, "first_stage_model."), family)
+    assert vae["block_out_channels"] == [128, 256, 512, 512] and vae["layers_per_block"] == 2
+    text_sd = _sd1_text_weights(state) if family == "sd1" else _sd2_text_weights(state, None)
+    text = infer_text_config(text_sd, family)
+    assert (text.hidden_size, text.num_hidden_layers) == (width, layers)
+    assert text.num_attention_heads == width // 64
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: one clear line each
+
+
+def _error(path, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        load_sd_model(path, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_path(tmp_path):
+    assert "not found" in _error(tmp_path / "nope.safetensors")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    assert "empty" in _error(tmp_path / "empty.ckpt")
+
+
+def test_lora_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, str(path)
+    )
+    assert "LoRA" in _error(path)
+
+
+def test_embedding_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "emb.safetensors"
+    save_file({"emb_params": torch.zeros(2, 768)}, str(path))
+    assert "embedding" in _error(path)
+
+
+def test_truncated_safetensors(tiny_sd1_safetensors, tmp_path):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(tiny_sd1_safetensors.read_bytes()[:5000])
+    message = _error(path)
+    assert "cut.safetensors" in message and "corrupt" in message
+
+
+def test_truncated_ckpt(tiny_sd1_ckpt, tmp_path):
+    path = tmp_path / "cut.ckpt"
+    path.write_bytes(tiny_sd1_ckpt.read_bytes()[:5000])
+    assert "corrupt" in _error(path)
+
+
+def test_sdxl_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "sdxl.safetensors"
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(
+                2, 2
+            ),
+        },
+        str(path),
+    )
+    assert "SDXL" in _error(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_ckpt_with_pickled_code_is_refused_and_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": _Payload()}}, path)
+    assert zipfile.is_zipfile(path)
+    message = _error(path)
+    assert "pickled code" in message
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+def test_legacy_pickle_with_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil_legacy.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": _Payload()}))
+    _error(path)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    assert "not a diffusers model folder" in _error(tmp_path)
+
+
+def test_sdxl_folder_is_refused(tmp_path):
+    (tmp_path / "text_encoder_2").mkdir()
+    assert "SDXL" in _error(tmp_path)
+
+
+def test_missing_vae_path(tiny_sd1_safetensors, tmp_path):
+    assert "--vae" in _error(tiny_sd1_safetensors, vae=tmp_path / "missing_vae.pt")
