@@ -20,7 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import ensure_tiny_model  # noqa: E402
+
+def ensure_tiny_model(family: str) -> Path:
+    from tiny_models import ensure_tiny_model as build  # imported late: diffusers is slow to import
+
+    return build(family)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import math
+import sys
 
 import pytest
 import torch
@@ -245,10 +245,25 @@ MISSING_PACKAGES = [
 ]
 
 
+@pytest.mark.parametrize(
+    "optimizer_type", ["Lion", "Prodigy", "DAdaptAdam", "DAdaptation", "AdamWScheduleFree", "SGDScheduleFree"]
+)
+def test_optional_optimizers_from_requirements_train_a_parameter(optimizer_type):
+    param = tiny_param()
+    before = param.detach().clone()
+    _, _, optimizer = create_optimizer(
+        [param], parse("--optimizer_type", optimizer_type, "--learning_rate", "1.0")
+    )
+    optimizer_train_mode(optimizer)
+    param.sum().backward()
+    optimizer.step()
+    assert not torch.equal(param.detach(), before)
+
+
 @pytest.mark.parametrize("argv, module, message", MISSING_PACKAGES)
-def test_missing_optional_package_names_the_pip_package(argv, module, message):
-    if importlib.util.find_spec(module) is not None:
-        pytest.skip(f"{module} is installed")
+def test_missing_optional_package_names_the_pip_package(argv, module, message, monkeypatch):
+    for name in [module] + [m for m in sys.modules if m.startswith(module + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail as if not installed
     with pytest.raises(UserError) as error:
         create_optimizer([tiny_param()], parse(*argv, "--learning_rate", "1.0"))
     assert str(error.value) == message
