@@ -1,0 +1,203 @@
+"""Aspect-ratio buckets and the per-epoch batch order.
+
+The bucket set and the choice of bucket per image are kohya's (``make_bucket_resolutions`` and
+``BucketManager.select_bucket``), so an image lands in the same bucket and crop as in kohya and
+latent caches can be shared. Without ``enable_bucket`` there is one bucket, the resolution, and
+an image is resized to cover it and then cropped — the same rule with a single candidate.
+
+The batch order is a pure function of (seed, epoch): each bucket is permuted, cut into batches of
+``batch_size`` (one bucket per batch, so all images of a batch have one size), and all batches of
+all datasets are permuted again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from library.errors import UserError
+
+ORDER_STREAM = 1  # separates the batch-order random stream from the per-item streams
+
+
+def make_bucket_resolutions(
+    max_reso: tuple[int, int], min_size: int = 256, max_size: int = 1024, divisible: int = 64
+) -> list[tuple[int, int]]:
+    """kohya's bucket set: about the area of ``max_reso``, sides multiples of ``divisible``.
+
+    One square bucket, then for each width from ``min_size`` to ``max_size`` the tallest height
+    that keeps the area (capped at ``max_size``), in both orientations.
+    """
+    max_area = max_reso[0] * max_reso[1]
+    side = int(math.sqrt(max_area) // divisible) * divisible
+    resolutions = {(side, side)}
+    width = min_size
+    while width <= max_size:
+        height = min(max_size, int((max_area // width) // divisible) * divisible)
+        if height >= min_size:
+            resolutions.add((width, height))
+            resolutions.add((height, width))
+        width += divisible
+    return sorted(resolutions)
+
+
+@dataclass(frozen=True)
+class BucketChoice:
+    bucket: tuple[int, int]  # (width, height) of the training crop
+    resized: tuple[int, int]  # (width, height) the image is resized to before cropping
+    ar_error: float
+
+
+class BucketSelector:
+    """Chooses a bucket and resize size per image, as kohya's BucketManager does."""
+
+    def __init__(
+        self,
+        resolution: tuple[int, int],
+        enable_bucket: bool,
+        min_bucket_reso: int,
+        max_bucket_reso: int,
+        bucket_reso_steps: int,
+        bucket_no_upscale: bool,
+    ):
+        self.no_upscale = enable_bucket and bucket_no_upscale
+        self.steps = bucket_reso_steps
+        self.max_area = resolution[0] * resolution[1]
+        if not enable_bucket:
+            self.predefined = [tuple(resolution)]
+        elif self.no_upscale:
+            self.predefined = []
+        else:
+            self.predefined = make_bucket_resolutions(
+                resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps
+            )
+        self._predefined_set = set(self.predefined)
+        self._aspects = np.array([w / h for w, h in self.predefined]) if self.predefined else None
+
+    def select(self, width: int, height: int) -> BucketChoice:
+        aspect = width / height
+        if not self.no_upscale:
+            bucket = (width, height)
+            if bucket not in self._predefined_set:
+                bucket = self.predefined[int(np.abs(self._aspects - aspect).argmin())]
+            if aspect > bucket[0] / bucket[1]:  # image wider than the bucket: match heights
+                scale = bucket[1] / height
+            else:
+                scale = bucket[0] / width
+            resized = (int(width * scale + 0.5), int(height * scale + 0.5))
+        else:
+            resized = self._shrunk_size(width, height, aspect)
+            bucket = (resized[0] - resized[0] % self.steps, resized[1] - resized[1] % self.steps)
+            if bucket[0] <= 0 or bucket[1] <= 0:
+                raise ValueError("image smaller than one bucket step")
+        return BucketChoice(tuple(bucket), resized, bucket[0] / bucket[1] - aspect)
+
+    def _round(self, x: float) -> int:
+        x = int(x + 0.5)
+        return x - x % self.steps
+
+    def _shrunk_size(self, width: int, height: int, aspect: float) -> tuple[int, int]:
+        """bucket_no_upscale: shrink only images larger than the area, keeping the aspect ratio."""
+        if width * height <= self.max_area:
+            return width, height
+        resized_width = math.sqrt(self.max_area * aspect)
+        resized_height = self.max_area / resized_width
+        width_rounded = self._round(resized_width)
+        height_for_width = self._round(width_rounded / aspect)
+        height_rounded = self._round(resized_height)
+        width_for_height = self._round(height_rounded * aspect)
+        error_by_width = abs(width_rounded / max(height_for_width, 1) - aspect)
+        error_by_height = abs(width_for_height / max(height_rounded, 1) - aspect)
+        if error_by_width < error_by_height:
+            return width_rounded, int(width_rounded / aspect + 0.5)
+        return int(height_rounded * aspect + 0.5), height_rounded
+
+
+def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> tuple[float, ...]:
+    """The crop box kohya stores in latent caches (SDXL-style, in bucket coordinates).
+
+    It describes the image fitted *inside* the bucket; we only store and compare it so that cache
+    files stay interchangeable with kohya's.
+    """
+    bucket_aspect = bucket[0] / bucket[1]
+    image_aspect = original_size[0] / original_size[1]
+    if bucket_aspect > image_aspect:
+        fitted_width, fitted_height = bucket[1] * image_aspect, bucket[1]
+    else:
+        fitted_width, fitted_height = bucket[0], bucket[0] / image_aspect
+    left = (bucket[0] - fitted_width) // 2
+    top = (bucket[1] - fitted_height) // 2
+    return (left, top, left + fitted_width, top + fitted_height)
+
+
+def check_bucket_settings(
+    source: str,
+    resolution: tuple[int, int],
+    enable_bucket: bool,
+    min_bucket_reso: int,
+    max_bucket_reso: int,
+    bucket_reso_steps: int,
+) -> None:
+    """kohya's checks on resolution and bucket options, as one-line errors."""
+    if resolution[0] % 8 or resolution[1] % 8:
+        raise UserError(
+            f"{source}: resolution {resolution[0]}x{resolution[1]} must be a multiple of 8 (VAE stride)"
+        )
+    if not enable_bucket:
+        return
+    if bucket_reso_steps <= 0 or bucket_reso_steps % 64:
+        raise UserError(
+            f"{source}: bucket_reso_steps is {bucket_reso_steps}; Stable Diffusion needs a multiple of 64"
+        )
+    if min(resolution) < min_bucket_reso:
+        raise UserError(
+            f"{source}: min_bucket_reso {min_bucket_reso} is larger than the resolution "
+            f"{resolution[0]}x{resolution[1]}; lower --min_bucket_reso"
+        )
+    if max(resolution) > max_bucket_reso:
+        raise UserError(
+            f"{source}: max_bucket_reso {max_bucket_reso} is smaller than the resolution "
+            f"{resolution[0]}x{resolution[1]}; raise --max_bucket_reso"
+        )
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch of an epoch: indices into the dataset's image records, all of one bucket."""
+
+    dataset_index: int
+    bucket: tuple[int, int]
+    records: tuple[int, ...]
+
+
+def order_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
+    entropy = [seed & 0xFFFFFFFFFFFFFFFF, ORDER_STREAM, epoch & 0xFFFFFFFF, *(e & 0xFFFFFFFF for e in extra)]
+    return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+def plan_epoch(
+    buckets_per_dataset: list[dict[tuple[int, int], list[int]]],
+    batch_sizes: list[int],
+    seed: int,
+    epoch: int,
+) -> list[PlannedBatch]:
+    """All batches of one epoch in training order; a pure function of its arguments.
+
+    ``buckets_per_dataset[d][bucket]`` lists record indices, each repeated ``num_repeats`` times.
+    """
+    batches: list[PlannedBatch] = []
+    for dataset_index, (buckets, batch_size) in enumerate(zip(buckets_per_dataset, batch_sizes)):
+        for bucket_number, bucket in enumerate(sorted(buckets)):
+            members = buckets[bucket]
+            permuted = [
+                members[i]
+                for i in order_rng(seed, epoch, dataset_index, bucket_number).permutation(len(members))
+            ]
+            for start in range(0, len(permuted), batch_size):
+                batches.append(
+                    PlannedBatch(dataset_index, bucket, tuple(permuted[start : start + batch_size]))
+                )
+    order = order_rng(seed, epoch).permutation(len(batches))
+    return [batches[i] for i in order]

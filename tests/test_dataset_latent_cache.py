@@ -1,0 +1,176 @@
+"""Latent cache: kohya's file name and keys, reuse, invalidation, memory cache, process shares."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_dataset_helpers import make_args, make_dreambooth, make_image, tiny_vae, tokenizer_with
+
+from library.dataset import build_train_dataset, latent_cache
+from library.dataset.buckets import kohya_crop_ltrb
+from library.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae()
+
+
+@pytest.fixture
+def encode_calls(monkeypatch):
+    """Counts images sent through the VAE."""
+    calls = []
+    real = latent_cache.encode_images
+
+    def counting(vae, images, seeds):
+        calls.append(images.shape[0])
+        return real(vae, images, seeds)
+
+    monkeypatch.setattr(latent_cache, "encode_images", counting)
+    return calls
+
+
+def _dataset(root, resolution="64", *extra):
+    args = make_args(
+        "--train_data_dir", str(root), "--resolution", resolution, "--cache_latents_to_disk", *extra
+    )
+    return build_train_dataset(args, tokenizer_with(), None, seed=0)
+
+
+def _cache(dataset, vae, to_disk=True, batch=2, **kwargs):
+    dataset.cache_latents(vae, batch, to_disk, "cpu", torch.float32, **kwargs)
+
+
+def test_disk_cache_uses_kohyas_name_and_keys(tmp_path, vae):
+    root = make_dreambooth(tmp_path / "train", {"1_sks": [(64, 64), (80, 64)]})
+    dataset = _dataset(root, "64", "--flip_aug")
+    _cache(dataset, vae)
+    folder = root / "1_sks"
+    assert sorted(p.name for p in folder.glob("*.npz")) == ["img0_0064x0064_sd.npz", "img1_0080x0064_sd.npz"]
+    with np.load(folder / "img1_0080x0064_sd.npz") as npz:
+        assert set(npz.files) == {"latents", "original_size", "crop_ltrb", "latents_flipped"}
+        assert npz["latents"].shape == (4, 8, 8) and npz["latents"].dtype == np.float32
+        assert npz["original_size"].tolist() == [80, 64]
+        assert np.allclose(npz["crop_ltrb"], kohya_crop_ltrb((64, 64), (80, 64)))
+    batch = dataset[0]
+    assert batch["images"] is None and batch["latents"].shape == (1, 4, 8, 8)
+
+
+def test_cache_is_reused_then_recomputed_when_the_resolution_changes(tmp_path, vae, encode_calls):
+    root = make_dreambooth(tmp_path / "train", {"1_sks": [(64, 64), (64, 64)]})
+    _cache(_dataset(root, "64"), vae)
+    assert sum(encode_calls) == 2
+    files = sorted((root / "1_sks").glob("*.npz"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    again = _dataset(root, "64")
+    _cache(again, vae)
+    assert sum(encode_calls) == 2  # nothing encoded: both files reused
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    larger = _dataset(root, "128")
+    _cache(larger, vae)
+    assert sum(encode_calls) == 4  # stale shape: recomputed
+    with np.load(files[0]) as npz:
+        assert npz["latents"].shape == (4, 16, 16)
+    assert larger[0]["latents"].shape == (1, 4, 16, 16)
+
+
+def test_a_kohya_written_file_is_read(tmp_path, vae, encode_calls):
+    root = make_dreambooth(tmp_path / "train", {"1_sks": [(64, 64)]})
+    fake = np.full((4, 8, 8), 0.5, dtype=np.float32)
+    path = root / "1_sks" / "img0_0064x0064_sd.npz"
+    np.savez(
+        path,
+        latents=fake,
+        original_size=np.array([64, 64]),
+        crop_ltrb=np.array(kohya_crop_ltrb((64, 64), (64, 64))),
+    )
+    dataset = _dataset(root, "64")
+    _cache(dataset, vae)
+    assert encode_calls == []
+    assert torch.equal(dataset[0]["latents"][0], torch.from_numpy(fake))
+
+
+def test_missing_flip_or_mask_entries_make_a_file_stale(tmp_path, vae, encode_calls):
+    make_image(tmp_path / "train" / "1_sks" / "a.png", (64, 64), mode="RGBA")
+    _cache(_dataset(tmp_path / "train", "64"), vae)
+    flipping = _dataset(tmp_path / "train", "64", "--flip_aug", "--alpha_mask")
+    _cache(flipping, vae)
+    assert sum(encode_calls) == 1 + 2  # recomputed, with the flipped latents
+    with np.load(tmp_path / "train" / "1_sks" / "a_0064x0064_sd.npz") as npz:
+        assert npz["alpha_mask"].shape == (64, 64) and "latents_flipped" in npz.files
+    batch = flipping[0]
+    assert batch["alpha_masks"].shape == (1, 1, 8, 8)
+    assert torch.all(batch["alpha_masks"][0, 0, :, :4] == (1.0 if batch["flipped"][0] else 0.0))
+
+
+def test_skip_cache_check_trusts_existing_files(tmp_path):
+    image = make_image(tmp_path / "a.png")
+    path = tmp_path / "a_0064x0064_sd.npz"
+    np.savez(
+        path, latents=np.zeros((4, 2, 2), np.float32), original_size=np.array([64, 64]), crop_ltrb=np.zeros(4)
+    )
+    expected = latent_cache.ExpectedCache((64, 64), (64, 64), (0, 0, 64, 64), False, False)
+    assert "expected (8, 8)" in latent_cache.stale_reason(path, expected, image)
+    assert latent_cache.stale_reason(path, expected, image, skip_check=True) is None
+
+
+def test_memory_cache_is_the_same_for_any_vae_batch_size(tmp_path, vae):
+    root = make_dreambooth(tmp_path / "train", {"1_sks": [(64, 64)] * 3})
+    args = make_args("--train_data_dir", str(root), "--resolution", "64", "--cache_latents", "--flip_aug")
+    one = build_train_dataset(args, tokenizer_with(), None, seed=0)
+    three = build_train_dataset(args, tokenizer_with(), None, seed=0)
+    _cache(one, vae, to_disk=False, batch=1)
+    _cache(three, vae, to_disk=False, batch=3)
+    assert not list((root / "1_sks").glob("*.npz"))
+    for a, b in zip(one.records, three.records):
+        assert torch.allclose(a.latents, b.latents, atol=1e-5)
+        assert torch.allclose(a.latents_flipped, b.latents_flipped, atol=1e-5)
+    batch = one[0]
+    record = next(r for r in one.records if r.key == batch["keys"][0])
+    expected = record.latents_flipped if batch["flipped"][0] else record.latents
+    assert torch.equal(batch["latents"][0], expected)
+
+
+def test_each_process_caches_its_share(tmp_path, vae, encode_calls):
+    root = make_dreambooth(tmp_path / "train", {"1_sks": [(64, 64)] * 4})
+    _cache(_dataset(root, "64"), vae, batch=4, process_index=1, num_processes=2)
+    assert sum(encode_calls) == 2 and len(list((root / "1_sks").glob("*.npz"))) == 2
+    _cache(_dataset(root, "64"), vae, batch=4, process_index=0, num_processes=2)
+    assert sum(encode_calls) == 4 and len(list((root / "1_sks").glob("*.npz"))) == 4
+
+
+def test_caching_is_refused_with_color_aug_or_random_crop(tmp_path, vae):
+    root = make_dreambooth(tmp_path / "train", {"1_sks": [(64, 64)]})
+    with pytest.raises(UserError, match="color_aug or random_crop"):
+        _dataset(root, "64", "--color_aug")
+    args = make_args("--train_data_dir", str(root), "--resolution", "64", "--random_crop")
+    dataset = build_train_dataset(args, tokenizer_with(), None, seed=0)
+    with pytest.raises(UserError, match="cannot be cached"):
+        _cache(dataset, vae)
+
+
+def test_same_image_at_two_resolutions_cannot_share_a_disk_cache(tmp_path, vae):
+    make_dreambooth(tmp_path, {"imgs": [(64, 64)]})
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'imgs'}'\n"
+        f"[[datasets]]\nresolution = 128\n[[datasets.subsets]]\nimage_dir = '{tmp_path / 'imgs'}'\n"
+    )
+    dataset = build_train_dataset(make_args(dataset_config=config), tokenizer_with(), None, seed=0)
+    with pytest.raises(UserError, match="two resolutions"):
+        _cache(dataset, vae)
+    _cache(dataset, vae, to_disk=False)  # memory is fine
+    assert {tuple(r.latents.shape) for r in dataset.records} == {(4, 8, 8), (4, 16, 16)}
+
+
+def test_skip_cache_check_from_the_command_line_keeps_stale_files(tmp_path, vae, encode_calls):
+    root = make_dreambooth(tmp_path / "train", {"1_sks": [(64, 64)]})
+    _cache(_dataset(root, "64"), vae)
+    trusting = _dataset(root, "128", "--skip_cache_check")
+    _cache(trusting, vae)
+    assert sum(encode_calls) == 1  # the 64px file was trusted, not recomputed
+    with pytest.raises(UserError, match="does not match the current resolution"):
+        trusting[0]
