@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from library.sampler_names import SAMPLER_NAMES
+
 logger = logging.getLogger(__name__)
 
 CHUNK_TOKENS = 75  # content tokens per CLIP window; each window is BOS + 75 + EOS = 77
@@ -130,24 +132,7 @@ def expand_dynamic_prompt(prompt: str, rng: random.Random, *, repeat_count: int 
 # ---------------------------------------------------------------------------------------------
 # 2. In-prompt options
 
-SAMPLERS = (
-    "ddim",
-    "pndm",
-    "lms",
-    "euler",
-    "euler_a",
-    "heun",
-    "dpm_2",
-    "dpm_2_a",
-    "dpmsolver",
-    "dpmsolver++",
-    "dpmsingle",
-    "k_lms",
-    "k_euler",
-    "k_euler_a",
-    "k_dpm_2",
-    "k_dpm_2_a",
-)
+SAMPLERS = SAMPLER_NAMES
 
 # options kohya's scripts understand but this project does not implement
 UNSUPPORTED_OPTIONS = {

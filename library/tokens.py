@@ -17,7 +17,8 @@ def placeholder_names(token_string: str, num_vectors: int) -> list[str]:
 def _word_pattern(word: str) -> re.Pattern[str]:
     # A whole word: not glued to letters, digits or underscores on either side, so that
     # "mychar" does not match inside "mychars" or "mychar1" (kohya's str.replace does).
-    return re.compile(rf"(?<![\w]){re.escape(word)}(?![\w])")
+    # case-insensitive like the CLIP tokenizer, which lowercases prompts before matching tokens
+    return re.compile(rf"(?<![\w]){re.escape(word)}(?![\w])", re.IGNORECASE)
 
 
 def contains_word(text: str, word: str) -> bool:

@@ -1,0 +1,841 @@
+"""Generate images with Stable Diffusion 1.x/2.x and textual inversion embeddings.
+
+A command-line twin of kohya-ss sd-scripts' ``gen_img_diffusers.py``: every option of kohya's
+script is accepted with the same name, type and default, so existing command lines keep working.
+Options this generator does not implement (LoRA networks, ControlNet, CLIP/VGG16 guidance, Deep
+Shrink, gradual latent, XTI) end with one line saying so as soon as they are given a value other
+than their default; they are never silently ignored. See ``docs/generation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from library.errors import UserError, run_cli
+from library.sampler_names import SAMPLER_NAMES
+
+logger = logging.getLogger("gen_img")
+
+SAMPLER_CHOICES = list(SAMPLER_NAMES)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_SEED = 0x7FFFFFFF
+DEFAULT_SIZE = 512
+DEFAULT_STRENGTH = 0.8
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    """kohya's options, names, types, defaults and choices unchanged."""
+    p = argparse.ArgumentParser(
+        description="Generate images with Stable Diffusion 1.x/2.x (kohya gen_img_diffusers.py compatible)"
+    )
+    add = p.add_argument
+    add("--console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="console log level (default INFO)")  # fmt: skip
+    add(
+        "--console_log_file", type=str, default=None, help="write the log to this file instead of the console"
+    )
+    add("--console_log_simple", action="store_true", help="plain log lines without time and level")
+    add("--v2", action="store_true", help="the model is Stable Diffusion 2.x (detected from the file anyway)")
+    add("--v_parameterization", action="store_true", help="the model predicts v (SD 2.x 768-v models)")
+    add(
+        "--prompt",
+        type=str,
+        default=None,
+        help="the prompt, with optional --n --w --h --s --d --l --nl --ss options",
+    )
+    add(
+        "--from_file",
+        type=str,
+        default=None,
+        help="read prompts from this file, one a line (# starts a comment)",
+    )
+    add(
+        "--interactive",
+        action="store_true",
+        help="read prompts from standard input, one a line, until end of input",
+    )
+    add("--no_preview", action="store_true", help="accepted for compatibility; images are never previewed")
+    add(
+        "--image_path",
+        type=str,
+        default=None,
+        help="source image (or folder of images) for img2img / inpainting",
+    )
+    add(
+        "--mask_path",
+        type=str,
+        default=None,
+        help="inpainting mask (or folder): white is repainted, black kept",
+    )
+    add("--strength", type=float, default=None, help="img2img / inpainting strength, 0..1 (default 0.8)")
+    add("--images_per_prompt", type=int, default=1, help="images per prompt")
+    add("--outdir", type=str, default="outputs", help="folder for the images")
+    add("--sequential_file_name", action="store_true", help="name images im_000001.png, im_000002.png, ...")
+    add(
+        "--use_original_file_name",
+        action="store_true",
+        help="img2img: name each image after its source image",
+    )
+    add("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times")
+    add("--H", type=int, default=None, help="image height (default 512; img2img: the source image's)")
+    add("--W", type=int, default=None, help="image width (default 512; img2img: the source image's)")
+    add("--batch_size", type=int, default=1, help="images generated together")
+    add(
+        "--vae_batch_size",
+        type=float,
+        default=None,
+        help="images decoded together; below 1: a share of --batch_size",
+    )
+    add(
+        "--vae_slices",
+        type=int,
+        default=None,
+        help="decode the VAE in tiles to save memory (diffusers' VAE tiling)",
+    )
+    add("--steps", type=int, default=50, help="sampling steps")
+    add("--sampler", type=str, default="ddim", choices=SAMPLER_CHOICES, help="sampler (scheduler)")
+    add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add(
+        "--ckpt", type=str, default=None, help="model: .safetensors/.ckpt file or diffusers folder (required)"
+    )
+    add("--vae", type=str, default=None, help="replace the model's VAE with this file or folder")
+    add("--tokenizer_cache_dir", type=str, default=None, help="folder caching the tokenizer (kohya's layout)")
+    add(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of a single image, or the seed that draws every image's seed",
+    )
+    add(
+        "--iter_same_seed",
+        action="store_true",
+        help="without --seed: one seed for every prompt of an iteration",
+    )
+    add("--shuffle_prompts", action="store_true", help="shuffle the prompt list in each iteration")
+    add("--fp16", action="store_true", help="run in float16 (bfloat16 on CPU)")
+    add("--bf16", action="store_true", help="run in bfloat16")
+    add(
+        "--xformers",
+        action="store_true",
+        help="use xformers attention (CUDA with xformers installed; else SDPA)",
+    )
+    add("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention (the default)")
+    add("--diffusers_xformers", action="store_true", help="same as --xformers")
+    add("--opt_channels_last", action="store_true", help="channels-last memory format for the UNet and VAE")
+    add("--network_module", type=str, default=None, nargs="*", help="not supported yet")
+    add("--network_weights", type=str, default=None, nargs="*", help="not supported yet")
+    add("--network_mul", type=float, default=None, nargs="*", help="not supported yet")
+    add("--network_args", type=str, default=None, nargs="*", help="not supported yet")
+    add("--network_show_meta", action="store_true", help="not supported yet")
+    add("--network_merge_n_models", type=int, default=None, help="not supported yet")
+    add("--network_merge", action="store_true", help="not supported yet")
+    add("--network_pre_calc", action="store_true", help="not supported yet")
+    add("--network_regional_mask_max_color_codes", type=int, default=None, help="not supported yet")
+    add("--textual_inversion_embeddings", type=str, default=None, nargs="*",
+        help="embedding files (.safetensors, .pt, .bin, WebUI .png/.webp); the file name is the word to use")  # fmt: skip
+    add("--XTI_embeddings", type=str, default=None, nargs="*", help="not supported yet")
+    add(
+        "--clip_skip",
+        type=int,
+        default=None,
+        help="use the output of the n-th text encoder layer from the end",
+    )
+    add(
+        "--max_embeddings_multiples",
+        type=int,
+        default=None,
+        help="allow prompts of 75 x this many tokens (1-3)",
+    )
+    add("--clip_guidance_scale", type=float, default=0.0, help="not supported yet")
+    add("--clip_image_guidance_scale", type=float, default=0.0, help="not supported yet")
+    add("--vgg16_guidance_scale", type=float, default=0.0, help="not supported yet")
+    add("--vgg16_guidance_layer", type=int, default=20, help="not supported yet")
+    add("--guide_image_path", type=str, default=None, nargs="*", help="not supported yet")
+    add(
+        "--highres_fix_scale",
+        type=float,
+        default=None,
+        help="highres fix: first pass at this share of the size",
+    )
+    add("--highres_fix_steps", type=int, default=28, help="highres fix: steps of the first pass")
+    add(
+        "--highres_fix_strength",
+        type=float,
+        default=None,
+        help="highres fix: img2img strength of the first pass",
+    )
+    add("--highres_fix_save_1st", action="store_true", help="highres fix: also save the first pass's images")
+    add(
+        "--highres_fix_latents_upscaling",
+        action="store_true",
+        help="highres fix: upscale latents, not images",
+    )
+    add("--highres_fix_upscaler", type=str, default=None, help="not supported yet")
+    add("--highres_fix_upscaler_args", type=str, default=None, help="not supported yet")
+    add("--highres_fix_disable_control_net", action="store_true", help="not supported yet")
+    add(
+        "--negative_scale", type=float, default=None, help="a separate guidance scale for the negative prompt"
+    )
+    add("--control_net_models", type=str, default=None, nargs="*", help="not supported yet")
+    add("--control_net_preps", type=str, default=None, nargs="*", help="not supported yet")
+    add("--control_net_weights", type=float, default=None, nargs="*", help="not supported yet")
+    add("--control_net_ratios", type=float, default=None, nargs="*", help="not supported yet")
+    add("--ds_depth_1", type=int, default=None, help="not supported yet")
+    add("--ds_timesteps_1", type=int, default=650, help="not supported yet")
+    add("--ds_depth_2", type=int, default=None, help="not supported yet")
+    add("--ds_timesteps_2", type=int, default=650, help="not supported yet")
+    add("--ds_ratio", type=float, default=0.5, help="not supported yet")
+    add("--gradual_latent_timesteps", type=int, default=None, help="not supported yet")
+    add("--gradual_latent_ratio", type=float, default=0.5, help="not supported yet")
+    add("--gradual_latent_ratio_step", type=float, default=0.125, help="not supported yet")
+    add("--gradual_latent_every_n_steps", type=int, default=3, help="not supported yet")
+    add("--gradual_latent_s_noise", type=float, default=1.0, help="not supported yet")
+    add("--gradual_latent_unsharp_params", type=str, default=None, help="not supported yet")
+    return p
+
+
+# option -> (its default, what it is, what to do instead)
+_NETWORKS = ("additional networks (LoRA etc.)", "merge the network into the checkpoint first")
+_CONTROL_NET = ("ControlNet", "")
+_GUIDANCE = ("CLIP/VGG16 guided generation", "")
+_DEEP_SHRINK = ("Deep Shrink", "")
+_GRADUAL = ("gradual latent", "")
+UNSUPPORTED_OPTIONS: dict[str, tuple[Any, tuple[str, str]]] = {
+    "network_module": (None, _NETWORKS),
+    "network_weights": (None, _NETWORKS),
+    "network_mul": (None, _NETWORKS),
+    "network_args": (None, _NETWORKS),
+    "network_show_meta": (False, _NETWORKS),
+    "network_merge_n_models": (None, _NETWORKS),
+    "network_merge": (False, _NETWORKS),
+    "network_pre_calc": (False, _NETWORKS),
+    "network_regional_mask_max_color_codes": (None, _NETWORKS),
+    "XTI_embeddings": (None, ("Extended Textual Inversion (XTI)", "use --textual_inversion_embeddings")),
+    "clip_guidance_scale": (0.0, _GUIDANCE),
+    "clip_image_guidance_scale": (0.0, _GUIDANCE),
+    "vgg16_guidance_scale": (0.0, _GUIDANCE),
+    "vgg16_guidance_layer": (20, _GUIDANCE),
+    "guide_image_path": (None, ("guide images (CLIP/VGG16 guidance, ControlNet)", "")),
+    "highres_fix_upscaler": (
+        None,
+        ("upscaler modules for the highres fix", "leave it out to upscale with LANCZOS"),
+    ),
+    "highres_fix_upscaler_args": (None, ("upscaler modules for the highres fix", "")),
+    "highres_fix_disable_control_net": (False, _CONTROL_NET),
+    "control_net_models": (None, _CONTROL_NET),
+    "control_net_preps": (None, _CONTROL_NET),
+    "control_net_weights": (None, _CONTROL_NET),
+    "control_net_ratios": (None, _CONTROL_NET),
+    "ds_depth_1": (None, _DEEP_SHRINK),
+    "ds_timesteps_1": (650, _DEEP_SHRINK),
+    "ds_depth_2": (None, _DEEP_SHRINK),
+    "ds_timesteps_2": (650, _DEEP_SHRINK),
+    "ds_ratio": (0.5, _DEEP_SHRINK),
+    "gradual_latent_timesteps": (None, _GRADUAL),
+    "gradual_latent_ratio": (0.5, _GRADUAL),
+    "gradual_latent_ratio_step": (0.125, _GRADUAL),
+    "gradual_latent_every_n_steps": (3, _GRADUAL),
+    "gradual_latent_s_noise": (1.0, _GRADUAL),
+    "gradual_latent_unsharp_params": (None, _GRADUAL),
+}
+
+
+def refuse_unsupported(args: argparse.Namespace) -> None:
+    """One clear line for the first unimplemented option given a non-default value.
+
+    An empty list (``--network_module`` with no value) counts as not given, as in kohya's script.
+    """
+    for name, (default, (feature, hint)) in UNSUPPORTED_OPTIONS.items():
+        value = getattr(args, name)
+        if value == default or value == []:
+            continue
+        advice = f"; {hint}" if hint else ""
+        raise UserError(f"--{name}: {feature} is not supported by this generator yet{advice}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Catch mistakes before the model is loaded, each with the flag named."""
+    refuse_unsupported(args)
+    if not args.ckpt:
+        raise UserError("--ckpt is required: the .safetensors/.ckpt checkpoint or diffusers folder to use")
+    for name in ("images_per_prompt", "n_iter", "batch_size", "steps", "highres_fix_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
+    for name in ("W", "H"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"--{name} {value}: the image size must be a multiple of 8 (e.g. 512)")
+    for name in ("strength", "highres_fix_strength"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UserError(f"--{name} {value}: must be between 0 and 1")
+    if args.max_embeddings_multiples is not None and args.max_embeddings_multiples not in (1, 2, 3):
+        raise UserError(
+            f"--max_embeddings_multiples {args.max_embeddings_multiples}: use 1, 2 or 3 (75, 150 or 225 tokens)"
+        )
+    if args.clip_skip is not None and args.clip_skip < 1:
+        raise UserError(f"--clip_skip {args.clip_skip}: use 1 or more (1 = the last layer)")
+    if args.highres_fix_scale is not None and args.highres_fix_scale <= 0:
+        raise UserError(f"--highres_fix_scale {args.highres_fix_scale}: must be above 0 (e.g. 0.5)")
+    if args.vae_batch_size is not None and args.vae_batch_size <= 0:
+        raise UserError(f"--vae_batch_size {args.vae_batch_size}: must be above 0")
+    if args.vae_slices is not None and args.vae_slices < 1:
+        raise UserError(f"--vae_slices {args.vae_slices}: must be at least 1")
+    if args.mask_path is not None and args.image_path is None:
+        raise UserError("--mask_path needs --image_path (the image to inpaint)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime set-up
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    from library.train_logging import setup_console_logging
+
+    setup_console_logging(
+        getattr(logging, args.console_log_level or "INFO"), args.console_log_file, args.console_log_simple
+    )
+
+
+def choose_device_and_dtype(args: argparse.Namespace):
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32
+    if args.fp16:
+        if device.type == "cpu":
+            logger.warning("--fp16: float16 is not usable on the CPU; using bfloat16 instead")
+            dtype = torch.bfloat16
+        else:
+            dtype = torch.float16
+    elif args.bf16:
+        dtype = torch.bfloat16
+    return device, dtype
+
+
+def setup_attention(args: argparse.Namespace, model, device) -> None:
+    """xformers when asked for and usable; otherwise PyTorch SDPA (diffusers' default)."""
+    if args.xformers or args.diffusers_xformers:
+        flag = "--xformers" if args.xformers else "--diffusers_xformers"
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            logger.warning("%s: xformers is not installed; using PyTorch SDPA attention instead", flag)
+            return
+        if device.type != "cuda":
+            logger.warning("%s: xformers needs a CUDA GPU; using PyTorch SDPA attention instead", flag)
+            return
+        model.unet.enable_xformers_memory_efficient_attention()
+        model.vae.enable_xformers_memory_efficient_attention()
+        logger.info("using xformers attention")
+    else:
+        logger.info("using PyTorch SDPA attention")
+
+
+def resolve_checkpoint(path: str) -> str:
+    """kohya: a path that is no file may be a glob pattern matching exactly one file."""
+    if Path(path).exists():
+        return path
+    matches = glob.glob(path)
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UserError(f"--ckpt {path}: the pattern matches {len(matches)} files; name one")
+    return path  # load_sd_model reports it as not found
+
+
+def install_embeddings(model, paths: list[str]) -> dict[str, int]:
+    """Add each embedding's words to the tokenizer and its vectors to the text encoder.
+
+    The word is the file stem (kohya, WebUI, ComfyUI); an N-vector file adds ``stem stem1 ...
+    stem{N-1}``. Returns ``{stem: N}`` for the prompt expansion. A stem that already means
+    something to the tokenizer would silently change meaning, so it is an error, as in kohya.
+    """
+    import torch
+
+    from library.embeddings import check_embedding_fits, load_embedding_file
+    from library.tokens import placeholder_names
+
+    tokenizer, text_encoder = model.tokenizer, model.text_encoder
+    loaded: list[tuple[list[int], torch.Tensor]] = []
+    words: dict[str, int] = {}
+    for path in paths:
+        embedding = load_embedding_file(path)
+        check_embedding_fits(embedding, model.text_dim, model.family, path)
+        stem = Path(path).stem
+        if embedding.word != stem:
+            logger.warning(
+                "%s: the image carries the name '%s', but the word to use in prompts is the file name '%s'",
+                path,
+                embedding.word,
+                stem,
+            )
+        names = placeholder_names(stem, embedding.num_vectors)
+        vocab = tokenizer.get_vocab()
+        for name in names:
+            lowered = name.lower()
+            if name in vocab or lowered in vocab or lowered + "</w>" in vocab:
+                raise UserError(
+                    f"{path}: the word '{name}' (from the file name) is already a token of the tokenizer "
+                    "or of another embedding; rename the file"
+                )
+        if tokenizer.add_tokens(names) != len(names):
+            raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
+        loaded.append((tokenizer.convert_tokens_to_ids(names), embedding.vectors))
+        words[stem] = embedding.num_vectors
+        logger.info("embedding %s: word '%s', %d vector(s) (%s layout)", path, stem, embedding.num_vectors,
+                    embedding.layout)  # fmt: skip
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token_ids, vectors in loaded:
+            table[token_ids] = vectors.to(device=table.device, dtype=table.dtype)
+    return words
+
+
+# ---------------------------------------------------------------------------------------------
+# Source images and prompts
+
+
+def load_images(path: str, flag: str) -> list:
+    """An image file, or every .png/.jpg/.jpeg/.webp of a folder in name order, as RGB/L images."""
+    from PIL import Image
+
+    source = Path(path)
+    if source.is_dir():
+        files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"{flag} {path}: the folder holds no .png/.jpg/.jpeg/.webp images")
+    elif source.is_file():
+        files = [source]
+    else:
+        raise UserError(f"{flag} {path}: not found")
+    images = []
+    for file in files:
+        try:
+            image = Image.open(file)
+            image.load()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{flag} {file}: cannot read this image ({exc})") from exc
+        image.source_path = str(file)  # the name --use_original_file_name reuses
+        images.append(image)
+    return images
+
+
+def prompt_from_metadata(image) -> str:
+    """kohya: an img2img run without a prompt reuses the prompt saved in the source PNG."""
+    text = getattr(image, "text", None) or {}
+    if "prompt" not in text:
+        raise UserError(
+            f"--image_path {image.source_path}: no prompt given and the image has no 'prompt' in its PNG "
+            "metadata; pass --prompt or --from_file"
+        )
+    prompt = text["prompt"]
+    if text.get("negative-prompt"):
+        prompt += " --n " + text["negative-prompt"]
+    return prompt
+
+
+def read_prompt_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UserError(f"--from_file {path}: cannot read ({exc.strerror or exc})") from exc
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def stdin_prompts() -> Iterator[str]:
+    logger.info("--interactive: reading prompts from standard input, one per line, until end of input")
+    for line in sys.stdin:
+        if line.strip() and not line.strip().startswith("#"):
+            yield line.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, batches and file names
+
+
+@dataclass
+class Item:
+    """One image to generate."""
+
+    step: int  # position in its iteration (picks the source image, as in kohya)
+    number: int  # 1-based position in the whole run (sequential file names)
+    prompt: str
+    negative_prompt: str
+    seed: int
+    init_image: Any
+    mask_image: Any
+
+
+@dataclass
+class Settings:
+    """What the images of one batch share; a change starts a new batch (kohya's rule)."""
+
+    width: int
+    height: int
+    steps: int
+    scale: float
+    negative_scale: float | None
+    strength: float
+    sampler: str
+
+
+@dataclass
+class OutputNamer:
+    """kohya's file names, never overwriting a file (kohya would)."""
+
+    outdir: Path
+    sequential: bool
+    original_names: bool
+    written: list[Path] = field(default_factory=list)
+
+    def name(self, item: Item, index: int, prefix: str) -> Path:
+        """``im_<time>_<prefix><index in batch:03>_<seed>``, ``im_<prefix><number:06>`` with
+        --sequential_file_name, or the source image's name with --use_original_file_name;
+        ``prefix`` is kohya's highres mark ("0" first pass, "1" final, "" without highres fix)."""
+        source = item.init_image
+        if self.original_names and source is not None and hasattr(source, "source_path"):
+            base = Path(source.source_path).stem
+        elif self.sequential:
+            base = f"im_{prefix}{item.number:06d}"
+        else:
+            base = f"im_{time.strftime('%Y%m%d%H%M%S')}_{prefix}{index:03d}_{item.seed}"
+        path = self.outdir / f"{base}.png"
+        n = 1
+        while path.exists():
+            path = self.outdir / f"{base}_{n}.png"
+            n += 1
+        return path
+
+
+class Run:
+    """Turns prompt lines into batches of images and writes them, following kohya's loop."""
+
+    def __init__(self, args: argparse.Namespace, generator, model, embeddings: dict[str, int]):
+        self.args = args
+        self.generator = generator
+        self.model = model
+        self.embeddings = embeddings
+        self.rng = random.Random(args.seed)  # None seeds from the OS
+        self.namer = OutputNamer(Path(args.outdir), args.sequential_file_name, args.use_original_file_name)
+        self.init_images: list | None = None
+        self.mask_images: list | None = None
+        self.highres = None
+        self.item_count = 0
+        if args.highres_fix_scale is not None:
+            from library.sampling import HighresFix
+
+            self.highres = HighresFix(
+                scale=args.highres_fix_scale,
+                steps=args.highres_fix_steps,
+                strength=args.highres_fix_strength,
+                latents_upscaling=args.highres_fix_latents_upscaling,
+                keep_first=args.highres_fix_save_1st,
+            )
+
+    # -- seeds -----------------------------------------------------------------------------------
+
+    def predefined_seeds(self, prompt_count: int) -> list[int] | None:
+        """kohya: with --seed, every image's seed is drawn up front from it; one image gets it as is."""
+        if self.args.seed is None:
+            return None
+        count = self.args.n_iter * prompt_count * self.args.images_per_prompt
+        seeds = [self.rng.randint(0, MAX_SEED) for _ in range(count)]
+        if count == 1:
+            seeds[0] = self.args.seed
+        return seeds
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def run(self, prompt_list: list[str], interactive: bool) -> list[Path]:
+        from library.prompt_parsing import expand_dynamic_prompt, parse_prompt_options
+
+        args = self.args
+        predefined = self.predefined_seeds(len(prompt_list))
+        for iteration in range(args.n_iter):
+            if args.n_iter > 1:
+                logger.info("iteration %d/%d", iteration + 1, args.n_iter)
+            iter_seed = self.rng.randint(0, MAX_SEED)
+            if args.shuffle_prompts:
+                self.rng.shuffle(prompt_list)
+            lines: Iterator[str] = iter(prompt_list)
+            if interactive:
+                lines = _chain(prompt_list, stdin_prompts())
+            step = 0
+            batch: list[Item] = []
+            batch_settings: Settings | None = None
+            for number, line in enumerate(lines, start=1):
+                variants = expand_dynamic_prompt(line, self.rng, repeat_count=args.images_per_prompt)
+                repeats = args.images_per_prompt if len(variants) == 1 else len(variants)
+                seed = None
+                prompt_seeds: list[int] | None = None
+                for i in range(repeats):
+                    if i == 0 or len(variants) > 1:
+                        spec = parse_prompt_options(variants[i if len(variants) > 1 else 0])
+                        settings = self.settings_for(spec)
+                        prompt_seeds = list(spec.seeds) if spec.seeds else None
+                        seed = None
+                        logger.info("prompt %d: %s", number, spec.prompt)
+                    if prompt_seeds is not None:
+                        if prompt_seeds:
+                            seed = prompt_seeds.pop(0)  # exhausted: keep the last one (kohya)
+                    elif predefined is not None:
+                        seed = predefined.pop(0) if predefined else None
+                    elif args.iter_same_seed:
+                        seed = iter_seed
+                    else:
+                        seed = None
+                    if seed is None:
+                        seed = self.rng.randint(0, MAX_SEED)
+                    item, item_settings = self.make_item(step, spec, settings, seed)
+                    if batch and item_settings != batch_settings:
+                        self.process(batch, batch_settings)
+                        batch = []
+                    batch.append(item)
+                    batch_settings = item_settings
+                    if len(batch) == args.batch_size:
+                        self.process(batch, batch_settings)
+                        batch = []
+                    step += 1
+                if interactive and batch:
+                    self.process(batch, batch_settings)
+                    batch = []
+            if batch:
+                self.process(batch, batch_settings)
+        return self.namer.written
+
+    def settings_for(self, spec) -> Settings:
+        args = self.args
+        if spec.negative_scale is not None:
+            negative_scale = spec.negative_scale
+        elif spec.negative_scale_off:
+            negative_scale = None
+        else:
+            negative_scale = args.negative_scale
+        return Settings(
+            width=spec.width or args.W or DEFAULT_SIZE,
+            height=spec.height or args.H or DEFAULT_SIZE,
+            steps=spec.steps or args.steps,
+            scale=args.scale if spec.scale is None else spec.scale,
+            negative_scale=negative_scale,
+            strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+            sampler=spec.sampler or args.sampler,
+        )
+
+    def make_item(self, step: int, spec, settings: Settings, seed: int) -> tuple[Item, Settings]:
+        init = mask = None
+        if self.init_images:
+            init = self.init_images[step % len(self.init_images)]
+            if self.highres is None and not (self.args.W and self.args.H):
+                # kohya: img2img renders at the source image's size, rounded down to 32
+                width, height = init.size
+                settings = Settings(**{**settings.__dict__, "width": max(32, width - width % 32),
+                                       "height": max(32, height - height % 32)})  # fmt: skip
+        if self.mask_images:
+            mask = self.mask_images[step % len(self.mask_images)]
+        self.item_count += 1
+        item = Item(step, self.item_count, spec.prompt, spec.negative_prompt or "", seed, init, mask)
+        return item, settings
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    def process(self, batch: list[Item], settings: Settings) -> None:
+        from library.sampling import GenerationRequest
+
+        request = GenerationRequest(
+            prompt=[item.prompt for item in batch],
+            negative_prompt=[item.negative_prompt for item in batch],
+            seeds=[item.seed for item in batch],
+            width=settings.width,
+            height=settings.height,
+            steps=settings.steps,
+            scale=settings.scale,
+            negative_scale=settings.negative_scale,
+            sampler=settings.sampler,
+            strength=settings.strength,
+            init_image=[item.init_image for item in batch] if batch[0].init_image is not None else None,
+            mask_image=[item.mask_image for item in batch] if batch[0].mask_image is not None else None,
+        )
+        if self.highres is None:
+            self.save(batch, settings, self.generator.generate(request), prefix="")
+            return
+        result = self.generator.generate_highres(request, self.highres)
+        if self.highres.keep_first:
+            first_settings = Settings(**{**settings.__dict__, "steps": self.highres.steps})
+            self.save(batch, first_settings, result.first_pass, prefix="0", first_pass=True)
+        self.save(batch, settings, result.images, prefix="1")
+
+    def save(
+        self, batch: list[Item], settings: Settings, images: list, *, prefix: str, first_pass=False
+    ) -> None:
+        from PIL.PngImagePlugin import PngInfo
+
+        self.namer.outdir.mkdir(parents=True, exist_ok=True)
+        for index, (item, image) in enumerate(zip(batch, images)):
+            info = PngInfo()
+            for key, value in self.metadata(item, settings, image, first_pass).items():
+                info.add_text(key, value)
+            path = self.namer.name(item, index, prefix)
+            image.save(path, pnginfo=info)
+            self.namer.written.append(path)
+            logger.info("saved %s (seed %d)", path, item.seed)
+
+    def metadata(self, item: Item, settings: Settings, image, first_pass: bool) -> dict[str, str]:
+        """kohya's PNG keys (prompt, seed, sampler, steps, scale, negative-prompt, negative-scale),
+        plus what is needed to reproduce the image here: size, clip-skip, embeddings, model."""
+        args = self.args
+        data = {
+            "prompt": item.prompt,
+            "seed": str(item.seed),
+            "sampler": settings.sampler,
+            "steps": str(settings.steps),
+            "scale": str(settings.scale),
+            "negative-prompt": item.negative_prompt,
+        }
+        if settings.negative_scale is not None:
+            data["negative-scale"] = str(settings.negative_scale)
+        data["size"] = f"{image.width}x{image.height}"
+        if args.clip_skip is not None:
+            data["clip-skip"] = str(args.clip_skip)
+        if args.max_embeddings_multiples is not None:
+            data["max-embeddings-multiples"] = str(args.max_embeddings_multiples)
+        if self.embeddings:
+            data["embeddings"] = ", ".join(f"{word}:{n}" for word, n in self.embeddings.items())
+        if item.init_image is not None:
+            data["strength"] = str(settings.strength)
+            data["source-image"] = Path(getattr(item.init_image, "source_path", "")).name
+            if item.mask_image is not None:
+                data["mask-image"] = Path(getattr(item.mask_image, "source_path", "")).name
+        if self.highres is not None:
+            data["highres-fix"] = f"scale {self.highres.scale}, first pass {self.highres.steps} steps" + (
+                ", latents upscaling" if self.highres.latents_upscaling else ""
+            )
+            if first_pass:
+                data["highres-fix"] += ", first pass image"
+        data["model"] = self.model.name
+        return data
+
+
+def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
+    yield from first
+    yield from rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_parser().parse_args(argv)
+    validate_args(args)  # before anything heavy is imported: a mistake is reported at once
+    setup_logging(args)
+    if args.use_original_file_name and args.image_path is None:
+        logger.warning(
+            "--use_original_file_name only applies to img2img (--image_path); using the usual names"
+        )
+    if args.v_parameterization and not args.v2:
+        logger.warning("--v_parameterization without --v2: v-prediction is normally used with SD 2.x models")
+
+    prompt_list: list[str] = []
+    if args.from_file is not None:
+        prompt_list = read_prompt_file(args.from_file)
+        logger.info("read %d prompts from %s", len(prompt_list), args.from_file)
+    elif args.prompt is not None:
+        prompt_list = [args.prompt]
+    if args.from_file is not None and args.prompt is not None:
+        logger.warning("--from_file is given, so --prompt is not used (as in kohya's script)")
+
+    init_images = load_images(args.image_path, "--image_path") if args.image_path else None
+    mask_images = load_images(args.mask_path, "--mask_path") if args.mask_path else None
+    if init_images and not prompt_list and not args.interactive:
+        prompt_list = [prompt_from_metadata(image) for image in init_images]
+        init_images = [image for image in init_images for _ in range(args.images_per_prompt)]
+        if mask_images:
+            mask_images = [image for image in mask_images for _ in range(args.images_per_prompt)]
+        logger.info("using the prompts saved in the %d source images", len(prompt_list))
+    if not prompt_list and not args.interactive:
+        if args.from_file is not None:
+            raise UserError(f"--from_file {args.from_file}: the file holds no prompts")
+        raise UserError("no prompt: give --prompt, --from_file or --interactive")
+    if args.interactive and args.n_iter > 1:
+        logger.warning(
+            "--interactive: --n_iter %d is ignored; each prompt is generated once (kohya)", args.n_iter
+        )
+        args.n_iter = 1
+    if init_images and args.W and args.H:
+        size = (args.W, args.H)
+        if args.highres_fix_scale is not None:  # the first pass works at the reduced size
+            size = (int(args.W * args.highres_fix_scale + 0.5), int(args.H * args.highres_fix_scale + 0.5))
+        init_images = [_resized(image, size) for image in init_images]
+        mask_images = [_resized(image, size) for image in mask_images] if mask_images else None
+
+    from library.models import load_sd_model
+    from library.sampling import ImageGenerator
+
+    device, dtype = choose_device_and_dtype(args)
+    model = load_sd_model(
+        resolve_checkpoint(args.ckpt),
+        v2=args.v2,
+        v_parameterization=args.v_parameterization,
+        vae=args.vae,
+        tokenizer_cache_dir=args.tokenizer_cache_dir,
+    )
+    embeddings = install_embeddings(model, args.textual_inversion_embeddings or [])
+    model.text_encoder.to(device=device, dtype=dtype)
+    setup_attention(args, model, device)
+    if args.opt_channels_last:
+        import torch
+
+        model.unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
+    if args.vae_slices is not None:
+        model.vae.enable_tiling()
+        logger.info(
+            "--vae_slices %d: decoding with diffusers' VAE tiling (the image is split into tiles, not %d slices)",
+            args.vae_slices,
+            args.vae_slices,
+        )
+    vae_batch_size = None
+    if args.vae_batch_size is not None:
+        value = args.vae_batch_size
+        vae_batch_size = max(1, int(args.batch_size * value)) if value < 1 else int(value)
+    generator = ImageGenerator(
+        model,
+        clip_skip=args.clip_skip,
+        max_embeddings_multiples=args.max_embeddings_multiples,
+        device=device,
+        dtype=dtype,
+        placeholder_vectors=embeddings,
+        vae_batch_size=vae_batch_size,
+        progress_bar=True,
+    )
+    run = Run(args, generator, model, embeddings)
+    run.init_images, run.mask_images = init_images, mask_images
+    written = run.run(prompt_list, args.interactive)
+    logger.info("done: %d images in %s", len(written), args.outdir)
+    return 0
+
+
+def _resized(image, size: tuple[int, int]):
+    from PIL import Image
+
+    resized = image.resize(size, resample=Image.LANCZOS)
+    resized.source_path = getattr(image, "source_path", "")
+    return resized
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,424 @@
+"""gen_img_diffusers.py: kohya's command lines end to end on the tiny models.
+
+A few runs go through a real subprocess (exit codes, standard input, cross-process
+reproducibility); the rest call ``main(argv)`` in-process, which runs the same code without
+paying for the interpreter and library imports again.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import gen_img_diffusers as gen_img
+from library.embeddings import save_embedding
+from library.errors import UserError, run_cli
+from library.models import load_sd_model
+
+ROOT = Path(__file__).resolve().parent.parent
+OPTIONS_TABLE = ROOT.parent / "shared" / "reference" / "kohya-gen-img-options.tsv"
+FAST = ["--W", "64", "--H", "64", "--steps", "2"]
+DEFAULT_NAME = re.compile(r"im_\d{14}_(\d)?(\d{3})_(\d+)\.png")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions are far slower on 2 threads than on 1 when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_subprocess(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "gen_img_diffusers.py"), *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def run_main(monkeypatch):
+    """``main(argv)`` in this process, leaving pytest's logging set-up alone."""
+    monkeypatch.setattr(gen_img, "setup_logging", lambda args: None)
+    return lambda *argv: gen_img.main([str(a) for a in argv])
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png"))
+
+
+def text_of(path: Path) -> dict[str, str]:
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+# --- embedding files in every layout ----------------------------------------------------------
+
+
+def write_webui_png(path: Path, vectors: torch.Tensor, name: str) -> None:
+    data = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": {"TORCHTENSOR": vectors.tolist()}},
+        "name": name,
+        "step": 100,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+    info = PngInfo()
+    info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(data).encode()).decode())
+    Image.new("RGB", (16, 16), (40, 80, 120)).save(path, pnginfo=info)
+
+
+def write_embedding(folder: Path, layout: str, word: str, vectors: torch.Tensor) -> Path:
+    if layout == "kohya":
+        path = folder / f"{word}.safetensors"
+        save_embedding(path, vectors, word, step=1, checkpoint_name=None, metadata=None)
+    elif layout == "webui":
+        path = folder / f"{word}.pt"
+        save_embedding(path, vectors, word, step=1, checkpoint_name="tiny", metadata=None)
+    elif layout == "diffusers":
+        path = folder / f"{word}.bin"
+        torch.save({f"<{word}>": vectors[0] if len(vectors) == 1 else vectors}, path)
+    else:
+        path = folder / f"{word}.png"
+        write_webui_png(path, vectors, name="name-inside-image")
+    return path
+
+
+LAYOUTS = {"kohya": 2, "webui": 1, "diffusers": 1, "png": 3}  # layout -> vectors
+
+
+@pytest.fixture(scope="module")
+def embeddings_sd1(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("embeddings")
+    generator = torch.Generator().manual_seed(0)
+    return {
+        layout: write_embedding(folder, layout, f"{layout}word", torch.randn(n, 32, generator=generator))
+        for layout, n in LAYOUTS.items()
+    }
+
+
+# --- end to end through a subprocess ----------------------------------------------------------
+
+
+def test_txt2img_from_file_then_stdin_with_an_embedding_writes_reproducible_pngs_with_metadata(
+    tmp_path, run_main, tiny_sd1_safetensors, embeddings_sd1
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "# a comment\n\na photo of kohyaword --n blurry --d 7\n  \na photo of kohyaword --d 8 --s 3\n"
+    )
+    common = ["--ckpt", str(tiny_sd1_safetensors), "--from_file", str(prompts), *FAST, "--clip_skip", "2",
+              "--max_embeddings_multiples", "2"]  # fmt: skip
+    with_embedding = ["--textual_inversion_embeddings", str(embeddings_sd1["kohya"])]
+    # one real process: the file's prompts, then --interactive ones from standard input
+    log = tmp_path / "log.txt"
+    logging = ["--console_log_file", str(log), "--console_log_simple", "--console_log_level", "INFO"]
+    result = run_subprocess(*common, *with_embedding, *logging, "--interactive", "--outdir", str(tmp_path / "a"),
+                            stdin="a dog --d 4\n\n# not a prompt\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    written = pngs(tmp_path / "a")
+    names = {DEFAULT_NAME.fullmatch(p.name).group(3): p for p in written}  # kohya's im_<time>_000_<seed>.png
+    assert len(written) == 3 and set(names) == {"7", "8", "4"}
+    meta = text_of(names["7"])
+    assert meta["prompt"] == "a photo of kohyaword"
+    assert meta["negative-prompt"] == "blurry"
+    assert (meta["seed"], meta["sampler"], meta["steps"], meta["scale"]) == ("7", "ddim", "2", "7.5")
+    assert (meta["clip-skip"], meta["embeddings"], meta["size"]) == ("2", "kohyaword:2", "64x64")
+    assert text_of(names["8"])["steps"] == "3"
+    assert text_of(names["4"])["prompt"] == "a dog"
+    assert f"saved {names['4']} (seed 4)" in log.read_text().splitlines()  # plain lines, into the file
+
+    run_main(*common, *with_embedding, "--outdir", tmp_path / "b")  # same settings, another process
+    again = {DEFAULT_NAME.fullmatch(p.name).group(3): p for p in pngs(tmp_path / "b")}
+    assert again["7"].read_bytes() == names["7"].read_bytes()
+
+    run_main(*common, "--outdir", tmp_path / "c")  # the word is now plain text
+    without = {DEFAULT_NAME.fullmatch(p.name).group(3): p for p in pngs(tmp_path / "c")}
+    assert without["7"].read_bytes() != names["7"].read_bytes()
+
+
+def test_interactive_reads_prompts_from_standard_input_until_end_of_input(tmp_path, run_main, tiny_sd1_dir,
+                                                                          monkeypatch):  # fmt: skip
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a cat --d 3\n\n# not a prompt\na dog --d 4\n"))
+    run_main("--ckpt", tiny_sd1_dir, "--interactive", "--no_preview", *FAST, "--sequential_file_name",
+             "--outdir", tmp_path)  # fmt: skip
+    written = pngs(tmp_path)
+    assert [p.name for p in written] == ["im_000001.png", "im_000002.png"]
+    assert [(text_of(p)["prompt"], text_of(p)["seed"]) for p in written] == [("a cat", "3"), ("a dog", "4")]
+
+
+def test_embedding_of_the_wrong_dimension_exits_2_with_one_line_naming_both(
+    tmp_path, run_main, tiny_sd2_safetensors, embeddings_sd1, capsys
+):
+    argv = ["--ckpt", tiny_sd2_safetensors, "--prompt", "kohyaword", *FAST, "--outdir", tmp_path,
+            "--textual_inversion_embeddings", embeddings_sd1["kohya"]]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: run_main(*argv))  # what `python gen_img_diffusers.py` runs
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ") and "kohyaword.safetensors" in lines[0]
+    assert "dimension 32" in lines[0] and "64 (SD 2.x)" in lines[0]
+    assert pngs(tmp_path) == []
+
+
+def test_unsupported_option_exits_2_with_one_line(tmp_path, tiny_sd1_safetensors):
+    result = run_subprocess(
+        "--ckpt", str(tiny_sd1_safetensors), "--prompt", "x", "--network_module", "networks.lora",
+        "--network_weights", "lora.safetensors", "--outdir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --network_module: additional networks (LoRA etc.) is not supported by this generator yet; "
+        "merge the network into the checkpoint first"
+    )
+
+
+# --- embeddings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_embedding_layout_is_installed_under_its_file_stem(
+    layout, tiny_sd1_safetensors, embeddings_sd1
+):
+    model = load_sd_model(tiny_sd1_safetensors)
+    words = gen_img.install_embeddings(model, [str(embeddings_sd1[layout])])
+    stem = f"{layout}word"
+    count = LAYOUTS[layout]
+    assert words == {stem: count}
+    names = [stem] + [f"{stem}{i}" for i in range(1, count)]
+    ids = model.tokenizer.convert_tokens_to_ids(names)
+    rows = model.text_encoder.get_input_embeddings().weight[ids]
+    from library.embeddings import load_embedding_file
+
+    torch.testing.assert_close(rows, load_embedding_file(embeddings_sd1[layout]).vectors)
+    assert model.tokenizer(f"a {stem}").input_ids[2] == ids[0]
+
+
+def test_all_layouts_together_in_one_run(tmp_path, run_main, tiny_sd1_safetensors, embeddings_sd1):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a {layout}word --d 1\n" for layout in LAYOUTS))
+    files = [str(embeddings_sd1[layout]) for layout in LAYOUTS]
+    run_main("--ckpt", tiny_sd1_safetensors, "--from_file", prompts, *FAST, "--batch_size", "4",
+             "--textual_inversion_embeddings", *files, "--outdir", tmp_path / "out")  # fmt: skip
+    written = pngs(tmp_path / "out")
+    assert len(written) == 4
+    assert text_of(written[0])["embeddings"] == "kohyaword:2, webuiword:1, diffusersword:1, pngword:3"
+    assert len({p.read_bytes() for p in written}) == 4
+
+
+@pytest.mark.parametrize("stem", ["cat", "kohyaword"])
+def test_a_file_named_like_an_existing_token_is_refused(stem, tmp_path, tiny_sd1_safetensors, embeddings_sd1):
+    model = load_sd_model(tiny_sd1_safetensors)
+    clash = write_embedding(tmp_path, "kohya", stem, torch.ones(1, 32))
+    with pytest.raises(UserError, match=rf"{stem}.safetensors: the word '{stem}' .* rename the file"):
+        gen_img.install_embeddings(model, [str(embeddings_sd1["kohya"]), str(clash)])
+
+
+# --- img2img, inpainting, highres fix ---------------------------------------------------------
+
+
+def test_img2img_takes_the_prompt_from_the_source_png_and_keeps_its_name(
+    tmp_path, run_main, tiny_sd1_safetensors
+):
+    run_main("--ckpt", tiny_sd1_safetensors, "--prompt", "a red house --n ugly --d 5", *FAST,
+             "--sequential_file_name", "--outdir", tmp_path / "src")  # fmt: skip
+    source = tmp_path / "src" / "im_000001.png"
+    run_main("--ckpt", tiny_sd1_safetensors, "--image_path", source, "--strength", "0.5", "--steps", "2",
+             "--use_original_file_name", "--outdir", tmp_path / "out")  # fmt: skip
+    out = tmp_path / "out" / "im_000001.png"
+    assert out.is_file() and Image.open(out).size == (64, 64)  # the source's size
+    meta = text_of(out)
+    assert (meta["prompt"], meta["negative-prompt"], meta["strength"]) == ("a red house", "ugly", "0.5")
+    assert meta["source-image"] == "im_000001.png"
+
+
+def test_inpainting_with_a_folder_of_images_and_a_mask(tmp_path, run_main, tiny_sd1_safetensors):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30)]):
+        Image.new("RGB", (80, 72), color).save(images / f"src{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    mask = Image.new("L", (80, 72), 0)
+    mask.paste(255, (0, 0, 40, 72))
+    mask.save(tmp_path / "mask.png")
+    run_main("--ckpt", tiny_sd1_safetensors, "--image_path", images, "--mask_path", tmp_path / "mask.png",
+             "--prompt", "a tree --d 9", "--images_per_prompt", "2", "--steps", "2", "--W", "64", "--H", "64",
+             "--outdir", tmp_path / "out")  # fmt: skip
+    written = pngs(tmp_path / "out")
+    assert len(written) == 2
+    sources = sorted(text_of(p)["source-image"] for p in written)
+    assert sources == ["src0.png", "src1.png"]
+    assert all(text_of(p)["mask-image"] == "mask.png" and Image.open(p).size == (64, 64) for p in written)
+
+
+def test_highres_fix_saves_the_first_pass_and_the_final_image(tmp_path, run_main, tiny_sd1_safetensors):
+    run_main("--ckpt", tiny_sd1_safetensors, "--prompt", "a cat --d 3", *FAST, "--highres_fix_scale", "0.5",
+             "--highres_fix_steps", "2", "--highres_fix_save_1st", "--sequential_file_name",
+             "--outdir", tmp_path)  # fmt: skip
+    first, final = tmp_path / "im_0000001.png", tmp_path / "im_1000001.png"
+    assert Image.open(first).size == (32, 32) and Image.open(final).size == (64, 64)
+    assert text_of(final)["seed"] == "3" and "scale 0.5" in text_of(final)["highres-fix"]
+
+
+# --- prompts, seeds and batches ---------------------------------------------------------------
+
+
+def seeds_of(folder: Path) -> list[tuple[str, int]]:
+    return sorted((text_of(p)["prompt"], int(text_of(p)["seed"])) for p in pngs(folder))
+
+
+def test_seed_rules_follow_kohya(tmp_path, run_main, tiny_sd1_safetensors):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("listed --d 1,2\ndrawn\n")
+    run_main("--ckpt", tiny_sd1_safetensors, "--from_file", prompts, "--images_per_prompt", "3", "--seed", "42",
+             "--batch_size", "3", *FAST, "--outdir", tmp_path / "out")  # fmt: skip
+    rng = random.Random(42)
+    drawn = [rng.randint(0, 0x7FFFFFFF) for _ in range(6)][:3]  # 6 seeds drawn up front, 3 used
+    # a --d list is used in order and its last seed repeats when it runs out
+    assert seeds_of(tmp_path / "out") == sorted([("listed", 1), ("listed", 2), ("listed", 2)] +
+                                                [("drawn", s) for s in drawn])  # fmt: skip
+
+    run_main(
+        "--ckpt", tiny_sd1_safetensors, "--prompt", "one", *FAST, "--seed", "42", "--outdir", tmp_path / "one"
+    )
+    assert seeds_of(tmp_path / "one") == [("one", 42)]  # a single image gets --seed itself
+
+
+def test_dynamic_prompts_iterations_and_same_seed_per_iteration(tmp_path, run_main, tiny_sd1):
+    run_main("--ckpt", tiny_sd1 / "model.safet*", "--prompt", "a {e$$red|blue} cat", "--n_iter", "2",
+             "--iter_same_seed", "--batch_size", "2", *FAST, "--outdir", tmp_path)  # fmt: skip
+    found = seeds_of(tmp_path)
+    assert [prompt for prompt, _ in found] == ["a blue cat", "a blue cat", "a red cat", "a red cat"]
+    seeds = {seed for _, seed in found}
+    assert len(seeds) == 2  # one seed per iteration, shared by both prompts
+
+
+def test_samplers_negative_scale_and_shuffled_prompts(tmp_path, run_main, tiny_sd1_safetensors):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "first --ss dpmsolver++ --d 1 --n dark --l 5 --w 32 --h 48\nsecond --d 2 --nl none --n dark\n"
+    )
+    run_main("--ckpt", tiny_sd1_safetensors, "--from_file", prompts, "--sampler", "k_euler_a", "--negative_scale",
+             "3", "--shuffle_prompts", "--seed", "5", *FAST, "--outdir", tmp_path / "out")  # fmt: skip
+    meta = {text_of(p)["prompt"]: text_of(p) for p in pngs(tmp_path / "out")}
+    assert set(meta) == {"first", "second"}
+    assert (meta["first"]["sampler"], meta["second"]["sampler"]) == ("dpmsolver++", "k_euler_a")
+    assert meta["first"]["negative-scale"] == "3.0" and "negative-scale" not in meta["second"]
+    assert (meta["first"]["scale"], meta["first"]["size"]) == ("5.0", "32x48")
+    assert (meta["second"]["scale"], meta["second"]["size"]) == ("7.5", "64x64")
+
+
+def test_speed_and_memory_options_run_with_clear_fallbacks(tmp_path, run_main, tiny_sd1, caplog):
+    tiny_sd1_safetensors = tiny_sd1 / "model.safetensors"
+    caplog.set_level("INFO")
+    run_main("--ckpt", tiny_sd1_safetensors, "--prompt", "a cat", "--images_per_prompt", "2", "--batch_size", "2",
+             *FAST, "--fp16", "--xformers", "--opt_channels_last", "--vae_batch_size", "0.5", "--vae_slices", "4",
+             "--tokenizer_cache_dir", tmp_path / "tokenizer", "--vae", tiny_sd1 / "diffusers", "--sdpa",
+             "--v_parameterization", "--outdir", tmp_path / "out")  # fmt: skip
+    assert len(pngs(tmp_path / "out")) == 2
+    assert "--fp16: float16 is not usable on the CPU; using bfloat16 instead" in caplog.text
+    assert "--xformers: xformers" in caplog.text and "using PyTorch SDPA attention instead" in caplog.text
+    assert "--vae_slices 4: decoding with diffusers' VAE tiling" in caplog.text
+    assert (tmp_path / "tokenizer" / "openai_clip-vit-large-patch14").is_dir()
+    assert "--v_parameterization without --v2" in caplog.text
+
+
+# --- options ----------------------------------------------------------------------------------
+
+
+def _non_default(name: str, default):
+    if default is False:
+        return [f"--{name}"]
+    if default is None:
+        kind = gen_img.setup_parser()._option_string_actions[f"--{name}"]
+        value = "1" if kind.type in (int, float) else "x"
+        return [f"--{name}", value]
+    return [f"--{name}", str(default + 1)]
+
+
+@pytest.mark.parametrize("name", list(gen_img.UNSUPPORTED_OPTIONS))
+def test_every_unimplemented_option_is_refused_with_one_line(name, run_main):
+    default = gen_img.UNSUPPORTED_OPTIONS[name][0]
+    with pytest.raises(UserError, match=rf"^--{name}: .* is not supported by this generator yet"):
+        run_main("--ckpt", "unused", "--prompt", "x", *_non_default(name, default))
+
+
+def test_unimplemented_options_at_their_defaults_are_accepted():
+    args = gen_img.setup_parser().parse_args(
+        ["--network_module", "--ckpt", "x"]
+    )  # an empty list is "not used"
+    gen_img.refuse_unsupported(args)
+    for name, (default, _) in gen_img.UNSUPPORTED_OPTIONS.items():
+        assert gen_img.setup_parser().get_default(name) == default
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "--ckpt is required"),
+        (["--ckpt", "m"], "no prompt: give --prompt, --from_file or --interactive"),
+        (["--ckpt", "m", "--prompt", "x", "--max_embeddings_multiples", "4"], "--max_embeddings_multiples 4"),
+        (["--ckpt", "m", "--prompt", "x", "--W", "100"], "--W 100: the image size must be a multiple of 8"),
+        (["--ckpt", "m", "--prompt", "x", "--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
+        (["--ckpt", "m", "--prompt", "x", "--mask_path", "m.png"], "--mask_path needs --image_path"),
+        (["--ckpt", "m", "--prompt", "x", "--clip_skip", "0"], "--clip_skip 0"),
+        (["--ckpt", "m", "--prompt", "x", "--batch_size", "0"], "--batch_size 0: must be at least 1"),
+        (["--ckpt", "m", "--from_file", "missing.txt"], "--from_file missing.txt: cannot read"),
+        (["--ckpt", "m", "--image_path", "missing.png"], "--image_path missing.png: not found"),
+        (["--ckpt", "missing.safetensors", "--prompt", "x"], "missing.safetensors: not found"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(argv, message, run_main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_main(*argv)
+
+
+def test_source_image_without_a_prompt_needs_one(tmp_path, run_main):
+    Image.new("RGB", (64, 64)).save(tmp_path / "plain.png")
+    with pytest.raises(UserError, match="plain.png: no prompt given and the image has no 'prompt'"):
+        run_main("--ckpt", "m", "--image_path", tmp_path / "plain.png")
+
+
+@pytest.mark.skipif(not OPTIONS_TABLE.is_file(), reason="shared/reference is not beside this checkout")
+def test_every_kohya_option_exists_with_kohyas_type_default_and_choices():
+    parser = gen_img.setup_parser()
+    with OPTIONS_TABLE.open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert len(rows) > 70
+    for row in rows:
+        action = parser._option_string_actions[row["option"]]
+        kind = row["type"]
+        if kind == "store_true":
+            assert action.const is True and action.default is False, row
+            continue
+        base, _, nargs = kind.partition("(")
+        assert action.type.__name__ == base, row
+        assert (action.nargs == "*") == (nargs == "nargs=*)"), row
+        default = None if row["default"] == "None" else action.type(row["default"].strip("'"))
+        assert action.default == default, row
+        if row["choices"]:
+            assert action.choices == eval(row["choices"]), row  # noqa: S307 - a list literal from our table
