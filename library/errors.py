@@ -19,12 +19,21 @@ class UserError(Exception):
     """A problem with the user's input, explained in one line."""
 
 
+def one_line(exc: UserError) -> str:
+    """The user's line, also when a DataLoader worker re-raised it wrapped in its traceback."""
+    message = str(exc)
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split("UserError: ", 1)[-1]
+    return message
+
+
 def run_cli(main: Callable[[], T]) -> T:
     """Run a CLI ``main`` and turn a ``UserError`` into ``error: <message>`` and exit code 2."""
     try:
         return main()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

@@ -73,3 +73,10 @@ def load_tokenizer(
         tokenizer = shipped_tokenizer(v2)
     tokenizer.model_max_length = MODEL_MAX_LENGTH
     return tokenizer
+
+
+def set_family_padding(tokenizer: CLIPTokenizer, family: str) -> None:
+    """Make the padding match the model once its family is known (SD2 pads with ``!``)."""
+    wanted = "!" if family == "sd2" else "<|endoftext|>"
+    if tokenizer.pad_token != wanted:
+        tokenizer.pad_token = wanted

@@ -1,0 +1,121 @@
+"""The new word's vectors: adding its tokens, choosing their start, and training only them.
+
+kohya resizes the text encoder's 49,408-row embedding matrix, trains all of it and copies the
+old rows back after every step. Optimizer state, gradient clipping and adaptive optimizers
+(Prodigy, D-Adaptation) then see 49,408 rows instead of N, which breaks their step-size
+estimates. Here the N new vectors are their own fp32 ``[N, dim]`` parameter spliced into the
+token lookup (``SplicedTokenEmbedding``); the original rows are never touched, so they stay
+bit-identical, and the frozen encoder can run in fp16/bf16 while the vectors stay fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.errors import UserError
+from library.tokens import placeholder_names
+
+logger = logging.getLogger(__name__)
+
+
+def add_placeholder_tokens(tokenizer, token_string: str, num_vectors: int) -> list[int]:
+    """Add ``token_string``, ``token_string1`` ... to the tokenizer; refuse names it already knows."""
+    if num_vectors < 1 or num_vectors > 75:
+        raise UserError("--num_vectors_per_token must be between 1 and 75 (a prompt window holds 75 tokens)")
+    names = placeholder_names(token_string, num_vectors)
+    vocab = tokenizer.get_vocab()
+    taken = [n for n in names if n in vocab or f"{n}</w>" in vocab]
+    if taken:
+        raise UserError(
+            f"--token_string {token_string}: the token {taken[0]!r} already exists in the tokenizer; "
+            f"choose a new word, e.g. --token_string {suggest_free_token(tokenizer, token_string, num_vectors)}"
+        )
+    added = tokenizer.add_tokens(names)
+    if added != num_vectors:  # a name the tokenizer normalised onto an existing one
+        raise UserError(
+            f"--token_string {token_string}: could not add all {num_vectors} tokens; choose another word"
+        )
+    return tokenizer.convert_tokens_to_ids(names)
+
+
+def suggest_free_token(tokenizer, token_string: str, num_vectors: int) -> str:
+    """A nearby word whose placeholder names are all free (``xyz`` → ``xyzx``, ``xyz_ti`` ...)."""
+    vocab = tokenizer.get_vocab()
+    for candidate in (f"{token_string}x", f"{token_string}_ti", f"{token_string}zq", f"zq{token_string}"):
+        names = placeholder_names(candidate, num_vectors)
+        if not any(n in vocab or f"{n}</w>" in vocab for n in names):
+            return candidate
+    return f"{token_string}_emb"
+
+
+def init_word_vectors(
+    tokenizer, token_embedding: torch.Tensor, init_word: str, num_vectors: int
+) -> torch.Tensor:
+    """Start vectors from ``--init_word``: one token copied to all, or a phrase spread in order.
+
+    The phrase's k tokens are laid over the N vectors in order: with k <= N, vector i starts as
+    token ``floor(i * k / N)`` (each token covers a run of vectors); with k > N, vector i is the
+    mean of the tokens ``[i * k / N, (i + 1) * k / N)``. A log line shows which word went where.
+    """
+    ids = tokenizer(init_word, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(f"--init_word {init_word!r} has no tokens; give a word such as 'person' or 'style'")
+    words = tokenizer.convert_ids_to_tokens(ids)
+    rows = token_embedding[torch.tensor(ids)].float()
+    k = len(ids)
+    vectors, plan = [], []
+    for i in range(num_vectors):
+        if k <= num_vectors:
+            picked = [i * k // num_vectors]
+        else:
+            picked = list(range(i * k // num_vectors, (i + 1) * k // num_vectors))
+        vectors.append(rows[picked].mean(dim=0))
+        plan.append("+".join(words[j].removesuffix("</w>") for j in picked))
+    if k > 1 or num_vectors > 1:
+        logger.info(
+            "--init_word %r: %s", init_word, ", ".join(f"vector {i}: {p}" for i, p in enumerate(plan))
+        )
+    return torch.stack(vectors)
+
+
+def random_vectors(token_embedding: torch.Tensor, num_vectors: int, seed: int) -> torch.Tensor:
+    """Without ``--init_word``: random directions with the vocabulary's mean row norm."""
+    gen = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(num_vectors, token_embedding.shape[1], generator=gen)
+    mean_norm = token_embedding.float().norm(dim=1).mean()
+    return vectors / vectors.norm(dim=1, keepdim=True) * mean_norm
+
+
+class SplicedTokenEmbedding(nn.Module):
+    """A token lookup where ids below ``first_new_id`` read the frozen table and the rest read ``vectors``."""
+
+    def __init__(self, frozen: nn.Embedding, vectors: torch.Tensor):
+        super().__init__()
+        self.frozen = frozen.requires_grad_(False)
+        self.first_new_id = frozen.num_embeddings
+        self.vectors = nn.Parameter(vectors.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen table (for code that asks the embedding for its dtype or device)."""
+        return self.frozen.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = (input_ids >= self.first_new_id).unsqueeze(-1)
+        old = self.frozen(input_ids.clamp(max=self.first_new_id - 1))
+        new = F.embedding((input_ids - self.first_new_id).clamp(min=0), self.vectors).to(old.dtype)
+        return torch.where(is_new, new, old)
+
+
+def splice_new_vectors(text_encoder, vectors: torch.Tensor) -> SplicedTokenEmbedding:
+    """Put the trainable ``vectors`` into ``text_encoder``'s token lookup; return the splice."""
+    frozen = text_encoder.get_input_embeddings()
+    if isinstance(frozen, SplicedTokenEmbedding):
+        frozen = frozen.frozen
+    spliced = SplicedTokenEmbedding(frozen, vectors.to(frozen.weight.device))
+    text_encoder.set_input_embeddings(spliced)
+    return spliced

@@ -1,0 +1,104 @@
+"""Precision, attention and the accelerate ``Accelerator`` for a training run.
+
+Only the new vectors train; everything else is frozen and can run in half precision. The
+vectors always stay fp32 (``SplicedTokenEmbedding``), so fp16 cannot round their updates away.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_mixed_precision(args: Any) -> str:
+    """``--mixed_precision``, with ``--full_fp16/--full_bf16`` folded in and fp16 → bf16 on CPU."""
+    mixed = args.mixed_precision
+    if args.full_fp16 and args.full_bf16:
+        raise UserError("--full_fp16 and --full_bf16 exclude each other; choose one")
+    if args.full_fp16 or args.full_bf16:
+        wanted = "fp16" if args.full_fp16 else "bf16"
+        if mixed != wanted:
+            flag = "--full_fp16" if args.full_fp16 else "--full_bf16"
+            raise UserError(f"{flag} needs --mixed_precision {wanted}")
+        logger.info("%s: the frozen models run in %s; the trained vectors stay fp32", flag_of(args), wanted)
+    if mixed == "fp16" and not torch.cuda.is_available():
+        logger.warning("--mixed_precision fp16 needs a GPU; on this CPU bf16 is used instead")
+        mixed = "bf16"
+    return mixed
+
+
+def flag_of(args: Any) -> str:
+    return "--full_fp16" if args.full_fp16 else "--full_bf16"
+
+
+def make_accelerator(args: Any, mixed_precision: str) -> Accelerator:
+    """One ``Accelerator``; gradient accumulation is done by the loop, on the vectors only."""
+    handlers = []
+    if args.ddp_timeout:
+        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
+    log_with = None
+    if args.log_with:
+        if not args.logging_dir:
+            raise UserError(f"--log_with {args.log_with} needs --logging_dir")
+        log_with = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
+        if "wandb" in log_with:
+            _require_wandb(args)
+    elif args.logging_dir:
+        log_with = ["tensorboard"]
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        project_dir=args.logging_dir,
+        kwargs_handlers=handlers,
+    )
+
+
+def _require_wandb(args: Any) -> None:
+    try:
+        import wandb
+    except ImportError as exc:
+        raise UserError("--log_with wandb needs the wandb package: pip install wandb") from exc
+    if args.wandb_api_key:
+        wandb.login(key=args.wandb_api_key)
+
+
+def configure_attention(unet, args: Any, device: torch.device) -> None:
+    """SDPA by default; xformers only where it can run (CUDA and installed), else a warning."""
+    if args.xformers:
+        try:
+            import xformers  # noqa: F401
+
+            available = device.type == "cuda"
+        except ImportError:
+            available = False
+        if available:
+            unet.enable_xformers_memory_efficient_attention()
+            return
+        logger.warning(
+            "--xformers: xformers is not installed or has no kernels for %s; using SDPA", device.type
+        )
+    if args.mem_eff_attn:
+        logger.info("--mem_eff_attn: PyTorch SDPA picks its memory-efficient kernel by itself")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+def freeze_and_cast(model, weight_dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device) -> None:
+    """Freeze every original weight and move the models to ``device`` in their run dtype."""
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.requires_grad_(False)
+        module.eval()
+    model.unet.to(device=device, dtype=weight_dtype)
+    model.text_encoder.to(device=device, dtype=weight_dtype)
+    model.vae.to(device=device, dtype=vae_dtype)

@@ -1,0 +1,315 @@
+"""End-to-end: the real trainer CLI on the tiny models, checked the way users' clients read the files."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from webui_rules import assert_webui_loadable
+
+from library.embeddings import load_embedding_file, save_embedding
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "train_textual_inversion.py")
+pytestmark = pytest.mark.slow
+
+
+def run_train(
+    *args: str, check: bool = True, launcher: list[str] | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    cmd = (launcher or [sys.executable]) + [TRAIN, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def make_images(
+    folder: Path, count: int, size: tuple[int, int] = (64, 64), caption: str | None = None
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)) + count)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        pixels[: size[1] // 2] = [200, 40 * i % 255, 90]  # some structure
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        if caption is not None:
+            (folder / f"img{i}.txt").write_text(caption.format(i=i))
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> Path:
+    """kohya DreamBooth layout: <repeats>_<class tokens> folders; captions in .txt files."""
+    root = tmp_path_factory.mktemp("data")
+    make_images(root / "2_mychar4 toy", 3, caption="a photo of mychar4 toy, number {i}")
+    return root
+
+
+def common(data: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    return [
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={data}",
+        f"--output_dir={out}",
+        "--resolution=64,64",
+        "--caption_extension=.txt",
+        "--max_data_loader_n_workers=0",
+        "--seed=42",
+        *extra,
+    ]
+
+
+def text_output(
+    model_dir: Path, embedding: Path, token: str, prompt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text encoder's output for ``prompt`` before and after diffusers loads ``embedding``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    with torch.no_grad():
+        before_ids = pipe.tokenizer(
+            prompt, padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
+        before = pipe.text_encoder(before_ids)[0]
+        original_rows = pipe.text_encoder.get_input_embeddings().weight[:49408].clone()
+        pipe.load_textual_inversion(str(embedding), token=token)
+        ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length",
+                             max_length=77, return_tensors="pt").input_ids  # fmt: skip
+        after = pipe.text_encoder(ids)[0]
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[:49408], original_rows)
+    return before, after
+
+
+def test_seed_command_cpu_adapted(char_data, tiny_sd1, tmp_path):
+    """The issue's seed command (paths and size aside): 8-bit AdamW, xformers and fp16 fall back on CPU."""
+    out = tmp_path / "ti_train1"
+    result = run_train(
+        *common(char_data, out, tiny_sd1 / "model.ckpt"),
+        "--train_batch_size=1", "--learning_rate=1e-4", "--max_train_steps=8", "--use_8bit_adam", "--xformers",
+        "--mixed_precision=fp16", "--save_every_n_epochs=1", "--save_model_as=safetensors", "--clip_skip=2",
+        "--color_aug", "--token_string=mychar4", "--init_word=cute", "--num_vectors_per_token=4",
+    )  # fmt: skip
+    assert "xformers" in result.stderr and "bf16" in result.stderr
+    final = out / "last.safetensors"
+    assert final.is_file()
+    assert (out / "last-000001.safetensors").is_file()  # 6 batches per epoch: epoch 1 ends at step 6
+    vectors = load_file(str(final))["emb_params"]
+    assert vectors.shape == (4, 32) and vectors.dtype == torch.float32
+    emb = load_embedding_file(final)
+    assert emb.metadata.get("modelspec.architecture") == "stable-diffusion-v1/textual-inversion"
+    before, after = text_output(tiny_sd1 / "diffusers", final, "mychar4", "a photo of mychar4")
+    assert not torch.allclose(before, after)
+
+
+def test_sd2_folder_pt_output_object_template_and_webui_rules(char_data, tiny_sd2, tmp_path):
+    out = tmp_path / "out"
+    run_train(
+        *common(char_data, out, tiny_sd2 / "diffusers"),
+        "--max_train_steps=3", "--learning_rate=5e-3", "--token_string=mychar4", "--init_word=toy",
+        "--num_vectors_per_token=2", "--use_object_template", "--output_name=mytoy", "--save_model_as=pt",
+        "--v2", "--v_parameterization", "--gradient_checkpointing", "--cache_latents", "--min_snr_gamma=5",
+        f"--logging_dir={tmp_path / 'logs'}", "--log_with=tensorboard",
+    )  # fmt: skip
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    path = out / "mytoy.pt"
+    assert_webui_loadable(path)
+    data = torch.load(path, weights_only=True)
+    assert data["string_to_param"]["*"].shape == (2, 64)
+    assert data["name"] == "mytoy" and data["step"] == 3
+    before, after = text_output(tiny_sd2 / "diffusers", path, "mytoy", "a photo of mytoy")
+    assert not torch.allclose(before, after)
+
+
+def test_weights_continue_from_a_file_and_mismatch_errors(char_data, tiny_sd1, tmp_path):
+    start = tmp_path / "start.safetensors"
+    save_embedding(start, torch.full((2, 32), 0.01), "start", step=0, checkpoint_name=None, metadata=None)
+    out = tmp_path / "out"
+    run_train(
+        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        "--max_train_steps=1", "--learning_rate=0", "--token_string=mychar4", f"--weights={start}",
+        "--num_vectors_per_token=2", "--save_model_as=safetensors",
+    )  # fmt: skip
+    assert torch.equal(load_file(str(out / "last.safetensors"))["emb_params"], torch.full((2, 32), 0.01))
+
+    wrong = run_train(
+        *common(char_data, tmp_path / "o2", tiny_sd1 / "model.safetensors"),
+        "--max_train_steps=1", "--token_string=mychar4", f"--weights={start}", "--num_vectors_per_token=3",
+        check=False,
+    )  # fmt: skip
+    assert wrong.returncode == 2
+    assert "2 vectors" in wrong.stderr and "--num_vectors_per_token is 3" in wrong.stderr
+
+
+def test_vectors_that_never_move_are_reported(char_data, tiny_sd1, tmp_path):
+    result = run_train(*common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+                       "--max_train_steps=10", "--learning_rate=0", "--token_string=mychar4", "--init_word=toy")  # fmt: skip
+    assert "have not changed" in result.stderr
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_token_missing_from_captions_stops_before_training(tiny_sd1, tmp_path):
+    data = tmp_path / "data"
+    make_images(data / "1_toy", 2, caption="a photo of a toy")
+    result = run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+                       "--token_string=mychar4", check=False)  # fmt: skip
+    assert "mychar4" in _error_line(result)
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_token_already_in_vocabulary_is_refused_with_a_suggestion(char_data, tiny_sd1, tmp_path):
+    result = run_train(*common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+                       "--token_string=toy", check=False)  # fmt: skip
+    line = _error_line(result)
+    assert "'toy' already exists" in line and "--token_string toyx" in line
+
+
+@pytest.mark.parametrize(
+    "flag,words",
+    [("--deepspeed", "DeepSpeed"), ("--huggingface_repo_id=a/b", "offline"), ("--fp8_base", "fp8")],
+)
+def test_unsupported_options_are_refused(flag, words, char_data, tiny_sd1, tmp_path):
+    result = run_train(*common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+                       "--token_string=mychar4", flag, check=False)  # fmt: skip
+    assert words in _error_line(result)
+
+
+def test_missing_model_is_one_line(char_data, tmp_path):
+    result = run_train(*common(char_data, tmp_path / "o", tmp_path / "nope.safetensors"),
+                       "--token_string=mychar4", check=False)  # fmt: skip
+    assert "nope.safetensors" in _error_line(result)
+
+
+def _batches_by_step(stderr: str) -> dict[int, tuple[int, str]]:
+    """The debug log's ``step N, epoch E: [keys]`` lines."""
+    found = {}
+    for match in re.finditer(r"step (\d+), epoch (\d+): (\[.*?\])", stderr):
+        found[int(match.group(1))] = (int(match.group(2)), match.group(3))
+    return found
+
+
+def test_resume_ends_with_the_same_vectors_as_an_uninterrupted_run(char_data, tiny_sd1, tmp_path):
+    args = ["--max_train_steps=6", "--learning_rate=1e-2", "--token_string=mychar4", "--init_word=toy",
+            "--num_vectors_per_token=2", "--save_model_as=safetensors", "--optimizer_type=AdamW",
+            "--lr_scheduler=cosine", "--train_batch_size=2", "--flip_aug", "--console_log_level=DEBUG"]  # fmt: skip
+    whole = tmp_path / "whole"
+    first = run_train(*common(char_data, whole, tiny_sd1 / "model.safetensors"), *args,
+                      "--save_every_n_steps=2", "--save_state")  # fmt: skip
+    state = whole / "last-step00000002-state"
+    assert (state / "progress.json").is_file()
+    resumed = tmp_path / "resumed"
+    # a different --seed on resume is overridden by the state's seed (with a warning), so the run repeats
+    second = run_train(*common(char_data, resumed, tiny_sd1 / "model.safetensors"), *args, f"--resume={state}",
+                       "--seed=7")  # fmt: skip
+    assert "differs from the resumed run's seed 42" in second.stderr
+
+    # 3 batches per epoch: the resumed run continues mid-epoch 0 and sees the same batches from then on
+    batches, resumed_batches = _batches_by_step(first.stderr), _batches_by_step(second.stderr)
+    assert sorted(batches) == list(range(6)) and sorted(resumed_batches) == list(range(2, 6))
+    assert all(resumed_batches[step] == batches[step] for step in range(2, 6))
+    epoch0 = [batches[step][1] for step in range(3)]
+    epoch1 = [batches[step][1] for step in range(3, 6)]
+    assert [batches[step][0] for step in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert epoch0 != epoch1  # each epoch has its own order
+
+    a = load_file(str(whole / "last.safetensors"))["emb_params"]
+    b = load_file(str(resumed / "last.safetensors"))["emb_params"]
+    start = load_file(str(whole / "last-step00000002.safetensors"))["emb_params"]
+    assert not torch.allclose(a, start)  # training went on after the state was saved
+    assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_nan_guard_keeps_the_last_good_vectors(char_data, tiny_sd1, tmp_path):
+    # a learning rate of 1e38 makes the vectors huge after one step; the next forward pass overflows
+    out = tmp_path / "o"
+    result = run_train(
+        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        "--max_train_steps=5", "--learning_rate=1e38", "--max_grad_norm=0", "--token_string=mychar4",
+        "--init_word=toy", "--optimizer_type=SGDNesterov", "--save_model_as=safetensors", check=False,
+    )  # fmt: skip
+    line = _error_line(result)
+    assert "the loss became nan" in line and "learning_rate" in line
+    saved = list(out.glob("last-last-good-step*.safetensors"))
+    assert len(saved) == 1 and torch.isfinite(load_file(str(saved[0]))["emb_params"]).all()
+    assert not (out / "last.safetensors").exists()
+
+
+def test_sample_images_are_written(char_data, tiny_sd1, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\nmychar4 on a table --w 64 --h 64 --s 2 --d 5\n")
+    out = tmp_path / "o"
+    run_train(
+        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        "--max_train_steps=2", "--token_string=mychar4", "--init_word=toy", "--num_vectors_per_token=2",
+        f"--sample_prompts={prompts}", "--sample_every_n_steps=2", "--sample_at_first",
+    )  # fmt: skip
+    names = sorted(p.name for p in (out / "sample").glob("*.png"))
+    assert len(names) == 2
+    # kohya's names: --sample_at_first counts as epoch 0, later samples carry the step
+    assert names[0].startswith("last_000002_00_") and names[0].endswith("_5.png")
+    assert names[1].startswith("last_e000000_00_")
+
+
+def test_debug_dataset_shows_new_token_ids_without_training(char_data, tiny_sd1, tmp_path):
+    out = tmp_path / "o"
+    result = run_train(*common(char_data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
+                       "--num_vectors_per_token=3", "--debug_dataset")  # fmt: skip
+    text = result.stdout + result.stderr
+    assert "49408" in text and "49409" in text and "49410" in text
+    assert not list(out.glob("*.pt"))
+    assert list(out.glob("*.png"))  # the contact sheet
+
+
+def test_output_config_then_config_file(char_data, tiny_sd1, tmp_path):
+    config = tmp_path / "run.toml"
+    out = tmp_path / "o"
+    run_train(*common(char_data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
+              "--max_train_steps=1", "--output_name=fromconfig", f"--config_file={config}", "--output_config")  # fmt: skip
+    assert config.is_file() and not out.exists()
+    run_train(f"--config_file={config}")
+    assert (out / "fromconfig.pt").is_file()
+    config.write_text(config.read_text() + "\nlearning_rat = 0.1\n")
+    assert "learning_rat" in _error_line(run_train(f"--config_file={config}", check=False))
+
+
+def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):
+    """accelerate's launcher starts CPU processes with --multi_gpu plus ACCELERATE_USE_CPU (gloo)."""
+    out = tmp_path / "o"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("mychar4 --w 64 --h 64 --s 2 --d 3\n")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29517"]  # fmt: skip
+    result = run_train(
+        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        "--max_train_steps=3", "--token_string=mychar4", "--init_word=toy", "--save_every_n_steps=2",
+        "--save_state", "--save_model_as=safetensors", "--learning_rate=1e-2", "--console_log_level=DEBUG",
+        f"--sample_prompts={prompts}", "--sample_every_n_steps=2", launcher=launcher,
+        env={"ACCELERATE_USE_CPU": "true"},
+    )  # fmt: skip
+    assert "x2 process(es)" in result.stderr and "3 steps each" in result.stderr  # 6 batches split in two
+    assert (out / "last.safetensors").is_file() and (out / "last-step00000002.safetensors").is_file()
+    assert (out / "last-step00000002-state" / "progress.json").is_file()
+    assert len(list((out / "sample").glob("*.png"))) == 1  # sampled once, by the main process
+    sums = re.findall(r"process (\d): final vectors sum (\S+)", result.stderr)
+    assert sorted(p for p, _ in sums) == ["0", "1"] and sums[0][1] == sums[1][1]  # lock-step
