@@ -141,7 +141,7 @@ def test_weights_continue_from_a_file_and_mismatch_errors(char_data, tiny_sd1, t
     save_embedding(start, torch.full((2, 32), 0.01), "start", step=0, checkpoint_name=None, metadata=None)
     out = tmp_path / "out"
     run_train(
-        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        *common(char_data, out, tiny_sd1 / "diffusers"),
         "--max_train_steps=1", "--learning_rate=0", "--token_string=mychar4", f"--weights={start}",
         "--num_vectors_per_token=2", "--save_model_as=safetensors",
     )  # fmt: skip
@@ -156,10 +156,11 @@ def test_weights_continue_from_a_file_and_mismatch_errors(char_data, tiny_sd1, t
     assert "2 vectors" in wrong.stderr and "--num_vectors_per_token is 3" in wrong.stderr
 
 
-def test_vectors_that_never_move_are_reported(char_data, tiny_sd1, tmp_path):
-    result = run_train(*common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+def test_vectors_that_never_move_are_reported(char_data, tiny_sd2, tmp_path):
+    result = run_train(*common(char_data, tmp_path / "o", tiny_sd2 / "model.safetensors"),
                        "--max_train_steps=10", "--learning_rate=0", "--token_string=mychar4", "--init_word=toy")  # fmt: skip
     assert "have not changed" in result.stderr
+    assert "SD 2.x" in result.stderr  # detected from the file without --v2
 
 
 def _error_line(result: subprocess.CompletedProcess) -> str:
