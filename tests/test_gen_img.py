@@ -34,15 +34,6 @@ FAST = ["--W", "64", "--H", "64", "--steps", "2"]
 DEFAULT_NAME = re.compile(r"im_\d{14}_(\d)?(\d{3})_(\d+)\.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are far slower on 2 threads than on 1 when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_subprocess(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(

@@ -23,15 +23,6 @@ from library.sampling import (
 SIZE = {"width": 64, "height": 64, "steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are far slower on 2 threads than on 1 when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd1(tiny_sd1_safetensors):
     return load_sd_model(tiny_sd1_safetensors)

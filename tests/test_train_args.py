@@ -1,0 +1,80 @@
+"""The trainer's command line: every kohya option exists with kohya's default, type and choices."""
+
+from __future__ import annotations
+
+import ast
+import csv
+from pathlib import Path
+
+import pytest
+
+from library.errors import UserError
+from library.train_args import build_parser, parse_args, refuse_unsupported
+
+OPTIONS_TABLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-ti-options.tsv"
+
+
+def _actions():
+    return {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings}
+
+
+@pytest.mark.skipif(not OPTIONS_TABLE.is_file(), reason="shared/reference is not beside this checkout")
+def test_every_kohya_option_exists_with_kohyas_default_and_choices():
+    actions = _actions()
+    with OPTIONS_TABLE.open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert len(rows) > 140
+    for row in rows:
+        action = actions.get(row["option"])
+        assert action is not None, row["option"]
+        default = ast.literal_eval(row["default"])
+        assert action.default == default, (row["option"], action.default, default)
+        if row["type"] == "store_true":
+            assert action.nargs == 0, row["option"]
+        if row["choices"]:
+            assert list(action.choices) == ast.literal_eval(row["choices"]), row["option"]
+
+
+def test_config_file_values_are_used_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[model]\nlearning_rate = 0.5\n[training]\nmax_train_steps = 7\n")
+    args = parse_args([f"--config_file={config}", "--max_train_steps=9"])
+    assert args.learning_rate == 0.5 and args.max_train_steps == 9
+
+
+def test_config_file_without_suffix_and_missing_file(tmp_path):
+    (tmp_path / "run.toml").write_text("seed = 3\n")
+    assert parse_args([f"--config_file={tmp_path / 'run'}"]).seed == 3
+    with pytest.raises(UserError, match="not found"):
+        parse_args([f"--config_file={tmp_path / 'nope.toml'}"])
+
+
+def test_broken_toml_is_one_line(tmp_path):
+    (tmp_path / "bad.toml").write_text("seed = = 3\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        parse_args([f"--config_file={tmp_path / 'bad.toml'}"])
+
+
+def test_output_config_refuses_to_overwrite(tmp_path):
+    (tmp_path / "exists.toml").write_text("")
+    with pytest.raises(UserError, match="exists already"):
+        parse_args([f"--config_file={tmp_path / 'exists.toml'}", "--output_config"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--deepspeed"], ["--zero_stage=3"], ["--huggingface_token=x"], ["--async_upload"],
+     ["--offload_optimizer_device=cpu"], ["--fp16_master_weights_and_gradients"]],
+)  # fmt: skip
+def test_unsupported_options_are_refused(argv):
+    with pytest.raises(UserError) as info:
+        refuse_unsupported(parse_args(argv))
+    assert argv[0].split("=")[0] in str(info.value)
+
+
+def test_memory_hints_are_accepted_and_logged(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        refuse_unsupported(parse_args(["--lowram", "--highvram"]))
+    assert "--lowram has no effect" in caplog.text and "--highvram has no effect" in caplog.text
