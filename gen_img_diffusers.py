@@ -312,16 +312,26 @@ def setup_logging(args: argparse.Namespace) -> None:
 def choose_device_and_dtype(args: argparse.Namespace):
     import torch
 
+    from library.training_setup import cpu_has_native_bf16
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32
     if args.fp16:
-        if device.type == "cpu":
+        if device.type != "cpu":
+            dtype = torch.float16
+        elif cpu_has_native_bf16():
             logger.warning("--fp16: float16 is not usable on the CPU; using bfloat16 instead")
             dtype = torch.bfloat16
         else:
-            dtype = torch.float16
+            logger.warning(
+                "--fp16: float16 is not usable on the CPU, which has no native bfloat16; using float32"
+            )
     elif args.bf16:
         dtype = torch.bfloat16
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            logger.warning(
+                "--bf16: this CPU has no native bfloat16 kernels; it is emulated and much slower than fp32"
+            )
     return device, dtype
 
 

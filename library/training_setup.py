@@ -32,9 +32,26 @@ def resolve_mixed_precision(args: Any) -> str:
             raise UserError(f"{flag} needs --mixed_precision {wanted}")
         logger.info("%s: the frozen models run in %s; the trained vectors stay fp32", flag_of(args), wanted)
     if mixed == "fp16" and not torch.cuda.is_available():
-        logger.warning("--mixed_precision fp16 needs a GPU; on this CPU bf16 is used instead")
-        mixed = "bf16"
+        if cpu_has_native_bf16():
+            logger.warning("--mixed_precision fp16 needs a GPU; on this CPU bf16 is used instead")
+            mixed = "bf16"
+        else:
+            logger.warning("--mixed_precision fp16 needs a GPU and this CPU has no native bf16; using fp32")
+            mixed = "no"
+    elif mixed == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        logger.warning(
+            "--mixed_precision bf16: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), so bf16 is "
+            "emulated and much slower than fp32; consider --mixed_precision no"
+        )
     return mixed
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def flag_of(args: Any) -> str:

@@ -54,7 +54,7 @@ def main() -> None:
         f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={OUT / 'ti'}",
         "--output_name=demotoy", "--caption_extension=.txt", "--resolution=64,64", "--train_batch_size=2",
         "--learning_rate=5e-3", "--max_train_steps=30", "--save_model_as=safetensors", "--seed=42",
-        "--token_string=demotoy", "--init_word=toy", "--num_vectors_per_token=2", "--mixed_precision=bf16",
+        "--token_string=demotoy", "--init_word=toy", "--num_vectors_per_token=2",
         "--max_data_loader_n_workers=0",
     ])  # fmt: skip
     embedding = OUT / "ti" / "demotoy.safetensors"
