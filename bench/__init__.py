@@ -1,0 +1,1 @@
+"""Benchmarks of the Textual Inversion trainer (``make bench``); see docs/benchmarks.md."""
