@@ -792,10 +792,13 @@ def main(argv: list[str] | None = None) -> int:
         init_images = [_resized(image, size) for image in init_images]
         mask_images = [_resized(image, size) for image in mask_images] if mask_images else None
 
+    from library.host_memory import keep_freed_memory_in_process
     from library.models import load_sd_model
     from library.sampling import ImageGenerator
 
     device, dtype = choose_device_and_dtype(args)
+    if device.type == "cpu":
+        keep_freed_memory_in_process()  # reuse freed activations instead of faulting them in each step
     model = load_sd_model(
         resolve_checkpoint(args.ckpt),
         v2=args.v2,

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from library.dataset import TokenCaptionRule, build_train_dataset, collate_batch
 from library.embeddings import load_embedding_file, sai_model_spec_metadata, save_embedding
 from library.errors import UserError, run_cli
+from library.host_memory import keep_freed_memory_in_process
 from library.loss import LossSettings, check_loss_arguments, compute_loss
 from library.models import load_sd_model
 from library.noise import (
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     if not accelerator.is_local_main_process and log_level(args) > logging.DEBUG:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages
     device = accelerator.device
+    if device.type == "cpu":
+        keep_freed_memory_in_process()  # reuse freed activations instead of faulting them in each step
     seed = run_seed(args)
     output_dir = Path(args.output_dir or "debug_dataset")
     output_name = args.output_name or "last"

@@ -1,0 +1,65 @@
+"""Freed host memory is kept for reuse on CPU runs (glibc), unless the user tunes malloc."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from library.host_memory import glibc_version, user_allocator_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Allocates and frees a 64 MB tensor (above glibc's largest automatic mmap threshold, 32 MB)
+# again and again, and reports the minor page faults of the last 12 rounds: by then a heap that
+# keeps freed memory has grown what it needs (aligned blocks take a few rounds to settle).
+FAULT_PROBE = """
+import json, resource, sys, torch
+from library.host_memory import keep_freed_memory_in_process
+applied = keep_freed_memory_in_process() if sys.argv[1] == "tune" else None
+for round in range(24):
+    if round == 12:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(16_000_000)
+    del block
+print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def probe(mode: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    result = subprocess.run(
+        [sys.executable, "-c", FAULT_PROBE, mode],
+        capture_output=True, text=True, cwd=ROOT, env={**clean, "OMP_NUM_THREADS": "1", **env}, check=True,
+    )  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_users_own_malloc_settings_win():
+    assert user_allocator_settings({}) is None
+    assert user_allocator_settings({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.rtld.nns=2"}) is None
+    assert user_allocator_settings({"MALLOC_TRIM_THRESHOLD_": "0"}) == "MALLOC_TRIM_THRESHOLD_"
+    assert user_allocator_settings({"MALLOC_ARENA_MAX": "2"}) == "MALLOC_ARENA_MAX"
+    assert user_allocator_settings({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) == "GLIBC_TUNABLES"
+    assert user_allocator_settings({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) == "LD_PRELOAD"
+
+
+@pytest.mark.skipif(glibc_version() is None, reason="glibc only")
+def test_freed_blocks_are_reused_instead_of_faulted_in_again():
+    default = probe("plain")
+    tuned = probe("tune")
+    assert tuned["applied"] is True
+    # 12 x 64 MB = ~190k pages faulted in by default; kept in the heap, (almost) none
+    assert default["faults"] > 100_000
+    assert tuned["faults"] < default["faults"] / 20
+
+
+@pytest.mark.skipif(glibc_version() is None, reason="glibc only")
+def test_left_alone_when_the_user_sets_malloc_tunables():
+    untouched = probe("tune", GLIBC_TUNABLES="glibc.malloc.perturb=0")
+    assert untouched["applied"] is False
+    assert untouched["faults"] > 100_000
