@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 NOISE_NOTE = (
@@ -17,11 +18,17 @@ def config_name(spec: dict) -> str:
     parts.append("cached latents" if spec["cache_latents"] else "VAE encode in step")
     if spec["gradient_checkpointing"]:
         parts.append("grad ckpt")
+    if spec.get("extra_args"):
+        parts.append(" ".join(spec["extra_args"]))
+    if spec.get("worker_env"):
+        parts.append(
+            "glibc's default allocator (" + " ".join(f"{k}={v}" for k, v in spec["worker_env"].items()) + ")"
+        )
     return ", ".join(parts)
 
 
 def base_key(spec: dict) -> tuple:
-    return (spec["size"], spec["batch"], spec["dtype"])
+    return (spec["size"], spec["batch"], spec["dtype"], tuple(sorted(spec.get("worker_env", {}).items())))
 
 
 def attach_floors(rows: list[dict]) -> None:
@@ -53,6 +60,14 @@ def _cpu(row: dict, key: str) -> str:
     return "" if value is None else f" (CPU time: {value:.3f})"
 
 
+def _kernel(row: dict) -> str:
+    """Median kernel CPU time and minor page faults per step (memory faulted in again each step)."""
+    system, faults = row.get("step_system_seconds"), row.get("step_page_faults")
+    if not system:
+        return "—"
+    return f"{statistics.median(system):.2f} ({statistics.median(faults) / 1e3:.0f} k)"
+
+
 def _load(row: dict) -> str:
     before, after = row.get("load_average_before"), row.get("load_average_after")
     return "—" if before is None else f"{before:.1f}→{_s(after, 1)}"
@@ -61,13 +76,13 @@ def _load(row: dict) -> str:
 def training_table(rows: list[dict]) -> list[str]:
     lines = [
         "| configuration | step s (median) | n | floor s | text enc s | step/floor | step/(floor+TE) "
-        "| peak RSS steps | peak RSS run | optimizer state | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel CPU s/step (page faults) | peak RSS steps | peak RSS run | optimizer state | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         spec = row["spec"]
         if "error" in row:
-            lines.append(f"| {config_name(spec)} | failed: {row['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {config_name(spec)} | failed: {row['error'][:80]} |" + " |" * 10)
             continue
         borrowed = "*" if row.get("floor_from_base") else ""
         opt = row.get("optimizer") or {}
@@ -83,7 +98,8 @@ def training_table(rows: list[dict]) -> list[str]:
             f"| {_s(row.get('floor_median'))}{borrowed} | {_s(row.get('text_encoder_median'))}{borrowed} "
             f"| {_s(row.get('step_over_floor'), 3)}{_cpu(row, 'step_over_floor')} "
             f"| {_s(row.get('step_over_ti_floor'), 3)}{_cpu(row, 'step_over_ti_floor')} "
-            f"| {memory} | {_gb(row.get('peak_rss_process_bytes'))} | {state} | {_load(row)} |"
+            f"| {_kernel(row)} | {memory} | {_gb(row.get('peak_rss_process_bytes'))} | {state} "
+            f"| {_load(row)} |"
         )
     return lines
 
@@ -141,6 +157,37 @@ def targets(results: dict) -> list[str]:
     return lines
 
 
+def allocator_comparison(rows: list[dict]) -> list[str]:
+    """The trainer as it runs (freed memory kept on CPU) against glibc's default allocator."""
+
+    def key(spec: dict) -> tuple:
+        names = ("size", "batch", "dtype", "cache_latents", "gradient_checkpointing")
+        return tuple(spec[n] for n in names) + (tuple(spec.get("extra_args", [])),)
+
+    measured = [r for r in rows if "step_median" in r]
+    lines = []
+    for default in (r for r in measured if r["spec"].get("worker_env")):
+        kept = next(
+            (
+                r
+                for r in measured
+                if not r["spec"].get("worker_env") and key(r["spec"]) == key(default["spec"])
+            ),
+            None,
+        )
+        if kept is None:
+            continue
+        before, after = min(default["step_seconds"]), min(kept["step_seconds"])
+        lines += [
+            f"Freed memory kept in the process ({config_name(kept['spec'])}), against glibc's default "
+            f"allocator: fastest step {before:.2f} s → {after:.2f} s ({(after / before - 1) * 100:+.0f} %), "
+            f"kernel CPU s/step (page faults) {_kernel(default)} → {_kernel(kept)}; peak RSS steps "
+            f"{_gb(default.get('peak_rss_steps_bytes'))} → {_gb(kept.get('peak_rss_steps_bytes'))}.",
+            "",
+        ]
+    return lines
+
+
 def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -184,12 +231,15 @@ def markdown(results: dict) -> str:
         "with the spliced vectors + backward to them, which Textual Inversion cannot skip. "
         "*step/floor*: fastest step over fastest floor call (other processes only ever add time, so "
         "minima compare the work itself; in parentheses the same from process CPU time). "
+        "*kernel CPU s/step*: system CPU time and minor page faults per step (memory given back to the "
+        "OS and faulted in again by every step). "
         "\\* = borrowed from the same size/batch/dtype row. Peak RSS steps: resident memory peak "
         "during the steady-state steps; peak RSS run: the whole process (model loading included).",
         "",
         *training_table(results["training"]),
         "",
     ]
+    lines += allocator_comparison(results["training"])
     if results.get("skipped"):
         lines += ["Not run:", "", *(f"- {s}" for s in results["skipped"]), ""]
     probe = results.get("half_probe")

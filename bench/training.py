@@ -20,6 +20,7 @@ seconds do not.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import statistics
 import sys
@@ -61,6 +62,7 @@ class TrainSpec:
     num_vectors: int = 4
     device: str = "cpu"
     extra_args: list[str] = field(default_factory=list)  # more trainer options, e.g. to try a fix
+    worker_env: dict[str, str] = field(default_factory=dict)  # set by the parent for this process only
 
 
 def run_training(spec: TrainSpec, log=print) -> dict:
@@ -141,7 +143,7 @@ class SeenModels:
         """Global forward pre-hook: the text encoder's first call starts the first step."""
         if type(module).__name__ == "CLIPTextModel" and self.text_encoder is None and args:
             ids = args[0]
-            self.first_forward_at = (time.perf_counter(), time.process_time())
+            self.first_forward_at = now()
             self.text_encoder, self.text_ids = module, ids.detach().clone()
             self.text_autocast = (
                 torch.is_autocast_enabled(ids.device.type),
@@ -224,7 +226,7 @@ class StepClock:
 
     def __call__(self, optimizer, args, kwargs) -> None:
         self._sync()
-        self.ends.append((time.perf_counter(), time.process_time()))
+        self.ends.append(now())
         self.optimizer = optimizer
         if len(self.ends) == 1:  # steady state starts after the first step
             self.memory.reset()
@@ -237,7 +239,7 @@ class StepClock:
         ):
             self._measure_floor(optimizer)
         self._sync()
-        self.resumes.append((time.perf_counter(), time.process_time()))
+        self.resumes.append(now())
 
     def _measure_floor(self, optimizer) -> None:
         if not self.seen.complete:
@@ -256,23 +258,33 @@ class StepClock:
         for p, grad in zip(params, saved):
             p.grad = grad
 
-    def _time(self, call) -> tuple[float, float]:
+    def _time(self, call) -> tuple[float, ...]:
         self._sync()
-        wall, cpu = time.perf_counter(), time.process_time()
+        before = now()
         call()
         self._sync()
-        return time.perf_counter() - wall, time.process_time() - cpu
+        return tuple(b - a for a, b in zip(before, now()))
 
     def _sync(self) -> None:
         if self.spec.device == "cuda":
             torch.cuda.synchronize()
 
-    def step_times(self) -> list[tuple[float, float]]:
-        """(wall, cpu) seconds of every step."""
+    def step_times(self) -> list[tuple[float, ...]]:
+        """(wall s, CPU s, system CPU s, page faults) of every step."""
         starts = ([self.seen.first_forward_at] if self.seen.first_forward_at else []) + self.resumes[:-1]
         if len(starts) < len(self.ends):  # no first forward seen: the first step cannot be timed
             starts = [None] + starts
-        return [(e[0] - s[0], e[1] - s[1]) for s, e in zip(starts, self.ends) if s is not None]
+        return [tuple(b - a for a, b in zip(s, e)) for s, e in zip(starts, self.ends) if s is not None]
+
+
+def now() -> tuple[float, float, float, int]:
+    """Wall clock, process CPU time, its system (kernel) part, and minor page faults so far.
+
+    System time and page faults show memory being returned to the OS and faulted in again
+    every step (glibc's allocator and large tensors), a cost that other load does not fake.
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), time.process_time(), usage.ru_stime, usage.ru_minflt
 
 
 def time_trainer_steps(spec: TrainSpec, work: Path, log=print) -> dict:
@@ -298,11 +310,16 @@ def time_trainer_steps(spec: TrainSpec, work: Path, log=print) -> dict:
     if len(steps) != spec.timed:
         raise RuntimeError(f"expected {spec.timed} timed steps, the trainer made {len(clock.ends)} in all")
     wall = [s[0] for s in steps]
-    log(f"    steps: {_list(wall)} s")
+    log(
+        f"    steps: {_list(wall)} s (kernel time {_list(s[2] for s in steps)} s, page faults "
+        f"{', '.join(str(s[3]) for s in steps)})"
+    )
     result = {
         "argv": argv,
         "step_seconds": wall,
         "step_cpu_seconds": [s[1] for s in steps],
+        "step_system_seconds": [s[2] for s in steps],
+        "step_page_faults": [s[3] for s in steps],
         "step_median": statistics.median(wall),
         "main_total_seconds": total,
         "main_setup_seconds": clock.ends[0][0] - started if clock.ends else None,
@@ -318,6 +335,8 @@ def time_trainer_steps(spec: TrainSpec, work: Path, log=print) -> dict:
         result.update(
             floor_seconds=[s[0] for s in clock.floor],
             floor_cpu_seconds=[s[1] for s in clock.floor],
+            floor_system_seconds=[s[2] for s in clock.floor],
+            floor_page_faults=[s[3] for s in clock.floor],
             floor_median=statistics.median(s[0] for s in clock.floor),
             text_encoder_seconds=[s[0] for s in clock.text],
             text_encoder_cpu_seconds=[s[1] for s in clock.text],
