@@ -108,10 +108,9 @@ def half_precision_probe(device: str = "cpu") -> dict:
     slowdown = max(low["conv3x3"] / fp32["conv3x3"], low["linear"] / fp32["linear"])
     native = None
     if device == "cpu":
-        try:
-            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            native = None
+        from library.training_setup import cpu_has_native_bf16
+
+        native = cpu_has_native_bf16()
     return {
         "dtype": str(half).removeprefix("torch."),
         "seconds": seconds,

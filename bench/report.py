@@ -251,7 +251,7 @@ def markdown(results: dict) -> str:
             "",
             f"{probe['dtype']} vs fp32 on one UNet-shaped 3×3 convolution: {conv16 * 1e3:.1f} ms vs "
             f"{conv32 * 1e3:.1f} ms; worst slowdown (conv, linear) {probe['slowdown_vs_fp32']:.1f}×. "
-            f"Native bf16 kernels (oneDNN): {probe['native_kernels']}."
+            f"Native bf16 in hardware (AVX512-BF16, AMX or Arm BF16): {probe['native_kernels']}."
             + (
                 " **bf16 is emulated here**: it is measured with the fewest repetitions."
                 if probe["emulated"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,11 +48,37 @@ def resolve_mixed_precision(args: Any) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16, AMX, or Arm's BF16), so bf16 beats fp32.
+
+    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also answers yes on plain
+    AVX-512, where bf16 is emulated by converting to fp32 and back: there a bf16 UNet step took
+    2.5 times as long as fp32 (docs/benchmarks.md). So the instruction sets themselves are asked:
+    torch's CPU feature checks where this torch has them, and the kernel's CPU flags.
+    """
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    for check in checks:
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            pass
+    return bool(NATIVE_BF16_FLAGS & cpu_flags())
+
+
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's Features entry
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU feature flags the kernel reports (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
 
 
 def flag_of(args: Any) -> str:

@@ -1,0 +1,83 @@
+"""Precision choices on a CPU: which CPUs count as having native bf16, and what fp16/bf16 become."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+import torch
+
+from library import training_setup
+from library.training_setup import cpu_flags, cpu_has_native_bf16, resolve_mixed_precision
+
+X86_AVX512_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni\n"
+X86_SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+ARM_GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.fixture
+def cpu(monkeypatch, tmp_path):
+    """Pretend to run on a CPU with the given /proc/cpuinfo and torch feature answers."""
+
+    def pretend(cpuinfo: str, torch_avx512_bf16: bool = False, torch_amx: bool = False) -> None:
+        path = tmp_path / "cpuinfo"
+        path.write_text(cpuinfo)
+        monkeypatch.setattr(training_setup, "cpu_flags", lambda: cpu_flags(path))
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: torch_avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: torch_amx, raising=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    return pretend
+
+
+def test_cpu_flags_reads_x86_and_arm_layouts(tmp_path):
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text(X86_SAPPHIRE_RAPIDS)
+    arm.write_text(ARM_GRAVITON3)
+    assert {"avx512_bf16", "amx_tile"} <= cpu_flags(x86)
+    assert "bf16" in cpu_flags(arm)
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_plain_avx512_is_not_native_bf16_even_though_onednn_emulates_it(cpu, monkeypatch):
+    # oneDNN says "bf16 supported" on any AVX-512 CPU; a step there is 2.5x slower than fp32
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    cpu(X86_AVX512_ONLY)
+    assert not cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, torch_avx512_bf16, torch_amx",
+    [(X86_AVX512_ONLY, True, False), (X86_AVX512_ONLY, False, True), (X86_SAPPHIRE_RAPIDS, False, False),
+     (ARM_GRAVITON3, False, False)],
+)  # fmt: skip
+def test_native_bf16_from_torch_or_from_the_cpu_flags(cpu, cpuinfo, torch_avx512_bf16, torch_amx):
+    cpu(cpuinfo, torch_avx512_bf16, torch_amx)
+    assert cpu_has_native_bf16()
+
+
+def precision_args(mixed: str) -> argparse.Namespace:
+    return argparse.Namespace(mixed_precision=mixed, full_fp16=False, full_bf16=False)
+
+
+def test_fp16_on_a_cpu_without_native_bf16_runs_fp32(cpu, caplog):
+    cpu(X86_AVX512_ONLY)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mixed_precision(precision_args("fp16")) == "no"
+    assert "no native bf16; using fp32" in caplog.text
+
+
+def test_fp16_on_a_cpu_with_native_bf16_runs_bf16(cpu, caplog):
+    cpu(X86_SAPPHIRE_RAPIDS)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mixed_precision(precision_args("fp16")) == "bf16"
+    assert "bf16 is used instead" in caplog.text
+
+
+@pytest.mark.parametrize("cpuinfo, warned", [(X86_AVX512_ONLY, True), (X86_SAPPHIRE_RAPIDS, False)])
+def test_bf16_is_kept_and_warned_about_only_where_emulated(cpu, caplog, cpuinfo, warned):
+    cpu(cpuinfo)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_mixed_precision(precision_args("bf16")) == "bf16"
+    assert ("emulated and much slower than fp32" in caplog.text) == warned
