@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.dataset import TokenCaptionRule, build_train_dataset, collate_batch
+from library.dataset import TokenCaptionRule, build_train_dataset, make_train_dataloader
 from library.embeddings import load_embedding_file, sai_model_spec_metadata, save_embedding
 from library.errors import UserError, run_cli
 from library.host_memory import keep_freed_memory_in_process
@@ -156,15 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], args)
     lr_scheduler = create_lr_scheduler(optimizer, args, max_train_steps, accelerator.num_processes)
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling on CUDA
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=1,
-        shuffle=False,  # the dataset orders its batches by (seed, epoch)
-        collate_fn=collate_batch,
-        num_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),  # kohya's rule
-        persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0,
-    )
-    loader = accelerator.prepare_data_loader(loader, device_placement=True)
+    loader = accelerator.prepare_data_loader(make_train_dataloader(dataset, args), device_placement=True)
     progress = Progress(seed=seed)
     if args.resume:
         progress = load_training_state(Path(args.resume), new_rows.vectors, optimizer, lr_scheduler)

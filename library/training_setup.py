@@ -55,7 +55,9 @@ def cpu_has_native_bf16() -> bool:
     2.5 times as long as fp32 (docs/benchmarks.md). So the instruction sets themselves are asked:
     torch's CPU feature checks where this torch has them, and the kernel's CPU flags.
     """
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
     for check in checks:
         try:
             if check is not None and check():

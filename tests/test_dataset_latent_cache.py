@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_dataset_helpers import make_args, make_dreambooth, make_image, tiny_vae, tokenizer_with
 
-from library.dataset import build_train_dataset, latent_cache
+from library.dataset import build_train_dataset, latent_cache, make_train_dataloader
 from library.dataset.buckets import kohya_crop_ltrb
 from library.errors import UserError
 
@@ -132,6 +132,25 @@ def test_memory_cache_is_the_same_for_any_vae_batch_size(tmp_path, vae):
     record = next(r for r in one.records if r.key == batch["keys"][0])
     expected = record.latents_flipped if batch["flipped"][0] else record.latents
     assert torch.equal(batch["latents"][0], expected)
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_latents_in_memory_are_loaded_without_worker_processes(tmp_path, vae, caplog, to_disk):
+    root = make_dreambooth(tmp_path / "train", {"2_sks": [(64, 64)] * 2})
+    cache = "--cache_latents_to_disk" if to_disk else "--cache_latents"
+    args = make_args(
+        "--train_data_dir", str(root), "--resolution", "64", cache, "--max_data_loader_n_workers", "2"
+    )
+    dataset = build_train_dataset(args, tokenizer_with(), None, seed=0)
+    assert make_train_dataloader(dataset, args).num_workers == 2  # images to decode: workers help
+    _cache(dataset, vae, to_disk=to_disk)
+    with caplog.at_level("INFO"):
+        loader = make_train_dataloader(dataset, args)
+    # in memory a batch is a tensor lookup; a cache on disk still has files to read ahead
+    assert dataset.latents_in_memory is not to_disk
+    assert loader.num_workers == (2 if to_disk else 0)
+    assert ("built in the training process" in caplog.text) is not to_disk
+    assert [b["keys"] for b in loader] == [dataset[i]["keys"] for i in range(len(dataset))]
 
 
 def test_each_process_caches_its_share(tmp_path, vae, encode_calls):

@@ -362,6 +362,11 @@ class TrainDataset(torch.utils.data.Dataset):
         parts = [subset.caption_prefix or "", record.caption, subset.caption_suffix or ""]
         return " ".join(parts)
 
+    @property
+    def latents_in_memory(self) -> bool:
+        """Every batch is read from latents held in memory: no file to read, no image to decode."""
+        return self.latents_cached and all(record.latents is not None for record in self.records)
+
     def is_latent_cacheable(self) -> bool:
         return not self._uncacheable_subsets()
 
@@ -464,9 +469,19 @@ def make_train_dataloader(dataset: TrainDataset, args: argparse.Namespace) -> to
     """The DataLoader for ``dataset``: whole batches, dataset-defined order, kohya's worker options.
 
     ``--max_data_loader_n_workers`` is capped at the CPU count as in kohya; with workers, images
-    are decoded ahead of the training step (two batches per worker).
+    are decoded ahead of the training step (two batches per worker). With latents cached in
+    memory a batch is a few tensor lookups and a caption, which takes well under a millisecond;
+    handing it over from a worker process costs more (30 ms per step in the benchmark), and on a
+    CPU run the workers take cores from the step. Such batches are built in the training process.
     """
     workers = max(0, min(int(getattr(args, "max_data_loader_n_workers", 0) or 0), os.cpu_count() or 1))
+    if workers and dataset.latents_in_memory:
+        logger.info(
+            "latents are cached in memory: batches are built in the training process, without the %d "
+            "loader workers --max_data_loader_n_workers allows (they would only add a hand-over)",
+            workers,
+        )
+        workers = 0
     persistent = bool(getattr(args, "persistent_data_loader_workers", False)) and workers > 0
     return torch.utils.data.DataLoader(
         dataset,
