@@ -71,11 +71,11 @@ def encode_prompts(
     """
     batch, chunks, length = input_ids.shape
     flat = input_ids.reshape(-1, length).to(text_encoder.device)
-    if clip_skip is None or clip_skip <= 1:
-        states = text_encoder(flat)[0]
+    windows, where = torch.unique(flat, dim=0, return_inverse=True)
+    if len(windows) < len(flat):  # the same window twice is encoded once (see encode_windows)
+        states = encode_windows(text_encoder, windows, clip_skip)[where]
     else:
-        hidden = text_encoder(flat, output_hidden_states=True).hidden_states
-        states = final_layer_norm(text_encoder)(hidden[-clip_skip])
+        states = encode_windows(text_encoder, flat, clip_skip)
     states = states.reshape(batch, chunks, length, -1)
     if chunks == 1:
         return states[:, 0]
@@ -89,3 +89,17 @@ def encode_prompts(
         pieces.append(body)
     pieces.append(states[:, -1, -1:])
     return torch.cat(pieces, dim=1)
+
+
+def encode_windows(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+    """Hidden states of 77-token windows ``[n, 77]`` -> ``[n, 77, dim]``, with kohya's ``clip_skip``.
+
+    Callers pass each distinct window once. Textual Inversion batches often repeat a caption (a
+    folder without caption files captions every image with its class tokens), and long-prompt
+    windows past the end of the text are all alike; the text encoder's forward and backward are
+    then paid once per distinct window, and the gradient of the copies adds up in the one.
+    """
+    if clip_skip is None or clip_skip <= 1:
+        return text_encoder(ids)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states
+    return final_layer_norm(text_encoder)(hidden[-clip_skip])

@@ -98,3 +98,50 @@ def test_chunks_are_encoded_separately_and_joined(tiny_sd1_safetensors):
     assert torch.allclose(joined[:, :76], first[:, :76])
     assert torch.allclose(joined[:, 76:151], second[:, 1:76])
     assert torch.allclose(joined[:, -1], second[:, -1])
+
+
+def _encoder_batch_sizes(text_encoder) -> list[int]:
+    sizes: list[int] = []
+    text_encoder.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def test_repeated_captions_are_encoded_once_with_the_same_states_and_gradient(tiny_sd1_safetensors):
+    from library.placeholder_embedding import add_placeholder_tokens, splice_new_vectors
+
+    model = load_sd_model(tiny_sd1_safetensors)
+    encoder, tokenizer = model.text_encoder.requires_grad_(False), model.tokenizer
+    add_placeholder_tokens(tokenizer, "zqtok", 2)
+    rows = splice_new_vectors(encoder, torch.randn(2, model.text_dim))
+    captions = [
+        "a photo of zqtok zqtok1",
+        "zqtok zqtok1 in a garden",
+        "a photo of zqtok zqtok1",
+        "a photo of zqtok zqtok1",
+    ]
+    ids = tokenize_prompts(tokenizer, captions)
+    sizes = _encoder_batch_sizes(encoder)
+
+    states = encode_prompts(encoder, tokenizer, ids)
+    (states * torch.linspace(-1, 1, states.numel()).reshape(states.shape)).sum().backward()
+    deduplicated_grad, rows.vectors.grad = rows.vectors.grad.clone(), None
+    assert sizes == [2]  # two distinct captions
+
+    every_row = encoder(ids[:, 0])[0]  # what encoding each caption separately gives
+    (every_row * torch.linspace(-1, 1, every_row.numel()).reshape(every_row.shape)).sum().backward()
+    assert torch.allclose(states, every_row, atol=1e-5)
+    assert torch.allclose(deduplicated_grad, rows.vectors.grad, atol=1e-5)
+    assert deduplicated_grad.abs().sum() > 0
+
+
+def test_empty_long_prompt_windows_are_encoded_once(tiny_sd1_safetensors):
+    model = load_sd_model(tiny_sd1_safetensors)
+    ids = tokenize_prompts(model.tokenizer, ["a photo of a cat", "a dog"], 225)  # 3 windows each
+    sizes = _encoder_batch_sizes(model.text_encoder)
+    with torch.no_grad():
+        states = encode_prompts(model.text_encoder, model.tokenizer, ids)
+        separately = torch.stack([model.text_encoder(ids[:, i])[0] for i in range(3)], dim=1)
+    assert sizes[0] == 3  # two first windows, one empty window shared by all four empty ones
+    assert torch.allclose(states[:, :76], separately[:, 0, :76], atol=1e-5)
+    assert torch.allclose(states[:, 76:151], separately[:, 1, 1:76], atol=1e-5)
+    assert torch.allclose(states[:, -1], separately[:, 2, -1], atol=1e-5)
