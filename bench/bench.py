@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--gen-size", type=int, default=256, help="generation image size (default 256)")
     parser.add_argument("--gen-steps", type=int, default=10, help="generation DDIM steps (default 10)")
-    parser.add_argument("--gen-rounds", type=int, default=3, help="timed images per pipeline (default 3)")
+    parser.add_argument("--gen-rounds", type=int, default=4, help="timed images per pipeline (default 4)")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -249,7 +249,7 @@ def training_plan(args, half: str, device: str) -> list[TrainSpec]:
     if args.mode == "default" and plan:
         # the first row carries the headline ratio and is cheap: more samples against the noise
         first = plan[0]
-        plan[0] = replace(first, timed=max(first.timed, 5), floor_timed=max(first.timed, 5) + 1)
+        plan[0] = replace(first, timed=max(first.timed, 8), floor_timed=max(first.timed, 8) + 1)
     if (
         args.extras
         and plan

@@ -27,7 +27,7 @@ class GenerationSpec:
     checkpoint: str
     size: int = 256
     steps: int = 10
-    rounds: int = 3
+    rounds: int = 4
     dtype: str = "fp32"
     device: str = "cpu"
 
@@ -110,6 +110,11 @@ def run_generation(spec: GenerationSpec, log=print) -> dict:
         ours_median=ours_median,
         diffusers_median=theirs_median,
         overhead=ours_median / theirs_median - 1.0,
+        # each round ran both pipelines back to back: their ratio cancels slow drift of the machine
+        overhead_paired=statistics.median(
+            a / b for a, b in zip(seconds["library.sampling"], seconds["diffusers"])
+        )
+        - 1.0,
         cpu_seconds=cpu_seconds,
         overhead_cpu=ours_cpu / theirs_cpu - 1.0,
         image_max_abs_difference=int(difference.max()),

@@ -221,6 +221,7 @@ class StepClock:
     resumes: list[tuple[float, float]] = field(default_factory=list)
     floor: list[tuple[float, float]] = field(default_factory=list)
     text: list[tuple[float, float]] = field(default_factory=list)
+    floor_after_step: list[int] = field(default_factory=list)  # 1-based step each floor call followed
     optimizer: object = None
     _floor_warmed: bool = False
 
@@ -255,6 +256,7 @@ class StepClock:
             p.grad = None
         self.text.append(self._time(text_encoder_call(self.seen, device)))
         self.floor.append(self._time(floor_call(self.seen, device)))
+        self.floor_after_step.append(len(self.ends))
         for p, grad in zip(params, saved):
             p.grad = grad
 
@@ -352,7 +354,40 @@ def time_trainer_steps(spec: TrainSpec, work: Path, log=print) -> dict:
             step, floor, text = [s[i] for s in steps], [s[i] for s in clock.floor], [s[i] for s in clock.text]
             result["step_over_floor" + suffix] = min(step) / min(floor)
             result["step_over_ti_floor" + suffix] = min(step) / (min(floor) + min(text))
+        timed_numbers = range(spec.warmup + 1, spec.warmup + spec.timed + 1)
+        result.update(paired_ratios(wall, timed_numbers, clock))
     return result
+
+
+def paired_ratios(steps: list[float], numbers, clock: StepClock) -> dict:
+    """Each timed step over the floor calls measured right before and right after it; the median.
+
+    On a shared machine the speed drifts over minutes (other load, a neighbour on the host), and
+    steps and floor calls drift together. Dividing each step by its own neighbours cancels the
+    drift; the median of those ratios is the headline, the ratio of minima a cross-check.
+    """
+    floors = dict(zip(clock.floor_after_step, (s[0] for s in clock.floor)))
+    texts = dict(zip(clock.floor_after_step, (s[0] for s in clock.text)))
+    over_floor, over_ti_floor = [], []
+    for seconds, number in zip(steps, numbers):
+        around = [k for k in (number - 1, number) if k in floors]
+        if not around:
+            continue
+        floor = statistics.fmean(floors[k] for k in around)
+        text = statistics.fmean(texts[k] for k in around)
+        over_floor.append(seconds / floor)
+        over_ti_floor.append(seconds / (floor + text))
+    if not over_floor:
+        return {}
+    return {
+        "paired_step_over_floor": over_floor,
+        "paired_step_over_ti_floor": over_ti_floor,
+        "step_over_floor_paired": statistics.median(over_floor),
+        "step_over_ti_floor_paired": statistics.median(over_ti_floor),
+        "text_encoder_share_of_floor": statistics.median(
+            t / f for t, f in zip(texts.values(), floors.values())
+        ),
+    }
 
 
 def _list(values) -> str:
