@@ -246,10 +246,18 @@ def training_plan(args, half: str, device: str) -> list[TrainSpec]:
         plan.append(replace(base, size=large, batch=1, gradient_checkpointing=True, floor=False))
     order = {"fp32": 0, half: 1}
     plan = sorted(plan, key=lambda s: (order[s.dtype], s.size * s.size * s.batch, s.gradient_checkpointing))
-    if args.mode == "default" and plan:
-        # the first row carries the headline ratio and is cheap: more samples against the noise
-        first = plan[0]
-        plan[0] = replace(first, timed=max(first.timed, 8), floor_timed=max(first.timed, 8) + 1)
+    if args.mode == "default":
+        # the fp32 batch-1 rows carry the headline ratios: more samples against the noise (8 for
+        # the cheap first row; the budget may cut the larger one)
+        for i, spec in enumerate(plan):
+            if (spec.dtype, spec.batch, spec.cache_latents, spec.gradient_checkpointing) == (
+                "fp32",
+                1,
+                True,
+                False,
+            ):
+                timed = 8 if i == 0 else 6
+                plan[i] = replace(spec, timed=max(spec.timed, timed), floor_timed=max(spec.timed, timed) + 1)
     if (
         args.extras
         and plan
@@ -257,7 +265,12 @@ def training_plan(args, half: str, device: str) -> list[TrainSpec]:
         and device == "cpu"
         and sys.platform.startswith("linux")
     ):
-        plan.insert(1, replace(plan[0], worker_env=GLIBC_DEFAULT_ALLOCATOR))
+        plan.insert(
+            1,
+            replace(
+                plan[0], worker_env=GLIBC_DEFAULT_ALLOCATOR, timed=args.steps, floor_timed=args.steps + 1
+            ),
+        )
     return plan
 
 
@@ -287,7 +300,7 @@ def fit_to_budget(spec: TrainSpec, step: float | None, args) -> tuple[TrainSpec,
     """Fewer repetitions for slow configurations; returns the spec and its estimated total seconds."""
     if step is None:
         return spec, None
-    timed = max(1, min(args.steps, int(args.budget // step)))
+    timed = max(1, min(max(args.steps, spec.timed), int(args.budget // step)))
     warmup = args.warmup if step < 30 else (1 if step < 60 else 0)
     cheap = step < 10  # cheap rows get a floor warm-up and one floor call more than timed steps
     floor_warmup, floor_timed = (1, timed + 1) if cheap else (0, timed)
