@@ -394,7 +394,7 @@ def run_training_plan(args, results: dict, runner: Runner, checkpoint: str, half
             # is a poor predictor of a whole step, so the first such row always runs
             spec = replace(spec, warmup=0, timed=1, floor=False)
             if not any(r["spec"]["dtype"] == half and "step_median" in r for r in results["training"]):
-                label += f" ({half} emulated: 1 step, no floor; this takes minutes)"
+                label += f" ({half} emulated: 1 step, no floor)"
                 results["training"].append(runner.run("train", asdict(spec), label))
                 continue
         if total is not None:

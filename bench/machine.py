@@ -13,20 +13,22 @@ import time
 from pathlib import Path
 
 # CPU features that decide which kernels torch can use for fp32 / bf16 / fp16
-INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "bf16")
 
 
 def cpu_info() -> dict:
-    """CPU model and the flags above, from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """CPU model (from /proc/cpuinfo on Linux, else what ``platform`` knows) and the flags above."""
+    from library.training_setup import cpu_flags
+
+    model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+            if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+                break
+    flags = cpu_flags()
     return {"model": model, "flags": [f for f in INTERESTING_FLAGS if f in flags]}
 
 
