@@ -19,6 +19,7 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's Features entry
 
 
 def resolve_mixed_precision(args: Any) -> str:
@@ -65,9 +66,6 @@ def cpu_has_native_bf16() -> bool:
         except RuntimeError:
             pass
     return bool(NATIVE_BF16_FLAGS & cpu_flags())
-
-
-NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's Features entry
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
