@@ -71,10 +71,13 @@ def encode_prompts(
     """
     batch, chunks, length = input_ids.shape
     flat = input_ids.reshape(-1, length).to(text_encoder.device)
-    windows, where = torch.unique(flat, dim=0, return_inverse=True)
-    if len(windows) < len(flat):  # the same window twice is encoded once (see encode_windows)
-        states = encode_windows(text_encoder, windows, clip_skip)[where]
-    else:
+    states = None
+    if len(flat) > 1:  # the same window twice is encoded once (see encode_windows)
+        # on CUDA, unique() waits for the device: at the start of a step, which is idle by then
+        windows, where = torch.unique(flat, dim=0, return_inverse=True)
+        if len(windows) < len(flat):
+            states = encode_windows(text_encoder, windows, clip_skip)[where]
+    if states is None:
         states = encode_windows(text_encoder, flat, clip_skip)
     states = states.reshape(batch, chunks, length, -1)
     if chunks == 1:
