@@ -366,55 +366,6 @@ def resolve_checkpoint(path: str) -> str:
     return path  # load_sd_model reports it as not found
 
 
-def install_embeddings(model, paths: list[str]) -> dict[str, int]:
-    """Add each embedding's words to the tokenizer and its vectors to the text encoder.
-
-    The word is the file stem (kohya, WebUI, ComfyUI); an N-vector file adds ``stem stem1 ...
-    stem{N-1}``. Returns ``{stem: N}`` for the prompt expansion. A stem that already means
-    something to the tokenizer would silently change meaning, so it is an error, as in kohya.
-    """
-    import torch
-
-    from library.embeddings import check_embedding_fits, load_embedding_file
-    from library.tokens import placeholder_names
-
-    tokenizer, text_encoder = model.tokenizer, model.text_encoder
-    loaded: list[tuple[list[int], torch.Tensor]] = []
-    words: dict[str, int] = {}
-    for path in paths:
-        embedding = load_embedding_file(path)
-        check_embedding_fits(embedding, model.text_dim, model.family, path)
-        stem = Path(path).stem
-        if embedding.word != stem:
-            logger.warning(
-                "%s: the image carries the name '%s', but the word to use in prompts is the file name '%s'",
-                path,
-                embedding.word,
-                stem,
-            )
-        names = placeholder_names(stem, embedding.num_vectors)
-        vocab = tokenizer.get_vocab()
-        for name in names:
-            lowered = name.lower()
-            if name in vocab or lowered in vocab or lowered + "</w>" in vocab:
-                raise UserError(
-                    f"{path}: the word '{name}' (from the file name) is already a token of the tokenizer "
-                    "or of another embedding; rename the file"
-                )
-        if tokenizer.add_tokens(names) != len(names):
-            raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
-        loaded.append((tokenizer.convert_tokens_to_ids(names), embedding.vectors))
-        words[stem] = embedding.num_vectors
-        logger.info("embedding %s: word '%s', %d vector(s) (%s layout)", path, stem, embedding.num_vectors,
-                    embedding.layout)  # fmt: skip
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token_ids, vectors in loaded:
-            table[token_ids] = vectors.to(device=table.device, dtype=table.dtype)
-    return words
-
-
 # ---------------------------------------------------------------------------------------------
 # Source images and prompts
 
@@ -792,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         init_images = [_resized(image, size) for image in init_images]
         mask_images = [_resized(image, size) for image in mask_images] if mask_images else None
 
+    from library.embedding_install import install_embeddings
     from library.host_memory import keep_freed_memory_in_process
     from library.models import load_sd_model
     from library.sampling import ImageGenerator

@@ -10,7 +10,6 @@ range, unlike arbitrary fills that could hit slow denormal paths), written as a 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -42,9 +41,7 @@ def random_sd15_state_dict() -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import sd1_text_to_ldm, unet_to_ldm, vae_to_ldm
-
+    from library.ldm_export import sd1_text_to_ldm, unet_to_ldm, vae_to_ldm
     from library.models import base_config
 
     torch.manual_seed(0)

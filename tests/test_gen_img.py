@@ -24,6 +24,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import gen_img_diffusers as gen_img
+from library.embedding_install import install_embeddings
 from library.embeddings import save_embedding
 from library.errors import UserError, run_cli
 from library.models import load_sd_model
@@ -195,7 +196,7 @@ def test_every_embedding_layout_is_installed_under_its_file_stem(
     layout, tiny_sd1_safetensors, embeddings_sd1
 ):
     model = load_sd_model(tiny_sd1_safetensors)
-    words = gen_img.install_embeddings(model, [str(embeddings_sd1[layout])])
+    words = install_embeddings(model, [str(embeddings_sd1[layout])])
     stem = f"{layout}word"
     count = LAYOUTS[layout]
     assert words == {stem: count}
@@ -225,7 +226,7 @@ def test_a_file_named_like_an_existing_token_is_refused(stem, tmp_path, tiny_sd1
     model = load_sd_model(tiny_sd1_safetensors)
     clash = write_embedding(tmp_path, "kohya", stem, torch.ones(1, 32))
     with pytest.raises(UserError, match=rf"{stem}.safetensors: the word '{stem}' .* rename the file"):
-        gen_img.install_embeddings(model, [str(embeddings_sd1["kohya"]), str(clash)])
+        install_embeddings(model, [str(embeddings_sd1["kohya"]), str(clash)])
 
 
 # --- img2img, inpainting, highres fix ---------------------------------------------------------

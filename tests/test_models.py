@@ -11,11 +11,11 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from tiny_models import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.checkpoint_io import strip_prefix
 from library.errors import UserError
+from library.ldm_export import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
 from library.models import (
     _sd1_text_weights,
     _sd2_text_weights,

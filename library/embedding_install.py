@@ -1,0 +1,66 @@
+"""Putting trained embeddings into a loaded model, so that prompts can use their words.
+
+The generator, the concept evaluation and the trainer's sample images all do it the same way:
+the word gets ``N`` tokens (``word word1 ... word{N-1}``, ``library.tokens``), the text encoder's
+token table grows by ``N`` rows, and those rows receive the file's vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from library.embeddings import check_embedding_fits, load_embedding_file
+from library.errors import UserError
+from library.tokens import placeholder_names
+
+logger = logging.getLogger(__name__)
+
+
+def install_embeddings(
+    model, paths: list[str | os.PathLike], words: list[str] | None = None
+) -> dict[str, int]:
+    """Add each embedding's words to ``model.tokenizer`` and its vectors to ``model.text_encoder``.
+
+    The word is the file stem (kohya, WebUI, ComfyUI) unless ``words`` names it. Returns
+    ``{word: N}`` for the prompt expansion. A word that already means something to the tokenizer
+    would silently change meaning, so it is an error, as in kohya.
+    """
+    tokenizer, text_encoder = model.tokenizer, model.text_encoder
+    words = words or [Path(path).stem for path in paths]
+    loaded: list[tuple[list[int], torch.Tensor]] = []
+    installed: dict[str, int] = {}
+    for path, word in zip(paths, words):
+        embedding = load_embedding_file(path)
+        check_embedding_fits(embedding, model.text_dim, model.family, path)
+        if embedding.word != word:
+            logger.warning(
+                "%s: the image carries the name '%s', but the word to use in prompts is '%s'",
+                path,
+                embedding.word,
+                word,
+            )
+        names = placeholder_names(word, embedding.num_vectors)
+        vocab = tokenizer.get_vocab()
+        for name in names:
+            lowered = name.lower()
+            if name in vocab or lowered in vocab or lowered + "</w>" in vocab:
+                raise UserError(
+                    f"{path}: the word '{name}' (from the file name) is already a token of the tokenizer "
+                    "or of another embedding; rename the file"
+                )
+        if tokenizer.add_tokens(names) != len(names):
+            raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
+        loaded.append((tokenizer.convert_tokens_to_ids(names), embedding.vectors))
+        installed[word] = embedding.num_vectors
+        logger.info("embedding %s: word '%s', %d vector(s) (%s layout)", path, word, embedding.num_vectors,
+                    embedding.layout)  # fmt: skip
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token_ids, vectors in loaded:
+            table[token_ids] = vectors.to(device=table.device, dtype=table.dtype)
+    return installed
