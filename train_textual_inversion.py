@@ -17,27 +17,20 @@ Run with ``accelerate launch train_textual_inversion.py ...`` or plain ``python`
 from __future__ import annotations
 
 import logging
-import math
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from library.cadence import RunLength, SaveCadence
 from library.dataset import TokenCaptionRule, build_train_dataset, make_train_dataloader
-from library.embeddings import load_embedding_file, sai_model_spec_metadata, save_embedding
+from library.embeddings import load_embedding_file, sai_model_spec_metadata
 from library.errors import UserError, run_cli
 from library.host_memory import keep_freed_memory_in_process
-from library.loss import LossSettings, check_loss_arguments, compute_loss
+from library.loss import LossSettings, check_loss_arguments
 from library.models import load_sd_model
-from library.noise import (
-    NoiseSettings,
-    check_noise_arguments,
-    make_training_schedule,
-    sample_noise_and_timesteps,
-)
-from library.noise import training_target as noise_target
+from library.noise import NoiseSettings, check_noise_arguments, make_training_schedule
 from library.optimizers import (
     create_lr_scheduler,
     create_optimizer,
@@ -50,21 +43,17 @@ from library.placeholder_embedding import (
     random_vectors,
     splice_new_vectors,
 )
-from library.text_encoding import encode_prompts
 from library.tokenizer import load_tokenizer, set_family_padding
 from library.train_args import log_level, parse_args, refuse_unsupported
-from library.train_checks import check_finite, check_training_arguments, warn_if_vectors_frozen
+from library.train_checks import (
+    FiniteGuard,
+    check_training_arguments,
+    warn_if_resume_is_done,
+    warn_if_vectors_frozen,
+)
 from library.train_logging import TrainLogger, setup_console_logging
 from library.train_sampling import SampleSchedule, sample_images
-from library.train_state import (
-    Progress,
-    embedding_file_name,
-    load_training_state,
-    remove_old_saves,
-    save_training_state,
-    saved_seed,
-    state_folder_name,
-)
+from library.train_state import Progress, RunSaver, load_training_state, saved_seed
 from library.training_setup import (
     DTYPES,
     configure_attention,
@@ -72,6 +61,7 @@ from library.training_setup import (
     make_accelerator,
     resolve_mixed_precision,
 )
+from library.training_step import DiffusionLoss
 
 logger = logging.getLogger("train_textual_inversion")
 
@@ -92,14 +82,13 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_memory_in_process()  # reuse freed activations instead of faulting them in each step
     seed = run_seed(args)
     output_dir = Path(args.output_dir or "debug_dataset")
-    output_name = args.output_name or "last"
+    output_name = args.output_name or args.token_string  # kohya: files are named after the word
 
     # 1. The new word: token_string, token_string1, ... in the tokenizer.
     model_path = Path(args.pretrained_model_name_or_path)
     tokenizer = load_tokenizer(args.v2, model_dir=model_path if model_path.is_dir() else None,
                                tokenizer_cache_dir=args.tokenizer_cache_dir)  # fmt: skip
-    token_ids = add_placeholder_tokens(tokenizer, args.token_string, args.num_vectors_per_token)
-    num_vectors = len(token_ids)
+    num_vectors = len(add_placeholder_tokens(tokenizer, args.token_string, args.num_vectors_per_token))
 
     # 2. The data. Checked before the model loads, so a mistake costs seconds, not minutes.
     template = "object" if args.use_object_template else "style" if args.use_style_template else None
@@ -110,21 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.debug_dataset:
         dataset.debug_dataset(output_dir)
         return
-    batches_per_epoch = math.ceil(len(dataset) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"no training batches: {dataset.num_train_images} images with --train_batch_size "
-            f"{args.train_batch_size}; add images, raise repeats or lower the batch size"
-        )
-    max_train_steps = args.max_train_steps
-    if args.max_train_epochs is not None:
-        max_train_steps = args.max_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    dataset.set_max_train_steps(max_train_steps, args.gradient_accumulation_steps * accelerator.num_processes)
-    save_every_n_epochs = args.save_every_n_epochs
-    if args.save_n_epoch_ratio:
-        save_every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
+    k = args.gradient_accumulation_steps
+    length = RunLength.plan(
+        len(dataset), accelerator.num_processes, k, args.max_train_steps, args.max_train_epochs
+    )
+    dataset.set_max_train_steps(length.max_train_steps, k * accelerator.num_processes)
 
     # 3. The model, frozen, with the new vectors spliced into its token lookup.
     model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
@@ -139,10 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     new_rows = splice_new_vectors(text_encoder, vectors.to(device))
     configure_attention(unet, args, device)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers only checkpoints in training mode; the UNet has no dropout
-        text_encoder.gradient_checkpointing_enable()
-        text_encoder.train()
+        enable_gradient_checkpointing(unet, text_encoder)
     if args.torch_compile:
         unet = torch.compile(unet, backend=args.dynamo_backend)
     if args.cache_latents or args.cache_latents_to_disk:
@@ -151,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
                                   accelerator.process_index, accelerator.num_processes)  # fmt: skip
         accelerator.wait_for_everyone()
 
-    # 4. The optimizer and LR schedule see only the new vectors.
+    # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
     optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], args)
-    lr_scheduler = create_lr_scheduler(optimizer, args, max_train_steps, accelerator.num_processes)
+    lr_scheduler = create_lr_scheduler(optimizer, args, length.max_train_steps)
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling on CUDA
     loader = accelerator.prepare_data_loader(make_train_dataloader(dataset, args), device_placement=True)
     progress = Progress(seed=seed)
@@ -162,40 +138,27 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(
             "resumed from %s at step %d (epoch %d)", args.resume, progress.global_step, progress.epoch + 1
         )
+        warn_if_resume_is_done(progress.global_step, length.max_train_steps)
 
-    schedule = make_training_schedule(args.v_parameterization, args.zero_terminal_snr, device)
-    noise_settings, loss_settings = NoiseSettings.from_args(args), LossSettings.from_args(args)
+    diffusion_loss = DiffusionLoss(
+        text_encoder, tokenizer, unet, vae, make_training_schedule(args.v_parameterization, args.zero_terminal_snr,
+        device), NoiseSettings.from_args(args), LossSettings.from_args(args), args.clip_skip, args.v_parameterization,
+        weight_dtype, vae_dtype, seed, accelerator.autocast,
+    )  # fmt: skip
+    saves = SaveCadence(args.save_every_n_steps, save_every_n_epochs(args, length.num_epochs), args.save_last_n_steps,
+                        args.save_last_n_epochs, args.save_last_n_steps_state, args.save_last_n_epochs_state,
+                        length.num_epochs)  # fmt: skip
+    saver = RunSaver(accelerator, output_dir, output_name, args.save_model_as or "pt", saves, args.save_state,
+                     new_rows.vectors, optimizer, lr_scheduler, progress,
+                     lambda: embedding_metadata(args, model, dataset, output_name), SAVE_DTYPES[args.save_precision],
+                     model.name)  # fmt: skip
     samples = SampleSchedule.from_args(args, num_vectors)
+    guard = FiniteGuard(
+        new_rows.vectors,
+        lambda label, v, step: saver.embedding(f"{output_name}-{label}.{saver.extension}", v, step),
+    )
     tracker = TrainLogger(accelerator, args, optimizer_name, optimizer_args)
     start_vectors = new_rows.vectors.detach().clone()
-    last_good = start_vectors.clone()
-
-    def save_embedding_file(name: str, step: int) -> None:
-        if accelerator.is_main_process:
-            path = output_dir / name
-            save_embedding(path, new_rows.vectors.detach().float().cpu(), output_name, step=step,
-                           checkpoint_name=model.name, metadata=embedding_metadata(args, model, output_name),
-                           dtype=save_dtype(args.save_precision))  # fmt: skip
-            logger.info("saved %s", path)
-
-    def save_state(folder_name: str) -> None:
-        if accelerator.is_main_process:
-            optimizer_eval_mode(optimizer)
-            save_training_state(output_dir / folder_name, new_rows.vectors, optimizer, lr_scheduler, progress)
-            optimizer_train_mode(optimizer)
-        accelerator.wait_for_everyone()
-
-    def save_intermediate(*, step: int | None = None, epoch: int | None = None) -> None:
-        """A numbered embedding (and state) during the run; older ones rotate out per --save_last_n_*."""
-        by = "step" if step is not None else "epoch"
-        keep = args.save_last_n_steps if step is not None else args.save_last_n_epochs
-        keep_state = args.save_last_n_steps_state if step is not None else args.save_last_n_epochs_state
-        save_embedding_file(embedding_file_name(output_name, extension(args), step=step, epoch=epoch),
-                            progress.global_step)  # fmt: skip
-        remove_old_saves(output_dir, output_name, keep, by=by, state=False)
-        if args.save_state:
-            save_state(state_folder_name(output_name, step=step, epoch=epoch))
-            remove_old_saves(output_dir, output_name, keep_state, by=by, state=True)
 
     def render_samples(epoch: int | None) -> None:
         optimizer_eval_mode(optimizer)
@@ -206,96 +169,72 @@ def main(argv: list[str] | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "training %d vectors of dimension %d for %d steps (%d epochs, %d steps each) on %s x%d process(es), %s",
-        num_vectors, vectors.shape[1], max_train_steps, num_epochs, steps_per_epoch, device,
+        num_vectors, vectors.shape[1], length.max_train_steps, length.num_epochs, length.steps_per_epoch, device,
         accelerator.num_processes, mixed_precision,
     )  # fmt: skip
     if args.sample_at_first and progress.global_step == 0:
         render_samples(epoch=0)
 
-    # 5. The loop.
-    bar = tqdm(total=max_train_steps, initial=progress.global_step, desc="steps",
-               disable=not accelerator.is_local_main_process, smoothing=0.1)  # fmt: skip
+    # 5. The loop: an optimizer step every k batches (and at an epoch's end), until max_train_steps.
     optimizer_train_mode(optimizer)
-    micro_step = 0  # micro-batches into the current optimizer step (gradient accumulation)
-    while progress.global_step < max_train_steps:
-        # accelerate's loader hands its own epoch counter to dataset.set_epoch when iterated, so the
-        # epoch (which decides the batch order) is set through the loader we iterate
-        skip = progress.batches_done_in_epoch  # > 0 only right after --resume
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        epoch_loader.set_epoch(progress.epoch)
-        for batch in epoch_loader:
-            logger.debug("step %d, epoch %d: %s", progress.global_step, progress.epoch, batch["keys"])
-            dataset.set_current_step(progress.global_step)
-            generator = step_generator(
-                seed, progress.global_step, micro_step, accelerator.process_index, device
-            )
-            with accelerator.autocast():
-                latents = batch_latents(batch, vae, vae_dtype, weight_dtype, generator)
-                hidden = encode_prompts(
-                    text_encoder, tokenizer, batch["input_ids"].to(device), args.clip_skip
-                )
-                noisy, noise, timesteps = sample_noise_and_timesteps(
-                    latents, schedule, noise_settings, generator
-                )
-                prediction = unet(noisy, timesteps, hidden.to(weight_dtype)).sample
-            target = noise_target(schedule, latents, noise, timesteps, args.v_parameterization)
-            loss = compute_loss(prediction, target, timesteps, schedule, loss_settings,
-                                batch["loss_weights"], batch.get("alpha_masks"))  # fmt: skip
-            accelerator.backward(loss / args.gradient_accumulation_steps)
-            micro_step += 1
-            progress.batches_done_in_epoch += 1
-            if micro_step < args.gradient_accumulation_steps:
-                continue
-            micro_step = 0
+    with tqdm(total=length.max_train_steps, initial=progress.global_step, desc="steps", smoothing=0.1,
+              disable=not accelerator.is_local_main_process) as bar:  # fmt: skip
+        while progress.global_step < length.max_train_steps:
+            for batch in epoch_batches(accelerator, loader, progress):
+                logger.debug("step %d, epoch %d: %s", progress.global_step, progress.epoch, batch["keys"])
+                with accelerator.accumulate():
+                    micro_step = progress.batches_done_in_epoch % k
+                    loss = diffusion_loss(batch, progress.global_step, micro_step, accelerator.process_index)
+                    accelerator.backward(loss)  # divided by k by accelerate
+                progress.batches_done_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
 
-            # one optimizer step: average the new rows' gradient over processes, clip, step
-            if accelerator.num_processes > 1:
+                # one optimizer step on the gradient averaged over processes
+                guard.before_step(new_rows.vectors)
                 new_rows.vectors.grad = accelerator.reduce(new_rows.vectors.grad, reduction="mean")
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_([new_rows.vectors], args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.global_step += 1
-            bar.update(1)
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_([new_rows.vectors], args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.global_step += 1
+                bar.update(1)
 
-            # every process checks the same (averaged) loss, so a NaN stops all of them together
-            if accelerator.num_processes > 1:
-                loss = accelerator.reduce(loss.detach(), reduction="mean")
-            loss_value = check_finite(loss, new_rows.vectors, progress.global_step, last_good, output_dir,
-                                      output_name, save_embedding_file)  # fmt: skip
-            last_good.copy_(new_rows.vectors.detach())
-            warn_if_vectors_frozen(progress.global_step, start_vectors, new_rows.vectors)
-            tracker.log_step(progress.global_step, loss_value, lr_scheduler, new_rows.vectors, bar)
+                # every process checks the same averaged loss, so a NaN stops all of them together
+                loss_value = guard.after_step(accelerator.reduce(loss.detach(), reduction="mean"),
+                                              new_rows.vectors, progress.global_step)  # fmt: skip
+                warn_if_vectors_frozen(progress.global_step, start_vectors, new_rows.vectors)
+                tracker.log_step(
+                    progress.global_step, loss_value, optimizer, lr_scheduler, new_rows.vectors, bar
+                )
+                if saves.step_save_due(progress.global_step):
+                    saver.intermediate(step=progress.global_step)
+                if samples.due_at_step(progress.global_step):
+                    render_samples(epoch=None)
+                if progress.global_step >= length.max_train_steps:
+                    break
 
-            step = progress.global_step
-            if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < max_train_steps:
-                save_intermediate(step=step)
-            if samples.due_at_step(step):
-                render_samples(epoch=None)
-            if step >= max_train_steps:
-                break
-
-        else:  # the epoch ran to its end
-            progress.epoch += 1
-            progress.batches_done_in_epoch = 0
-            epoch = progress.epoch
+            # the epoch's end, or the run's (kohya ends the last epoch there too, even part-way)
+            finished = progress.batches_done_in_epoch >= length.batches_per_epoch
+            if finished:
+                progress.epoch += 1
+                progress.batches_done_in_epoch = 0
+            epoch = progress.epoch if finished else progress.epoch + 1
             tracker.log_epoch(epoch)
-            if save_every_n_epochs and epoch % save_every_n_epochs == 0 and epoch < num_epochs:
-                save_intermediate(epoch=epoch)
+            if finished and saves.epoch_save_due(epoch):
+                saver.intermediate(epoch=epoch)
             if samples.due_at_epoch(epoch):
                 render_samples(epoch=epoch)
-    bar.close()
 
     # 6. Save the final embedding (and state), named after --output_name.
     logger.debug(
         "process %d: final vectors sum %.9g", accelerator.process_index, new_rows.vectors.sum().item()
     )
+    guard.check_vectors(new_rows.vectors, progress.global_step)
     optimizer_eval_mode(optimizer)
     accelerator.wait_for_everyone()
-    save_embedding_file(embedding_file_name(output_name, extension(args)), progress.global_step)
-    if args.save_state or args.save_state_on_train_end:
-        save_state(state_folder_name(output_name))
+    saver.final(with_state=args.save_state or args.save_state_on_train_end)
     accelerator.end_training()
 
 
@@ -321,7 +260,7 @@ def initial_vectors(
             )
         return loaded.vectors.float()
     if args.init_word:
-        return init_word_vectors(tokenizer, token_table, args.init_word, num_vectors)
+        return init_word_vectors(tokenizer, token_table, args.init_word, num_vectors, args.init_word_mode)
     logger.info("no --init_word: starting from random vectors with the vocabulary's mean norm")
     return random_vectors(token_table, num_vectors, seed)
 
@@ -338,38 +277,45 @@ def run_seed(args) -> int:
     return args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
 
 
-def step_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The random source of one micro-batch: a function of (seed, step, micro-step, process) only."""
-    state = np.random.SeedSequence([seed, step, micro_step, rank]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+def epoch_batches(accelerator, loader, progress: Progress):
+    """The current epoch's batches, after the ones a resumed run already used.
+
+    accelerate's loader hands its own epoch counter to ``dataset.set_epoch`` when iterated, so the
+    epoch (which decides the batch order) is set through the loader that is iterated.
+    """
+    skip = progress.batches_done_in_epoch  # > 0 only right after --resume
+    epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+    epoch_loader.set_epoch(progress.epoch)
+    return epoch_loader
 
 
-def batch_latents(batch, vae, vae_dtype, weight_dtype, generator) -> torch.Tensor:
-    """Cached latents, or images encoded by the frozen VAE (a sample of its distribution)."""
-    if batch.get("latents") is not None:  # cached unscaled, as kohya caches them
-        return (batch["latents"].to(vae.device) * vae.config.scaling_factor).to(weight_dtype)
-    with torch.no_grad():
-        images = batch["images"].to(vae.device, dtype=vae_dtype)
-        latents = vae.encode(images).latent_dist.sample(generator=generator)
-    return (latents * vae.config.scaling_factor).to(weight_dtype)
+def enable_gradient_checkpointing(unet, text_encoder) -> None:
+    """diffusers and transformers only checkpoint in training mode; neither model has dropout."""
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    text_encoder.gradient_checkpointing_enable()
+    text_encoder.train()
 
 
-def extension(args) -> str:
-    return "safetensors" if args.save_model_as == "safetensors" else "pt"
+def save_every_n_epochs(args, num_epochs: int) -> int | None:
+    """``--save_every_n_epochs``, or ``--save_n_epoch_ratio``: about that many saves in the whole run."""
+    if args.save_n_epoch_ratio:
+        return max(1, num_epochs // args.save_n_epoch_ratio)
+    return args.save_every_n_epochs
 
 
-def save_dtype(save_precision: str | None) -> torch.dtype:
-    return {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        save_precision
-    ]
+SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def embedding_metadata(args, model, output_name: str) -> dict[str, str]:
+def embedding_metadata(args, model, dataset, output_name: str) -> dict[str, str]:
     """SAI model-spec metadata for ``.safetensors`` (kohya's keys), from the run and --metadata_*."""
-    width, height = dataset_resolution(args)
+    width, height = dataset.resolution
     extra = {name: getattr(args, f"metadata_{name}") for name in (
         "title", "author", "description", "license", "tags", "trigger_phrase", "usage_hint", "merged_from",
         "preprocessor", "thumbnail", "is_negative_embedding") if getattr(args, f"metadata_{name}")}  # fmt: skip
+    timesteps = None
+    if args.min_timestep is not None or args.max_timestep is not None:
+        timesteps = (args.min_timestep or 0, 1000 if args.max_timestep is None else args.max_timestep)
     return sai_model_spec_metadata(
         v2=model.v2,
         v_parameterization=args.v_parameterization,
@@ -377,14 +323,8 @@ def embedding_metadata(args, model, output_name: str) -> dict[str, str]:
         title=args.metadata_title or output_name,
         clip_skip=args.clip_skip,
         extra=extra,
+        timesteps=timesteps,
     )
-
-
-def dataset_resolution(args) -> tuple[int, int]:
-    if not args.resolution:
-        return (512, 512)
-    parts = [int(p) for p in str(args.resolution).split(",")]
-    return (parts[0], parts[-1])
 
 
 if __name__ == "__main__":

@@ -48,10 +48,8 @@ def install_embeddings(
         for name in names:
             lowered = name.lower()
             if name in vocab or lowered in vocab or lowered + "</w>" in vocab:
-                raise UserError(
-                    f"{path}: the word '{name}' (from the file name) is already a token of the tokenizer "
-                    "or of another embedding; rename the file"
-                )
+                raise UserError(f"{path}: the word '{name}' (from the file name) is already a token of the "
+                                f"tokenizer or of another embedding; {_rename_advice(path, embedding)}")  # fmt: skip
         if tokenizer.add_tokens(names) != len(names):
             raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
         loaded.append((tokenizer.convert_tokens_to_ids(names), embedding.vectors))
@@ -64,3 +62,11 @@ def install_embeddings(
         for token_ids, vectors in loaded:
             table[token_ids] = vectors.to(device=table.device, dtype=table.dtype)
     return installed
+
+
+def _rename_advice(path, embedding) -> str:
+    """What to rename the file to: the word it records, when that word is free (usually the token string)."""
+    stored = embedding.stored_name
+    if stored and stored != Path(path).stem:
+        return f"the file records the word '{stored}': rename it to {stored}{Path(path).suffix}"
+    return "rename the file to a word that is not in the vocabulary"

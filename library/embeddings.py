@@ -46,6 +46,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+from library import IMPLEMENTATION
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,15 @@ class LoadedEmbedding:
     @property
     def num_vectors(self) -> int:
         return int(self.vectors.shape[0])
+
+    @property
+    def stored_name(self) -> str | None:
+        """The word the file itself records: ``name`` (WebUI dict), ``modelspec.title`` (our and
+        kohya's ``.safetensors``) or the token (diffusers); ``None`` when it records none."""
+        for key in ("name", "modelspec.title", "token"):
+            if self.metadata.get(key):
+                return str(self.metadata[key])
+        return None
 
     @property
     def dim(self) -> int:
@@ -536,6 +546,7 @@ def sai_model_spec_metadata(
     title: str,
     clip_skip: int | None,
     extra: dict[str, str],
+    timesteps: tuple[int, int] | None = None,
 ) -> dict[str, str]:
     """The ``modelspec.*`` safetensors metadata kohya writes into a textual inversion file.
 
@@ -543,7 +554,9 @@ def sai_model_spec_metadata(
     usage_hint, thumbnail, merged_from, trigger_phrase, preprocessor, is_negative_embedding, and
     title to override ``title``); each becomes ``modelspec.<name>``. Keys may be given as
     ``author``, ``metadata_author`` or ``modelspec.author``; ``None`` values are left out. A
-    thumbnail given as a file path is embedded as a data URL, as kohya does.
+    thumbnail given as a file path is embedded as a data URL, as kohya does. ``timesteps`` is
+    ``(--min_timestep, --max_timestep)`` when either was given (``modelspec.timestep_range``), and
+    ``modelspec.implementation_version`` names this project and version (kohya: its git commit).
     """
     width, height = resolution
     metadata = {
@@ -555,8 +568,11 @@ def sai_model_spec_metadata(
         "modelspec.date": datetime.datetime.fromtimestamp(int(time.time())).isoformat(),
         "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
     }
+    if timesteps is not None:
+        metadata["modelspec.timestep_range"] = f"{timesteps[0]},{timesteps[1]}"
     if clip_skip is not None:
         metadata["modelspec.encoder_layer"] = str(clip_skip)
+    metadata["modelspec.implementation_version"] = IMPLEMENTATION
     for key, value in extra.items():
         if value is None:
             continue

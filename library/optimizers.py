@@ -3,7 +3,7 @@
 The trainer calls, once::
 
     optimizer_name, optimizer_args, optimizer = create_optimizer(trainable_params, args)
-    lr_scheduler = create_lr_scheduler(optimizer, args, args.max_train_steps, num_processes)
+    lr_scheduler = create_lr_scheduler(optimizer, args, max_train_steps)
 
 and around sampling/saving::
 
@@ -485,15 +485,17 @@ def _custom_scheduler(
         raise UserError(f"--lr_scheduler_args do not fit {scheduler_type}: {exc}") from None
 
 
-def create_lr_scheduler(optimizer: Any, args: Any, num_training_steps: int, num_processes: int = 1) -> Any:
+def create_lr_scheduler(optimizer: Any, args: Any, num_training_steps: int) -> Any:
     """kohya's get_scheduler_fix: the lr schedule for ``num_training_steps`` optimizer steps.
 
-    As in kohya the schedule runs over num_training_steps * num_processes steps, warmup/decay ratios
-    are taken of that number, schedule-free optimizers get a constant schedule, and relative-step
-    Adafactor gets transformers' AdafactorSchedule.
+    The trainer steps it once per optimizer step on every process, so the learning rate at each
+    step is the same on 1 and N processes: kohya's single-GPU trajectory. (kohya builds it for
+    steps x processes and lets accelerate step it N times per step, which amounts to the same.)
+    Warmup/decay ratios are taken of ``num_training_steps``, schedule-free optimizers get a
+    constant schedule, and relative-step Adafactor gets transformers' AdafactorSchedule.
     """
     name = getattr(args, "lr_scheduler", "constant") or "constant"
-    total_steps = num_training_steps * num_processes
+    total_steps = num_training_steps
     warmup = resolve_step_count(getattr(args, "lr_warmup_steps", 0), total_steps, "--lr_warmup_steps")
     decay = resolve_step_count(getattr(args, "lr_decay_steps", 0), total_steps, "--lr_decay_steps")
     num_cycles = getattr(args, "lr_scheduler_num_cycles", 1)

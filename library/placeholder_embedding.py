@@ -52,34 +52,55 @@ def suggest_free_token(tokenizer, token_string: str, num_vectors: int) -> str:
     return f"{token_string}_emb"
 
 
-def init_word_vectors(
-    tokenizer, token_embedding: torch.Tensor, init_word: str, num_vectors: int
-) -> torch.Tensor:
-    """Start vectors from ``--init_word``: one token copied to all, or a phrase spread in order.
+INIT_WORD_MODES = ("cycle", "spread", "mean")
 
-    The phrase's k tokens are laid over the N vectors in order: with k <= N, vector i starts as
-    token ``floor(i * k / N)`` (each token covers a run of vectors); with k > N, vector i is the
-    mean of the tokens ``[i * k / N, (i + 1) * k / N)``. A log line shows which word went where.
+
+def init_token_plan(k: int, num_vectors: int, mode: str) -> list[list[int]]:
+    """Which of the init phrase's ``k`` tokens each of the ``num_vectors`` vectors starts from.
+
+    * ``cycle`` (kohya's rule, the default): vector i is token ``i % k``; a phrase longer than
+      the vectors is cut, a shorter one repeats (``hello world`` over 3 vectors: hello, world, hello);
+    * ``spread`` (the WebUI's rule): vector i is token ``i * k // N``, so the phrase keeps its
+      order and each token covers a run of vectors (hello, hello, world); a longer phrase is
+      sampled at even steps;
+    * ``mean``: every vector is the mean of all the phrase's tokens.
+    """
+    if mode == "cycle":
+        return [[i % k] for i in range(num_vectors)]
+    if mode == "spread":
+        return [[i * k // num_vectors] for i in range(num_vectors)]
+    if mode == "mean":
+        return [list(range(k))] * num_vectors
+    raise ValueError(f"unknown init word mode {mode!r}")
+
+
+def init_word_vectors(
+    tokenizer, token_embedding: torch.Tensor, init_word: str, num_vectors: int, mode: str = "cycle"
+) -> torch.Tensor:
+    """Start vectors from ``--init_word`` laid over the vectors by ``mode`` (``init_token_plan``).
+
+    As kohya does, a phrase whose token count is neither 1 nor the number of vectors gets a
+    warning (its tokens are repeated or cut); a log line shows which token went where.
     """
     ids = tokenizer(init_word, add_special_tokens=False).input_ids
     if not ids:
         raise UserError(f"--init_word {init_word!r} has no tokens; give a word such as 'person' or 'style'")
-    words = tokenizer.convert_ids_to_tokens(ids)
+    words = [w.removesuffix("</w>") for w in tokenizer.convert_ids_to_tokens(ids)]
     rows = token_embedding[torch.tensor(ids)].float()
     k = len(ids)
-    vectors, plan = [], []
-    for i in range(num_vectors):
-        if k <= num_vectors:
-            picked = [i * k // num_vectors]
-        else:
-            picked = list(range(i * k // num_vectors, (i + 1) * k // num_vectors))
-        vectors.append(rows[picked].mean(dim=0))
-        plan.append("+".join(words[j].removesuffix("</w>") for j in picked))
+    plan = init_token_plan(k, num_vectors, mode)
+    if k > 1 and k != num_vectors and mode != "mean":
+        logger.warning(
+            "--init_word %r has %d tokens but --num_vectors_per_token is %d: the init words are %s "
+            "(--init_word_mode %s)", init_word, k, num_vectors, "repeated" if k < num_vectors else "truncated", mode,
+        )  # fmt: skip
     if k > 1 or num_vectors > 1:
         logger.info(
-            "--init_word %r: %s", init_word, ", ".join(f"vector {i}: {p}" for i, p in enumerate(plan))
+            "--init_word %r: %s",
+            init_word,
+            ", ".join(f"vector {i}: {'+'.join(words[j] for j in p)}" for i, p in enumerate(plan)),
         )
-    return torch.stack(vectors)
+    return torch.stack([rows[p].mean(dim=0) for p in plan])
 
 
 def random_vectors(token_embedding: torch.Tensor, num_vectors: int, seed: int) -> torch.Tensor:

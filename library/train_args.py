@@ -56,7 +56,15 @@ def _textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
         "--init_word",
         type=str,
         default=None,
-        help="word or phrase the vectors start from (a phrase is spread over the vectors)",
+        help="word or phrase the vectors start from (see --init_word_mode for a phrase)",
+    )
+    g.add_argument(
+        "--init_word_mode",
+        type=str,
+        default="cycle",
+        choices=["cycle", "spread", "mean"],
+        help="a phrase over the vectors: cycle (kohya: token i %% k), spread (the WebUI: in order, "
+        "each token a run of vectors) or mean (every vector the phrase's mean); not a kohya option",
     )
     g.add_argument("--num_vectors_per_token", type=int, default=1, help="vectors (tokens) the word uses")
     g.add_argument("--weights", type=str, default=None, help="continue from an embedding file of any layout")
@@ -67,7 +75,7 @@ def _textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default="pt",
         choices=[None, "ckpt", "pt", "safetensors"],
-        help="embedding file format (ckpt is written as pt)",
+        help="embedding file format: .pt/.ckpt in the WebUI layout, or .safetensors",
     )
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 under mixed precision")
 

@@ -33,14 +33,19 @@ def setup_console_logging(level: int, log_file: str | None = None, simple: bool 
 
 
 class TrainLogger:
-    """Loss, learning rate and each vector's norm, to the progress bar and the trackers."""
+    """Loss, learning rate and each vector's norm, to the progress bar and the trackers.
+
+    Tags are kohya's: ``loss`` (this step), ``lr``, ``lr/d*lr`` (D-Adaptation, Prodigy) and
+    ``loss/epoch`` (the epoch's mean, logged at step = epoch number); ours beside them:
+    ``loss/average`` (the epoch so far, as the progress bar shows) and ``norm/vector<i>``.
+    """
 
     def __init__(self, accelerator, args: Any, optimizer_name: str, optimizer_args: str):
         self.accelerator = accelerator
-        self.prefix = args.log_prefix or ""
         self.enabled = bool(accelerator.log_with)
-        self.loss_sum = 0.0
-        self.count = 0
+        self.adaptive = optimizer_name.lower().startswith(("dadapt", "prodigy"))
+        self.epoch_loss = 0.0
+        self.epoch_steps = 0
         if self.enabled:
             config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
             init_kwargs = {}
@@ -54,25 +59,27 @@ class TrainLogger:
                 init_kwargs=init_kwargs,
             )
 
-    def log_step(self, step: int, loss: float, lr_scheduler, vectors: torch.Tensor, bar) -> None:
-        self.loss_sum += loss
-        self.count += 1
+    def log_step(self, step: int, loss: float, optimizer, lr_scheduler, vectors: torch.Tensor, bar) -> None:
+        self.epoch_loss += loss
+        self.epoch_steps += 1
+        average = self.epoch_loss / self.epoch_steps
         lr = lr_scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss:.4f}", avg=f"{self.loss_sum / self.count:.4f}", lr=f"{lr:.2e}")
+        logging.getLogger("train_textual_inversion").debug("step %d: loss %.6g, lr %.9g", step, loss, lr)
+        bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average:.4f}", lr=f"{lr:.2e}")
         if self.enabled:
-            logs = {f"{self.prefix}loss/current": loss, f"{self.prefix}loss/average": self.loss_sum / self.count,
-                    f"{self.prefix}lr": lr}  # fmt: skip
+            logs = {"loss": loss, "lr": lr, "loss/average": average}
+            if self.adaptive:
+                group = optimizer.param_groups[0]
+                logs["lr/d*lr"] = group["d"] * group["lr"]
             for i, norm in enumerate(vectors.detach().float().norm(dim=1).tolist()):
-                logs[f"{self.prefix}norm/vector{i}"] = norm
+                logs[f"norm/vector{i}"] = norm
             self.accelerator.log(logs, step=step)
 
     def log_epoch(self, epoch: int) -> None:
-        if self.enabled and self.count:
-            self.accelerator.log({f"{self.prefix}loss/epoch": self.loss_sum / self.count}, step=epoch)
-
-    def finish(self) -> None:
-        if self.enabled:
-            self.accelerator.end_training()
+        """The finished epoch's mean loss; the next epoch's average starts afresh (kohya)."""
+        if self.enabled and self.epoch_steps:
+            self.accelerator.log({"loss/epoch": self.epoch_loss / self.epoch_steps}, step=epoch)
+        self.epoch_loss, self.epoch_steps = 0.0, 0
 
 
 def _read_tracker_config(path: str) -> dict:

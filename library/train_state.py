@@ -12,16 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from library.cadence import SaveCadence
+from library.embeddings import save_embedding
 from library.errors import UserError
+from library.optimizers import optimizer_eval_mode, optimizer_train_mode
 
 logger = logging.getLogger(__name__)
 
@@ -62,24 +66,77 @@ def state_folder_name(output_name: str, *, epoch: int | None = None, step: int |
     return embedding_file_name(output_name, "x", epoch=epoch, step=step)[: -len(".x")] + "-state"
 
 
-def remove_old_saves(
-    output_dir: Path, output_name: str, keep_last: int | None, *, by: str, state: bool
-) -> None:
-    """``--save_last_n_epochs/steps(_state)``: keep only the newest ``keep_last`` per-epoch/step saves."""
-    if not keep_last:
-        return
-    if by == "epoch":
-        pattern = re.compile(rf"^{re.escape(output_name)}-(\d{{6}})(-state|\.\w+)$")
+def remove_save(path: Path) -> None:
+    """Remove an older save (an embedding file or a state folder), if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
     else:
-        pattern = re.compile(rf"^{re.escape(output_name)}-step(\d{{8}})(-state|\.\w+)$")
-    found = []
-    for entry in output_dir.iterdir():
-        match = pattern.match(entry.name)
-        if match and (match.group(2) == "-state") == state:
-            found.append((int(match.group(1)), entry))
-    for _, entry in sorted(found)[:-keep_last]:
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        logger.info("removed old save %s", entry.name)
+        return
+    logger.info("removed old save %s", path.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# saving during and after a run
+
+
+@dataclass
+class RunSaver:
+    """Writes a run's embeddings and states under kohya's names, removing older ones by its rules.
+
+    Only the main process writes; every process waits for a state to be complete before going on.
+    """
+
+    accelerator: Any
+    folder: Path
+    name: str  # --output_name (default: the token string)
+    extension: str  # pt, ckpt or safetensors
+    cadence: SaveCadence
+    with_state: bool  # --save_state
+    vectors: torch.nn.Parameter
+    optimizer: Any
+    lr_scheduler: Any
+    progress: Progress
+    metadata: Callable[[], dict[str, str]]  # the .safetensors metadata, made at each save (its date)
+    dtype: torch.dtype  # --save_precision
+    checkpoint_name: str
+
+    def embedding(self, file_name: str, vectors: torch.Tensor | None = None, step: int | None = None) -> Path:
+        path = self.folder / file_name
+        if self.accelerator.is_main_process:
+            vectors = self.vectors if vectors is None else vectors
+            save_embedding(path, vectors.detach().float().cpu(), self.name,
+                           step=self.progress.global_step if step is None else step,
+                           checkpoint_name=self.checkpoint_name, metadata=self.metadata(), dtype=self.dtype)  # fmt: skip
+            logger.info("saved %s", path)
+        return path
+
+    def state(self, folder_name: str) -> None:
+        if self.accelerator.is_main_process:
+            optimizer_eval_mode(self.optimizer)
+            save_training_state(self.folder / folder_name, self.vectors, self.optimizer, self.lr_scheduler,
+                                self.progress)  # fmt: skip
+            optimizer_train_mode(self.optimizer)
+        self.accelerator.wait_for_everyone()
+
+    def intermediate(self, *, step: int | None = None, epoch: int | None = None) -> None:
+        """A numbered embedding (and state) during the run; an older one goes per --save_last_n_*."""
+        self.embedding(embedding_file_name(self.name, self.extension, step=step, epoch=epoch))
+        if self.with_state:
+            self.state(state_folder_name(self.name, step=step, epoch=epoch))
+        for state in (False, True) if self.with_state else (False,):
+            old = self.cadence.older_save(state=state, step=step, epoch=epoch)
+            if old and self.accelerator.is_main_process:
+                name = state_folder_name(self.name, **old) if state else embedding_file_name(
+                    self.name, self.extension, **old)  # fmt: skip
+                remove_save(self.folder / name)
+
+    def final(self, with_state: bool) -> None:
+        """``name.ext`` and, with ``--save_state``/``--save_state_on_train_end``, ``name-state``."""
+        self.embedding(embedding_file_name(self.name, self.extension))
+        if with_state:
+            self.state(state_folder_name(self.name))
 
 
 # ---------------------------------------------------------------------------------------------

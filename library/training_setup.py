@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,8 @@ def flag_of(args: Any) -> str:
 
 
 def make_accelerator(args: Any, mixed_precision: str) -> Accelerator:
-    """One ``Accelerator``; gradient accumulation is done by the loop, on the vectors only."""
+    """One ``Accelerator``: mixed precision, trackers, and accelerate's gradient accumulation (its
+    ``accumulate`` context decides when an optimizer step is due, an epoch's end included)."""
     handlers = []
     if args.ddp_timeout:
         handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
@@ -101,10 +103,19 @@ def make_accelerator(args: Any, mixed_precision: str) -> Accelerator:
         log_with = ["tensorboard"]
     return Accelerator(
         mixed_precision=mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with,
-        project_dir=args.logging_dir,
+        project_dir=run_logging_dir(args.logging_dir, args.log_prefix),
         kwargs_handlers=handlers,
     )
+
+
+def run_logging_dir(logging_dir: str | None, log_prefix: str | None) -> str | None:
+    """kohya's folder for one run's logs: ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>``, so that
+    every run has its own (TensorBoard would otherwise mix them); trackers add ``textual_inversion/``."""
+    if logging_dir is None:
+        return None
+    return str(Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
 
 
 def _require_wandb(args: Any) -> None:

@@ -229,6 +229,23 @@ def test_a_file_named_like_an_existing_token_is_refused(stem, tmp_path, tiny_sd1
         install_embeddings(model, [str(embeddings_sd1["kohya"]), str(clash)])
 
 
+@pytest.mark.parametrize("ext", [".safetensors", ".pt"])
+def test_a_file_named_like_a_word_names_the_word_it_records_in_one_line(ext, tmp_path, tiny_sd1_safetensors):
+    """kohya's old default name 'last' fires on the word "last": the error says what to rename it to."""
+    path = tmp_path / f"last{ext}"
+    metadata = {"modelspec.title": "mychar4"} if ext == ".safetensors" else None
+    save_embedding(path, torch.ones(2, 32), "mychar4", step=1, checkpoint_name=None, metadata=metadata)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "gen_img_diffusers.py"), "--ckpt", str(tiny_sd1_safetensors), "--outdir",
+         str(tmp_path / "out"), "--prompt", "last", "--textual_inversion_embeddings", str(path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "'last' (from the file name) is already a token" in errors[0]
+    assert f"records the word 'mychar4': rename it to mychar4{ext}" in errors[0]
+
+
 # --- img2img, inpainting, highres fix ---------------------------------------------------------
 
 

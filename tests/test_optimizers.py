@@ -339,9 +339,9 @@ def test_create_optimizer_puts_a_schedule_free_optimizer_in_train_mode():
 TOTAL = 100
 
 
-def curve_for(*argv: str, steps: int = TOTAL, num_processes: int = 1) -> list[float]:
+def curve_for(*argv: str, steps: int = TOTAL) -> list[float]:
     optimizer = sgd()
-    scheduler = create_lr_scheduler(optimizer, parse(*argv), TOTAL // num_processes, num_processes)
+    scheduler = create_lr_scheduler(optimizer, parse(*argv), TOTAL)
     return lr_curve(optimizer, scheduler, steps)
 
 
@@ -410,10 +410,6 @@ def test_custom_scheduler_class_with_args():
         steps=3,
     )
     assert dotted == pytest.approx([LR, LR * 0.9, LR * 0.81])
-
-
-def test_schedule_length_counts_all_processes_like_kohya():
-    assert curve_for("--lr_scheduler", "linear", num_processes=2)[50] == pytest.approx(LR / 2)
 
 
 @pytest.mark.parametrize(

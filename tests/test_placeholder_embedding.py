@@ -57,22 +57,49 @@ def test_one_init_token_is_copied_to_every_vector(tokenizer):
     assert all(torch.equal(v, table[cute]) for v in vectors)
 
 
-def test_short_phrase_is_spread_in_order(tokenizer, caplog):
+def _which_tokens(vectors, table, ids) -> list[int]:
+    """For each vector, the position in ``ids`` of the token row it equals (-1: none)."""
+    return [next((j for j, t in enumerate(ids) if torch.equal(v, table[t])), -1) for v in vectors]
+
+
+def test_phrase_is_cycled_over_the_vectors_by_default_with_kohyas_warning(tokenizer, caplog):
+    """kohya: vector i starts as token i % k ("hello world" over 3 vectors: hello, world, hello)."""
     table = torch.randn(49408, 8)
-    a, b = tokenizer("red dog", add_special_tokens=False).input_ids
+    ids = tokenizer("hello world", add_special_tokens=False).input_ids
     with caplog.at_level(logging.INFO):
-        vectors = init_word_vectors(tokenizer, table, "red dog", 4)
-    assert [torch.equal(v, table[a]) for v in vectors] == [True, True, False, False]
-    assert torch.equal(vectors[3], table[b])
-    assert "vector 0: red" in caplog.text and "vector 3: dog" in caplog.text
+        vectors = init_word_vectors(tokenizer, table, "hello world", 3)
+    assert _which_tokens(vectors, table, ids) == [0, 1, 0]
+    assert "repeated" in caplog.text and "vector 2: hello" in caplog.text
+    long = tokenizer("a big red dog", add_special_tokens=False).input_ids
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        vectors = init_word_vectors(tokenizer, table, "a big red dog", 2)
+    assert _which_tokens(vectors, table, long) == [0, 1] and "truncated" in caplog.text
 
 
-def test_long_phrase_is_averaged_over_the_vectors(tokenizer):
+def test_phrase_of_as_many_tokens_as_vectors_gives_no_warning(tokenizer, caplog):
+    table = torch.randn(49408, 8)
+    with caplog.at_level(logging.WARNING):
+        init_word_vectors(tokenizer, table, "red dog", 2)
+    assert "repeated" not in caplog.text and "truncated" not in caplog.text
+
+
+def test_spread_mode_keeps_the_phrase_in_order(tokenizer):
+    """The WebUI's rule: vector i is token i * k // N."""
+    table = torch.randn(49408, 8)
+    ids = tokenizer("hello world", add_special_tokens=False).input_ids
+    vectors = init_word_vectors(tokenizer, table, "hello world", 3, mode="spread")
+    assert _which_tokens(vectors, table, ids) == [0, 0, 1]
+    long = tokenizer("a big red dog", add_special_tokens=False).input_ids
+    vectors = init_word_vectors(tokenizer, table, "a big red dog", 2, mode="spread")
+    assert _which_tokens(vectors, table, long) == [0, 2]
+
+
+def test_mean_mode_starts_every_vector_from_the_phrase_mean(tokenizer):
     table = torch.randn(49408, 8)
     ids = tokenizer("a big red dog", add_special_tokens=False).input_ids
-    vectors = init_word_vectors(tokenizer, table, "a big red dog", 2)
-    assert torch.allclose(vectors[0], table[ids[:2]].mean(0))
-    assert torch.allclose(vectors[1], table[ids[2:]].mean(0))
+    vectors = init_word_vectors(tokenizer, table, "a big red dog", 3, mode="mean")
+    assert all(torch.allclose(v, table[ids].mean(0)) for v in vectors)
 
 
 def test_random_start_has_the_vocabulary_norm():

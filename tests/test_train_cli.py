@@ -108,9 +108,9 @@ def test_seed_command_cpu_adapted(char_data, tiny_sd1, tmp_path):
         "--color_aug", "--token_string=mychar4", "--init_word=cute", "--num_vectors_per_token=4",
     )  # fmt: skip
     assert "xformers" in result.stderr and "--mixed_precision fp16 needs a GPU" in result.stderr
-    final = out / "last.safetensors"
+    final = out / "mychar4.safetensors"
     assert final.is_file()
-    assert (out / "last-000001.safetensors").is_file()  # 6 batches per epoch: epoch 1 ends at step 6
+    assert (out / "mychar4-000001.safetensors").is_file()  # 6 batches per epoch: epoch 1 ends at step 6
     vectors = load_file(str(final))["emb_params"]
     assert vectors.shape == (4, 32) and vectors.dtype == torch.float32
     emb = load_embedding_file(final)
@@ -147,7 +147,7 @@ def test_weights_continue_from_a_file_and_mismatch_errors(char_data, tiny_sd1, t
         "--max_train_steps=1", "--learning_rate=0", "--token_string=mychar4", f"--weights={start}",
         "--num_vectors_per_token=2", "--save_model_as=safetensors",
     )  # fmt: skip
-    assert torch.equal(load_file(str(out / "last.safetensors"))["emb_params"], torch.full((2, 32), 0.01))
+    assert torch.equal(load_file(str(out / "mychar4.safetensors"))["emb_params"], torch.full((2, 32), 0.01))
 
     wrong = run_train(
         *common(char_data, tmp_path / "o2", tiny_sd1 / "model.safetensors"),
@@ -178,7 +178,7 @@ def test_token_missing_from_captions_stops_before_training(tiny_sd1, tmp_path):
     result = run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
                        "--token_string=mychar4", check=False)  # fmt: skip
     assert "mychar4" in _error_line(result)
-    assert not (tmp_path / "o" / "last.pt").exists()
+    assert not (tmp_path / "o" / "mychar4.pt").exists()
 
 
 def test_token_already_in_vocabulary_is_refused_with_a_suggestion(char_data, tiny_sd1, tmp_path):
@@ -219,7 +219,7 @@ def test_resume_ends_with_the_same_vectors_as_an_uninterrupted_run(char_data, ti
     whole = tmp_path / "whole"
     first = run_train(*common(char_data, whole, tiny_sd1 / "model.safetensors"), *args,
                       "--save_every_n_steps=2", "--save_state")  # fmt: skip
-    state = whole / "last-step00000002-state"
+    state = whole / "mychar4-step00000002-state"
     assert (state / "progress.json").is_file()
     resumed = tmp_path / "resumed"
     # a different --seed on resume is overridden by the state's seed (with a warning), so the run repeats
@@ -238,9 +238,9 @@ def test_resume_ends_with_the_same_vectors_as_an_uninterrupted_run(char_data, ti
     assert [batches[step][0] for step in range(6)] == [0, 0, 0, 1, 1, 1]
     assert epoch0 != epoch1  # each epoch has its own order
 
-    a = load_file(str(whole / "last.safetensors"))["emb_params"]
-    b = load_file(str(resumed / "last.safetensors"))["emb_params"]
-    start = load_file(str(whole / "last-step00000002.safetensors"))["emb_params"]
+    a = load_file(str(whole / "mychar4.safetensors"))["emb_params"]
+    b = load_file(str(resumed / "mychar4.safetensors"))["emb_params"]
+    start = load_file(str(whole / "mychar4-step00000002.safetensors"))["emb_params"]
     assert not torch.allclose(a, start)  # training went on after the state was saved
     assert (a - b).abs().max().item() <= 1e-6
 
@@ -255,9 +255,9 @@ def test_nan_guard_keeps_the_last_good_vectors(char_data, tiny_sd1, tmp_path):
     )  # fmt: skip
     line = _error_line(result)
     assert "the loss became nan" in line and "learning_rate" in line
-    saved = list(out.glob("last-last-good-step*.safetensors"))
+    saved = list(out.glob("mychar4-last-good-step*.safetensors"))
     assert len(saved) == 1 and torch.isfinite(load_file(str(saved[0]))["emb_params"]).all()
-    assert not (out / "last.safetensors").exists()
+    assert not (out / "mychar4.safetensors").exists()
 
 
 def test_sample_images_are_written(char_data, tiny_sd1, tmp_path):
@@ -272,8 +272,8 @@ def test_sample_images_are_written(char_data, tiny_sd1, tmp_path):
     names = sorted(p.name for p in (out / "sample").glob("*.png"))
     assert len(names) == 2
     # kohya's names: --sample_at_first counts as epoch 0, later samples carry the step
-    assert names[0].startswith("last_000002_00_") and names[0].endswith("_5.png")
-    assert names[1].startswith("last_e000000_00_")
+    assert names[0].startswith("mychar4_000002_00_") and names[0].endswith("_5.png")
+    assert names[1].startswith("mychar4_e000000_00_")
 
 
 def test_debug_dataset_shows_new_token_ids_without_training(char_data, tiny_sd1, tmp_path):
@@ -313,8 +313,8 @@ def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):
         env={"ACCELERATE_USE_CPU": "true"},
     )  # fmt: skip
     assert "x2 process(es)" in result.stderr and "3 steps each" in result.stderr  # 6 batches split in two
-    assert (out / "last.safetensors").is_file() and (out / "last-step00000002.safetensors").is_file()
-    assert (out / "last-step00000002-state" / "progress.json").is_file()
+    assert (out / "mychar4.safetensors").is_file() and (out / "mychar4-step00000002.safetensors").is_file()
+    assert (out / "mychar4-step00000002-state" / "progress.json").is_file()
     assert len(list((out / "sample").glob("*.png"))) == 1  # sampled once, by the main process
     sums = re.findall(r"process (\d): final vectors sum (\S+)", result.stderr)
     assert sorted(p for p, _ in sums) == ["0", "1"] and sums[0][1] == sums[1][1]  # lock-step

@@ -115,6 +115,12 @@ class TrainDataset(torch.utils.data.Dataset):
         self._warned: set[str] = set()
         self._length = len(self.batches_for_epoch(0))
 
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """The training resolution (width, height) of the first dataset, for the embedding's metadata;
+        512 x 512 when it trains on precomputed buckets (``--in_json`` with train_resolution)."""
+        return self.parts[0].params.resolution or (512, 512)
+
     # ------------------------------------------------------------------ epoch, step, order
 
     def __len__(self) -> int:

@@ -1,0 +1,162 @@
+"""The files a kohya command line gives: names, rotation, logs and metadata as kohya's trainer writes them.
+
+Each test runs the real trainer CLI on the tiny SD1 model (``test_train_cli.run_train``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from client_rules import CLIENTS, READS_EXTENSION
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_train_cli import ROOT, common, make_images, run_train
+
+from library import IMPLEMENTATION
+from library.models import load_sd_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_images(root / "1_mychar4 toy", 2, caption="a photo of mychar4 toy, number {i}")
+    return root
+
+
+def test_files_are_named_after_the_token_string_without_output_name(data, tiny_sd1, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("mychar4 --w 64 --h 64 --s 1 --d 3\n")
+    out = tmp_path / "o"
+    run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4", "--init_word=toy", "--max_train_steps=4", "--save_every_n_epochs=1",
+        "--save_model_as=safetensors", "--save_state", f"--sample_prompts={prompts}", "--sample_every_n_epochs=1",
+    )  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {
+        "mychar4-000001.safetensors", "mychar4-000001-state", "mychar4.safetensors", "mychar4-state", "sample"
+    }  # fmt: skip
+    samples = sorted(p.name for p in (out / "sample").glob("*.png"))
+    assert samples and all(re.match(r"mychar4_e00000[12]_00_\d{14}_3\.png$", s) for s in samples), samples
+    with safe_open(str(out / "mychar4.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["modelspec.title"] == "mychar4"
+    assert metadata["modelspec.implementation_version"] == IMPLEMENTATION
+
+
+def test_a_phrase_init_word_is_cycled_over_the_vectors_as_kohya_does(data, tiny_sd1, tmp_path):
+    out = tmp_path / "o"
+    result = run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4", "--init_word=hello world", "--num_vectors_per_token=3",
+        "--max_train_steps=1", "--learning_rate=0", "--save_model_as=safetensors",
+    )  # fmt: skip
+    assert "init words are repeated" in result.stderr
+    model = load_sd_model(tiny_sd1 / "model.safetensors")
+    hello, world = model.tokenizer("hello world", add_special_tokens=False).input_ids
+    table = model.text_encoder.get_input_embeddings().weight
+    vectors = load_file(str(out / "mychar4.safetensors"))["emb_params"]
+    assert torch.equal(vectors, table[[hello, world, hello]])
+
+
+def test_save_model_as_ckpt_writes_name_ckpt(data, tiny_sd1, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    result = run_train(*common(data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
+                       "--init_word=toy", "--max_train_steps=1", "--save_model_as=ckpt")  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["mychar4.ckpt"]
+    assert "do not load .ckpt embeddings" in result.stderr  # the WebUI family and SD.Next skip them
+    import client_rules
+
+    monkeypatch.setattr(client_rules, "WEBUI_WIDTHS", (32,))  # the tiny model's width, where clients
+    monkeypatch.setattr(client_rules, "INVOKE_BASES", {32: "tiny"})  # accept only the real ones
+    for client, load in CLIENTS.items():
+        if ".ckpt" in READS_EXTENSION[client]:
+            assert load(out / "mychar4.ckpt", 32).vectors.shape == (1, 32), client
+
+
+def test_step_saves_and_states_rotate_as_kohya(data, tiny_sd1, tmp_path):
+    """--save_last_n_steps counts steps: with one save per step and N=1, the last two saves stay."""
+    out = tmp_path / "o"
+    run_train(*common(data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4", "--init_word=toy",
+              "--output_name=foo", "--max_train_steps=3", "--save_every_n_steps=1", "--save_last_n_steps=1",
+              "--save_state")  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "foo-state", "foo-step00000002-state", "foo-step00000002.pt", "foo-step00000003-state",
+        "foo-step00000003.pt", "foo.pt",
+    ]  # fmt: skip
+
+
+def test_logs_go_to_a_folder_per_run_with_kohyas_tags(data, tiny_sd1, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "logs"
+    for _ in range(2):
+        run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
+                  "--init_word=toy", "--max_train_steps=4", f"--logging_dir={logs}", "--log_prefix=run_")  # fmt: skip
+    runs = sorted(logs.iterdir())
+    assert len(runs) == 2  # one folder per run (a run takes seconds, so the time stamps differ)
+    assert all(re.fullmatch(r"run_\d{14}", run.name) for run in runs)
+    events = sorted((runs[-1] / "textual_inversion").glob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(events[-1]))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss", "lr", "loss/epoch", "loss/average", "norm/vector0"} <= tags
+    assert [e.step for e in accumulator.Scalars("loss/epoch")] == [1, 2]  # 2 batches per epoch, 4 steps
+
+
+def test_metadata_records_the_timestep_range(data, tiny_sd1, tmp_path):
+    out = tmp_path / "o"
+    run_train(*common(data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4", "--init_word=toy",
+              "--max_train_steps=1", "--min_timestep=100", "--save_model_as=safetensors")  # fmt: skip
+    with safe_open(str(out / "mychar4.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.timestep_range"] == "100,1000"
+
+
+def readme_commands() -> list[list[str]]:
+    """The README's example: the training command, then the generation command."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("kohya setups work unchanged:", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [c.strip() for c in block.replace("\\\n", " ").split("\n\n") if c.strip()]
+    return [shlex.split(c) for c in commands]
+
+
+def test_the_readme_example_chain_runs_as_written(tiny_sd1, tmp_path):
+    """The README's two commands, with its paths pointed at a tiny model and folder, fewer steps and a
+    smaller size: the file the trainer writes is the one the generator is told to load, and its
+    word works in the prompt."""
+    train, generate = readme_commands()
+    assert train[:2] == ["accelerate", "launch"] and generate[:2] == ["python", "gen_img_diffusers.py"]
+    work = tmp_path / "work"
+    make_images(tmp_path / "data/db/char1/10_mychar4", 2)  # kohya folder: the class tokens are the caption
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.safetensors").symlink_to(tiny_sd1 / "model.safetensors")
+    work.mkdir()
+    faster = {"--resolution=448,640": "--resolution=64,64", "--max_train_steps=400": "--max_train_steps=2"}
+    train = [faster.get(arg, arg) for arg in train]
+    train = [sys.executable, "-m", "accelerate.commands.launch", *train[2:]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "train_textual_inversion.py")
+    train = [script if arg == "train_textual_inversion.py" else arg for arg in train]
+    result = subprocess.run(train + ["--max_data_loader_n_workers=0"], cwd=work, env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    generate = [
+        sys.executable,
+        str(ROOT / "gen_img_diffusers.py"),
+        *generate[2:],
+        "--W=64",
+        "--H=64",
+        "--steps=2",
+    ]
+    result = subprocess.run(generate, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "word 'mychar4'" in result.stderr and len(list((work / "out").glob("*.png"))) == 1
