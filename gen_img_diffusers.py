@@ -703,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
     validate_args(args)  # before anything heavy is imported: a mistake is reported at once
     setup_logging(args)
+    from library.files import ensure_writable_folder
+
+    ensure_writable_folder(Path(args.outdir), "--outdir")  # before the model loads
     if args.use_original_file_name and args.image_path is None:
         logger.warning(
             "--use_original_file_name only applies to img2img (--image_path); using the usual names"

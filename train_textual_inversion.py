@@ -27,6 +27,7 @@ from library.cadence import RunLength, SaveCadence
 from library.dataset import TokenCaptionRule, build_train_dataset, make_train_dataloader
 from library.embeddings import load_embedding_file, sai_model_spec_metadata
 from library.errors import UserError, run_cli
+from library.files import ensure_writable_folder, remove_interrupted_saves
 from library.host_memory import keep_freed_memory_in_process
 from library.loss import LossSettings, check_loss_arguments
 from library.models import load_sd_model
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     seed = run_seed(args)
     output_dir = Path(args.output_dir or "debug_dataset")
     output_name = args.output_name or args.token_string  # kohya: files are named after the word
+    check_output_folders(args, output_dir, accelerator.is_main_process)
 
     # 1. The new word: token_string, token_string1, ... in the tokenizer.
     model_path = Path(args.pretrained_model_name_or_path)
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         lambda label, v, step: saver.embedding(f"{output_name}-{label}.{saver.extension}", v, step),
     )
     tracker = TrainLogger(accelerator, args, optimizer_name, optimizer_args)
+    saver.warn_if_final_exists()
     start_vectors = new_rows.vectors.detach().clone()
 
     def render_samples(epoch: int | None) -> None:
@@ -166,7 +169,6 @@ def main(argv: list[str] | None = None) -> None:
                       step=progress.global_step, epoch=epoch, weight_dtype=weight_dtype)  # fmt: skip
         optimizer_train_mode(optimizer)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "training %d vectors of dimension %d for %d steps (%d epochs, %d steps each) on %s x%d process(es), %s",
         num_vectors, vectors.shape[1], length.max_train_steps, length.num_epochs, length.steps_per_epoch, device,
@@ -275,6 +277,15 @@ def run_seed(args) -> int:
             )
         return saved
     return args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+
+
+def check_output_folders(args, output_dir: Path, main_process: bool) -> None:
+    """Writable output and log folders before anything loads; leftovers of a killed save removed."""
+    ensure_writable_folder(output_dir, "--output_dir" if args.output_dir else "--debug_dataset")
+    if args.logging_dir:
+        ensure_writable_folder(Path(args.logging_dir), "--logging_dir")
+    if main_process:
+        remove_interrupted_saves(output_dir)
 
 
 def epoch_batches(accelerator, loader, progress: Progress):

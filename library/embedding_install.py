@@ -15,7 +15,7 @@ import torch
 
 from library.embeddings import check_embedding_fits, load_embedding_file
 from library.errors import UserError
-from library.tokens import placeholder_names
+from library.tokens import add_word_tokens, placeholder_names, taken_names
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +44,20 @@ def install_embeddings(
                 word,
             )
         names = placeholder_names(word, embedding.num_vectors)
-        vocab = tokenizer.get_vocab()
-        for name in names:
-            lowered = name.lower()
-            if name in vocab or lowered in vocab or lowered + "</w>" in vocab:
-                raise UserError(f"{path}: the word '{name}' (from the file name) is already a token of the "
-                                f"tokenizer or of another embedding; {_rename_advice(path, embedding)}")  # fmt: skip
-        if tokenizer.add_tokens(names) != len(names):
+        taken = taken_names(tokenizer, names)
+        if taken:
+            raise UserError(f"{path}: the word '{taken[0]}' (from the file name) is already a token of the "
+                            f"tokenizer or of another embedding; {_rename_advice(path, embedding)}")  # fmt: skip
+        token_ids = add_word_tokens(tokenizer, names)
+        if token_ids is None:
             raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
-        loaded.append((tokenizer.convert_tokens_to_ids(names), embedding.vectors))
+        loaded.append((token_ids, embedding.vectors))
         installed[word] = embedding.num_vectors
         logger.info("embedding %s: word '%s', %d vector(s) (%s layout)", path, word, embedding.num_vectors,
                     embedding.layout)  # fmt: skip
+    typical_norm = float(text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
+    for (_, vectors), path in zip(loaded, paths):
+        _warn_if_oversized(path, vectors, typical_norm)
     text_encoder.resize_token_embeddings(len(tokenizer))
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
@@ -70,3 +72,16 @@ def _rename_advice(path, embedding) -> str:
     if stored and stored != Path(path).stem:
         return f"the file records the word '{stored}': rename it to {stored}{Path(path).suffix}"
     return "rename the file to a word that is not in the vocabulary"
+
+
+OVERSIZED_NORM_RATIO = 100  # vectors this many times the vocabulary's norm drown (or overflow) a prompt
+
+
+def _warn_if_oversized(path, vectors: torch.Tensor, typical_norm: float) -> None:
+    largest = float(vectors.float().norm(dim=1).max())
+    if largest > OVERSIZED_NORM_RATIO * typical_norm:
+        logger.warning(
+            "%s: a vector's norm is %.3g, %.0f times the vocabulary's typical %.3g; the word will drown the rest "
+            "of the prompt or overflow to black images (a diverged training run?)",
+            path, largest, largest / typical_norm, typical_norm,
+        )  # fmt: skip

@@ -31,14 +31,13 @@ import mimetypes
 import os
 import pickle
 import re
-import secrets
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -48,6 +47,7 @@ from PIL import Image
 
 from library import IMPLEMENTATION
 from library.errors import UserError
+from library.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _read_pickle(path: Path) -> Any:
             ) from exc
         raise UserError(
             f"{path}: cannot read this file as a PyTorch embedding; it is damaged, not a .pt/.bin file, "
-            f"or uses pickle features the safe loader refuses ({_refusal_detail(str(exc))})"
+            f"or uses pickle features the safe loader refuses ({refusal_detail(str(exc))})"
         ) from exc
     except Exception as exc:  # damaged zips, truncated pickles: torch raises many types
         raise UserError(
@@ -179,7 +179,7 @@ def _read_pickle(path: Path) -> Any:
         ) from exc
 
 
-def _refusal_detail(message: str) -> str:
+def refusal_detail(message: str) -> str:
     """The informative line of torch's weights-only refusal, e.g. ``Unsupported operand 149``."""
     for line in message.splitlines():
         if "nsupported" in line:
@@ -449,7 +449,7 @@ def save_embedding(
     if ext == ".safetensors":
         header = _validated_metadata(metadata)
         payload = safetensors.torch.save({"emb_params": tensor}, metadata=header)
-        _write_atomically(path, lambda f: f.write(payload))
+        write_atomically(path, lambda f: f.write(payload))
     else:
         state = {
             "string_to_token": {"*": WEBUI_STAR_TOKEN_ID},
@@ -459,7 +459,7 @@ def save_embedding(
             "sd_checkpoint": None,
             "sd_checkpoint_name": checkpoint_name,
         }
-        _write_atomically(path, lambda f: torch.save(state, f, _use_new_zipfile_serialization=False))
+        write_atomically(path, lambda f: torch.save(state, f, _use_new_zipfile_serialization=False))
 
 
 def _plain_vectors(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -480,31 +480,6 @@ def _validated_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | 
     if bad:
         raise ValueError(f"safetensors metadata must map str to str; bad entries: {bad}")
     return dict(metadata)
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` it into place.
-
-    Readers see either the old file or the complete new one. On any failure the temporary file
-    is removed and the old file is left untouched. The temporary file is created with the
-    usual permissions (``0o666`` minus the umask), unlike ``tempfile``'s private ``0o600``.
-    """
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException as exc:
-        temp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

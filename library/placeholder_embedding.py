@@ -17,37 +17,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
-from library.tokens import placeholder_names
+from library.tokens import add_word_tokens, placeholder_names, taken_names
 
 logger = logging.getLogger(__name__)
 
 
 def add_placeholder_tokens(tokenizer, token_string: str, num_vectors: int) -> list[int]:
-    """Add ``token_string``, ``token_string1`` ... to the tokenizer; refuse names it already knows."""
+    """Add ``token_string``, ``token_string1`` ... as whole words; refuse names the tokenizer knows."""
     if num_vectors < 1 or num_vectors > 75:
         raise UserError("--num_vectors_per_token must be between 1 and 75 (a prompt window holds 75 tokens)")
     names = placeholder_names(token_string, num_vectors)
-    vocab = tokenizer.get_vocab()
-    taken = [n for n in names if n in vocab or f"{n}</w>" in vocab]
+    taken = taken_names(tokenizer, names)
     if taken:
         raise UserError(
             f"--token_string {token_string}: the token {taken[0]!r} already exists in the tokenizer; "
             f"choose a new word, e.g. --token_string {suggest_free_token(tokenizer, token_string, num_vectors)}"
         )
-    added = tokenizer.add_tokens(names)
-    if added != num_vectors:  # a name the tokenizer normalised onto an existing one
+    ids = add_word_tokens(tokenizer, names)
+    if ids is None:  # a name the tokenizer normalised onto an existing one
         raise UserError(
             f"--token_string {token_string}: could not add all {num_vectors} tokens; choose another word"
         )
-    return tokenizer.convert_tokens_to_ids(names)
+    return ids
 
 
 def suggest_free_token(tokenizer, token_string: str, num_vectors: int) -> str:
     """A nearby word whose placeholder names are all free (``xyz`` → ``xyzx``, ``xyz_ti`` ...)."""
-    vocab = tokenizer.get_vocab()
     for candidate in (f"{token_string}x", f"{token_string}_ti", f"{token_string}zq", f"zq{token_string}"):
-        names = placeholder_names(candidate, num_vectors)
-        if not any(n in vocab or f"{n}</w>" in vocab for n in names):
+        if not taken_names(tokenizer, placeholder_names(candidate, num_vectors)):
             return candidate
     return f"{token_string}_emb"
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.cadence import SaveCadence
-from library.embeddings import save_embedding
+from library.embeddings import refusal_detail, save_embedding
 from library.errors import UserError
 from library.optimizers import optimizer_eval_mode, optimizer_train_mode
 
@@ -132,9 +135,27 @@ class RunSaver:
                     self.name, self.extension, **old)  # fmt: skip
                 remove_save(self.folder / name)
 
+    @property
+    def final_path(self) -> Path:
+        return self.folder / embedding_file_name(self.name, self.extension)
+
+    def warn_if_final_exists(self) -> None:
+        """A second run into the same folder: say so at the start, not after the old file is gone."""
+        if self.accelerator.is_main_process and self.final_path.exists():
+            logger.warning(
+                "%s exists from an earlier run; this run's result replaces it, and the old file is kept as %s.bak",
+                self.final_path, self.final_path.name,
+            )  # fmt: skip
+
     def final(self, with_state: bool) -> None:
-        """``name.ext`` and, with ``--save_state``/``--save_state_on_train_end``, ``name-state``."""
-        self.embedding(embedding_file_name(self.name, self.extension))
+        """``name.ext`` and, with ``--save_state``/``--save_state_on_train_end``, ``name-state``.
+
+        An earlier run's ``name.ext`` is kept as ``name.ext.bak`` (an extension no client loads), so
+        re-running a command never destroys a good embedding; kohya replaces it silently.
+        """
+        if self.accelerator.is_main_process and self.final_path.exists():
+            os.replace(self.final_path, self.final_path.with_name(self.final_path.name + ".bak"))
+        self.embedding(self.final_path.name)
         if with_state:
             self.state(state_folder_name(self.name))
 
@@ -148,7 +169,9 @@ def save_training_state(
 ) -> None:
     """Write a state folder atomically (a temporary folder renamed into place)."""
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
+    )  # files.remove_interrupted_saves
     try:
         save_file({"vectors": vectors.detach().float().cpu().contiguous()}, str(tmp / "vectors.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -163,13 +186,54 @@ def save_training_state(
     logger.info("saved training state to %s", folder)
 
 
+def _damaged(folder: Path, name: str, problem: str) -> UserError:
+    return UserError(
+        f"--resume {folder}: {folder / name} {problem}; resume from another state folder (or an "
+        "earlier save), or start again without --resume"
+    )
+
+
+def _read_state_file(folder: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """Read one file of a state folder; a missing, cut or foreign file ends in one line naming it."""
+    path = folder / name
+    if not path.is_file():
+        raise _damaged(folder, name, "is missing")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return read(path)
+    except pickle.UnpicklingError as exc:
+        code = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if code:
+            raise _damaged(
+                folder, name, f"contains pickled code ({code.group(1)}) and was not loaded"
+            ) from None
+        raise _damaged(folder, name, f"was refused by the safe loader ({refusal_detail(str(exc))}): it is "
+                       "damaged or was not written by this trainer") from None  # fmt: skip
+    except Exception as exc:  # cut files: EOFError, SafetensorError, JSONDecodeError, zip and torch errors
+        raise _damaged(folder, name, f"is damaged ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _load_weights(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
 def _read_progress(folder: Path) -> dict:
-    progress_file = folder / "progress.json"
-    if not progress_file.is_file():
+    if not (folder / "progress.json").is_file():
         raise UserError(f"--resume {folder}: not a state folder of this trainer (no progress.json)")
-    info = json.loads(progress_file.read_text())
+    info = _read_state_file(folder, "progress.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(info, dict):
+        raise _damaged(folder, "progress.json", "is not a progress record")
     if info.get("format") != STATE_FORMAT:
         raise UserError(f"--resume {folder}: state format {info.get('format')} is not {STATE_FORMAT}")
+    fields = {"seed", "global_step", "epoch", "batches_done_in_epoch"}
+    if set(info) - {"format"} != fields or not all(isinstance(info[f], int) for f in fields):
+        raise _damaged(folder, "progress.json", f"does not hold the counters {sorted(fields)}")
     return info
 
 
@@ -182,22 +246,23 @@ def load_training_state(folder: Path, vectors: torch.nn.Parameter, optimizer, lr
     """Restore a state folder written by ``save_training_state`` into the live objects."""
     folder = Path(folder)
     info = _read_progress(folder)
-    saved = load_file(str(folder / "vectors.safetensors"))["vectors"]
+    saved = _read_state_file(folder, "vectors.safetensors", lambda p: load_file(str(p))["vectors"])
     if saved.shape != vectors.shape:
         raise UserError(
             f"--resume {folder}: the state has {saved.shape[0]} vectors of dimension {saved.shape[1]}, this run "
             f"{vectors.shape[0]} of dimension {vectors.shape[1]}; use the same --num_vectors_per_token and model"
         )
+    optimizer_state = _read_state_file(folder, "optimizer.pt", _load_weights)
+    scheduler_state = _read_state_file(folder, "lr_scheduler.pt", _load_weights)
     with torch.no_grad():
         vectors.copy_(saved)
     try:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-        lr_scheduler.load_state_dict(
-            torch.load(folder / "lr_scheduler.pt", map_location="cpu", weights_only=True)
-        )
-    except (ValueError, KeyError, RuntimeError) as exc:
+        optimizer.load_state_dict(optimizer_state)
+        lr_scheduler.load_state_dict(scheduler_state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise UserError(
-            f"--resume {folder}: the optimizer state does not fit this run's optimizer ({exc})"
-        ) from exc
+            f"--resume {folder}: the optimizer state does not fit this run's optimizer ({_first_line(exc)}); "
+            "use the same --optimizer_type and --lr_scheduler as the run that saved it"
+        ) from None
     info.pop("format")
     return Progress(**info)

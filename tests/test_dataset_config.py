@@ -241,3 +241,28 @@ batch_size = 2
     assert len(dataset) == 6  # 6 train + 6 balanced reg items in batches of 2
     weights = {w for i in range(len(dataset)) for w in dataset[i]["loss_weights"].tolist()}
     assert weights == {1.0, 0.5}
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            "num_repeats = -3",
+            "'num_repeats' in [[datasets.subsets]] #1 of [[datasets]] #1: must be 1 or more",
+        ),
+        (
+            "caption_dropout_rate = 1.5",
+            "'caption_dropout_rate' in [[datasets.subsets]] #1 of [[datasets]] #1: must be a rate",
+        ),
+        (
+            "keep_tokens = -1",
+            "'keep_tokens' in [[datasets.subsets]] #1 of [[datasets]] #1: must be 0 or more",
+        ),
+    ],
+)
+def test_impossible_counts_name_the_key(tmp_path, line, message):
+    config = tmp_path / "d.toml"
+    config.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "x"\n{line}\n')
+    with pytest.raises(UserError) as info:
+        load_user_config(config)
+    assert message in str(info.value)

@@ -161,3 +161,18 @@ def test_images_are_in_minus_one_to_one(tmp_path):
     image = _build("--train_data_dir", str(tmp_path / "train"), "--resolution", "64")[0]["images"]
     assert image.dtype == torch.float32 and image.shape == (1, 3, 64, 64)
     assert image.min() == -1.0 and image.max() == 1.0
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped_to_white(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    pixels = load_image(tmp_path / "grey16.png", keep_alpha=False)
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(float(pixels.mean()) - 127.5) < 1
+
+
+def test_float_images_are_refused_by_name(tmp_path):
+    Image.fromarray(np.ones((8, 8), dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(UserError, match="float.tiff: 32-bit float pixels"):
+        load_image(tmp_path / "float.tiff", keep_alpha=False)

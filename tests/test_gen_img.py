@@ -431,3 +431,21 @@ def test_every_kohya_option_exists_with_kohyas_type_default_and_choices():
         assert action.default == default, row
         if row["choices"]:
             assert action.choices == eval(row["choices"]), row  # noqa: S307 - a list literal from our table
+
+
+def test_an_embedding_word_does_not_fire_inside_other_words(tiny_sd1_safetensors, embeddings_sd1):
+    model = load_sd_model(tiny_sd1_safetensors)
+    install_embeddings(model, [str(embeddings_sd1["kohya"])])
+    new_ids = set(range(49408, len(model.tokenizer)))
+    assert not new_ids & set(model.tokenizer("superkohyaword kohyawordx").input_ids)
+    assert 49408 in model.tokenizer("a (kohyaword:1.2), b").input_ids  # the first of its two tokens
+
+
+def test_oversized_vectors_are_reported(tmp_path, tiny_sd1_safetensors, caplog):
+    """A diverged run's 1e30 vectors are finite, so they load; the generator warns instead of drawing black."""
+    path = tmp_path / "hugevecs.safetensors"
+    save_embedding(path, torch.full((1, 32), 1e30), "hugevecs", step=1, checkpoint_name=None, metadata=None)
+    model = load_sd_model(tiny_sd1_safetensors)
+    with caplog.at_level("WARNING"):
+        install_embeddings(model, [str(path)])
+    assert "times the vocabulary's typical" in caplog.text

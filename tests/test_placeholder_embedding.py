@@ -153,3 +153,24 @@ def test_half_precision_encoder_keeps_fp32_vectors():
     out = encoder(torch.tensor([[49406, 49408, 49407]]))[0]
     out.float().sum().backward()
     assert spliced.vectors.grad is not None and spliced.vectors.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "text, count",
+    [
+        ("mychar4x and mychar4, 1girl", 1),  # a suffix glued on: not the word
+        ("supermychar4 girl", 0),  # a prefix
+        ("my_mychar4 girl", 0),  # an underscore is part of a word
+        ("(mychar4:1.2), mychar4's hat, mychar4.", 3),  # punctuation around it: the word
+        ("MyChar4 at night", 1),  # the tokenizer lower-cases, so does the rule
+    ],
+)
+def test_the_token_string_is_matched_only_as_a_whole_word(tokenizer, text, count):
+    ids = add_placeholder_tokens(tokenizer, "mychar4", 1)
+    assert tokenizer(text, add_special_tokens=False).input_ids.count(ids[0]) == count
+
+
+def test_a_token_string_that_is_a_word_in_other_case_is_refused(tokenizer):
+    """The generator compares lower-cased, so the trainer must too (or its file would be refused there)."""
+    with pytest.raises(UserError, match="'Dog' already exists"):
+        add_placeholder_tokens(tokenizer, "Dog", 1)

@@ -72,6 +72,27 @@ class _SubsetOptions(_Strict):
     resize_interpolation: str | None = None
     custom_attributes: dict | None = None
 
+    @field_validator("num_repeats")
+    @classmethod
+    def _at_least_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be 1 or more (how many times each image is used per epoch)")
+        return value
+
+    @field_validator("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min")
+    @classmethod
+    def _not_negative(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator("caption_dropout_rate", "caption_tag_dropout_rate")
+    @classmethod
+    def _a_rate(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError("must be a rate between 0 and 1")
+        return value
+
     @field_validator("face_crop_aug_range")
     @classmethod
     def _two_numbers(cls, value: list[float] | None) -> list[float] | None:
@@ -101,6 +122,13 @@ class _DatasetOptions(_SubsetOptions):
     network_multiplier: float | None = None
     validation_split: float | None = None
     validation_seed: int | None = None
+
+    @field_validator("batch_size")
+    @classmethod
+    def _a_batch(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be 1 or more")
+        return value
 
     @field_validator("resolution", "skip_image_resolution")
     @classmethod
@@ -210,7 +238,7 @@ def _describe_error(err: dict) -> str:
         return f"unknown key '{key}' in {where}{_hint(key, where)}"
     if kind == "missing":
         return f"key '{key}' is required in {where}"
-    return f"'{key}' in {where}: {err['msg']} (got {err.get('input')!r})"
+    return f"'{key}' in {where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def _location(loc: list) -> tuple[str, str]:

@@ -46,7 +46,7 @@ from library.dataset.config import DatasetParams, datasets_from_args
 from library.dataset.images import load_image, load_mask_image, resize_array
 from library.dataset.sources import ImageRecord, load_dataset_records
 from library.errors import UserError
-from library.text_encoding import tokenize_prompts
+from library.text_encoding import CHUNK_TOKENS, num_chunks, tokenize_prompts
 from library.tokens import contains_word
 
 logger = logging.getLogger(__name__)
@@ -361,6 +361,36 @@ class TrainDataset(torch.utils.data.Dataset):
                 rule.token_string,
                 lacking[0].path,
             )
+        self._warn_about_cut_captions([r for r in train if r not in lacking])
+
+    def _warn_about_cut_captions(self, records: list[ImageRecord]) -> None:
+        """Captions longer than the prompt window lose their end (as in kohya, silently there); when
+        the word's vectors themselves fall past it, the image teaches nothing."""
+        limit = CHUNK_TOKENS * num_chunks(self.max_token_length)
+        rule = self.caption_rule
+        word_ids = set(self.tokenizer.convert_tokens_to_ids(rule.expanded.split()))
+        too_long, word_cut = [], []
+        for record in {r.caption: r for r in records}.values():  # each distinct caption once
+            text = rule.apply(self._text_for_token_check(record), np.random.default_rng(0))
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            if len(ids) > limit:
+                too_long.append((record, len(ids)))
+                if not word_ids <= set(ids[:limit]):
+                    word_cut.append(record)
+        if word_cut:
+            logger.warning(
+                "%d caption(s) put the word '%s' (%d tokens) past the %d-token window, where it is cut off and "
+                "learns nothing, e.g. %s: move the word to the front, shorten the caption, or use fewer "
+                "--num_vectors_per_token",
+                len(word_cut), rule.token_string, rule.num_vectors, limit, word_cut[0].path,
+            )  # fmt: skip
+        elif too_long:
+            record, count = too_long[0]
+            logger.warning(
+                "%d caption(s) are longer than the %d-token window (with the word's %d tokens) and lose their "
+                "end, e.g. %s: %d tokens; --max_token_length 150 or 225 gives longer windows",
+                len(too_long), limit, rule.num_vectors, record.path, count,
+            )  # fmt: skip
 
     @staticmethod
     def _text_for_token_check(record: ImageRecord) -> str:
@@ -648,6 +678,21 @@ def _assign_buckets(part: DatasetPart, records: list[ImageRecord]) -> None:
                 f"({params.bucket_reso_steps}px) and bucket_no_upscale forbids enlarging it; remove the image"
             ) from None
         record.bucket, record.resized = choice.bucket, choice.resized
+    _warn_about_enlarged_images(records)
+
+
+MAX_QUIET_UPSCALE = 4  # an image enlarged more than this carries little of what it is trained to show
+
+
+def _warn_about_enlarged_images(records) -> None:
+    enlarged = [r for r in records if r.resized[0] > MAX_QUIET_UPSCALE * r.size[0]]
+    if enlarged:
+        first = max(enlarged, key=lambda r: r.resized[0] / r.size[0])
+        logger.warning(
+            "%d image(s) are enlarged more than %dx to reach the training resolution, e.g. %s: %dx%d to %dx%d; "
+            "they add blur, not detail: use larger pictures or a lower --resolution",
+            len(enlarged), MAX_QUIET_UPSCALE, first.path, *first.size, *first.resized,
+        )  # fmt: skip
 
 
 def _with_bucketing(params: DatasetParams) -> DatasetParams:

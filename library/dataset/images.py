@@ -109,6 +109,27 @@ def _has_alpha(image: Image.Image) -> bool:
     )
 
 
+HIGH_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _as_8_bit(image: Image.Image, path: Path) -> Image.Image:
+    """16-bit (and 32-bit integer) grey images scaled to 8 bits; Pillow's own conversion clips them.
+
+    ``convert("RGB")`` of a 16-bit PNG keeps values above 255 as 255, which turns almost every
+    picture white. Pillow opens 16-bit greys as ``I;16`` or ``I``; both are scaled from the 16-bit
+    range (a 32-bit ``I`` image whose values exceed it is scaled from its own maximum). Float images
+    (``F``) have no agreed range and are refused by name.
+    """
+    if image.mode == "F":
+        raise UserError(f"cannot read image {path}: 32-bit float pixels (mode F) have no agreed range; "
+                        "save it as an 8- or 16-bit PNG")  # fmt: skip
+    if image.mode not in HIGH_BIT_GREY_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = max(65535.0, float(values.max()))
+    return Image.fromarray(np.clip(np.round(values / top * 255), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_image(path: Path, keep_alpha: bool) -> np.ndarray:
     """Pixels as uint8 HxWx3, or HxWx4 with ``keep_alpha`` (alpha 255 when the file has none).
 
@@ -125,6 +146,7 @@ def load_image(path: Path, keep_alpha: bool) -> np.ndarray:
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"cannot read image {path}: {exc}; replace or remove it") from None
+    image = _as_8_bit(image, path)
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         if keep_alpha:

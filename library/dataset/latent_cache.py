@@ -17,8 +17,6 @@ path, so a cache is the same whatever ``vae_batch_size`` or process split produc
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from tqdm import tqdm
 
 from library.dataset.buckets import kohya_crop_ltrb
 from library.errors import UserError
+from library.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +121,7 @@ def save_cache(
         arrays["latents_flipped"] = latents_flipped.float().cpu().numpy()
     if alpha_mask is not None:
         arrays["alpha_mask"] = alpha_mask.float().cpu().numpy()
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda stream: np.savez(stream, **arrays))
 
 
 def load_cache(path: Path) -> CachedLatents:

@@ -1,0 +1,94 @@
+"""Writing files safely: one atomic write, output folders checked before work starts, and the
+leftovers of an interrupted save cleaned up.
+
+Every file the trainer and the generator write (embeddings, latent caches, images, state files)
+goes through ``write_atomically``: to a hidden temporary name next to the target, then renamed
+over it, so a reader sees the old file or the whole new one, never half a file, and a failed
+write leaves the old file as it was. A process killed during a save leaves the hidden temporary
+behind; ``remove_interrupted_saves`` clears those at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# ".<name>.<8 hex>.tmp" files from write_atomically, ".<name>-state-<random>" folders of state saves
+_TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+_TEMPORARY_FOLDER = re.compile(r"^\..+-state-[a-z0-9_]{8}$")
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary file in the same folder, then ``os.replace`` it into place.
+
+    The temporary file gets the usual permissions (``0o666`` minus the umask), unlike
+    ``tempfile``'s private ``0o600``. Any failure removes it and leaves the old file untouched;
+    an ``OSError`` (missing folder, full disk, no permission) becomes a one-line ``UserError``.
+    """
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
+def ensure_writable_folder(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and prove it writable with a probe file, before any model loads,
+    so that a wrong path costs seconds rather than a finished run."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder}: this is a file, not a folder; give a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc}); "
+                        "choose a folder you can write to") from None  # fmt: skip
+    probe = folder / f".write-probe-{os.getpid()}-{secrets.token_hex(2)}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{flag} {folder}: cannot write into this folder ({exc.strerror or exc}); "
+                        "choose a folder you can write to") from None  # fmt: skip
+
+
+def remove_interrupted_saves(folder: Path) -> None:
+    """Delete the hidden temporaries a killed process left in ``folder`` (never finished files)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    removed = []
+    for entry in folder.iterdir():
+        if entry.is_file() and _TEMPORARY_FILE.match(entry.name):
+            entry.unlink(missing_ok=True)
+        elif entry.is_dir() and _TEMPORARY_FOLDER.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            continue
+        removed.append(entry.name)
+    if removed:
+        logger.info(
+            "removed %d unfinished file(s) of an interrupted save: %s", len(removed), ", ".join(removed)
+        )
