@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     length = RunLength.plan(
         len(dataset), accelerator.num_processes, k, args.max_train_steps, args.max_train_epochs
     )
-    dataset.set_max_train_steps(length.max_train_steps, k * accelerator.num_processes)
+    dataset.set_run_length(length.max_train_steps, length.steps_per_epoch, k, accelerator.num_processes)
 
     # 3. The model, frozen, with the new vectors spliced into its token lookup.
     model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,

@@ -2,7 +2,7 @@
 
 Embeddings travel between four clients (AUTOMATIC1111 WebUI, ComfyUI, diffusers, kohya's
 scripts), and each one reads a slightly different set of layouts (see
-``/work/shared/reference/embedding-formats.md`` and ``docs/embeddings.md``):
+``docs/embeddings.md``, and ``tests/client_rules.py`` for seven clients' loading rules):
 
 * kohya ``{"emb_params": [n, dim]}`` (``.safetensors`` or ``.pt``)
 * WebUI ``.pt``/``.bin``: ``{"string_to_param": {"*": [n, dim]}, "name": ..., ...}``

@@ -15,11 +15,19 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from library.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (requirements.txt)
+    import tomli as tomllib
+
+__all__ = ["ensure_writable_folder", "remove_interrupted_saves", "tomllib", "write_atomically"]
 
 logger = logging.getLogger(__name__)
 

@@ -490,8 +490,9 @@ class ImageGenerator:
         if fix.latents_upscaling:
             if fix.keep_first:
                 kept = self.decode_latents(first)
+            factor = self.txt2img.vae_scale_factor  # 8 for SD's VAE
             upscaled = torch.nn.functional.interpolate(
-                first.float(), (height // 8, width // 8), mode="bilinear"
+                first.float(), (height // factor, width // factor), mode="bilinear"
             ).to(first.dtype)
         else:
             kept = list(first) if fix.keep_first else []

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 from library.dataset import add_dataset_arguments
 from library.errors import UserError
+from library.files import tomllib
 from library.loss import add_loss_arguments
 from library.noise import add_noise_arguments
 from library.optimizers import add_optimizer_arguments
 from library.sampler_names import SAMPLER_NAMES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 

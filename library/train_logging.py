@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
+from library.files import tomllib
 
 
 def setup_console_logging(level: int, log_file: str | None = None, simple: bool = False) -> None:
@@ -90,6 +91,4 @@ def _read_tracker_config(path: str) -> dict:
         raise UserError(f"--log_tracker_config {path}: cannot read ({exc})") from exc
     if path.endswith(".json"):
         return json.loads(text)
-    import tomllib
-
     return tomllib.loads(text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,8 @@ from typing import Any
 import torch
 
 from library.errors import UserError
+from library.files import tomllib
 from library.prompt_parsing import PromptSpec, parse_prompt_options
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from library.dataset.args import parse_face_crop_range, parse_resolution
 from library.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-TSV = ROOT.parent / "shared" / "reference" / "kohya-ti-options.tsv"
+TSV = Path(__file__).resolve().parent / "data" / "kohya-ti-options.tsv"
 AREAS = {"dataset", "captions", "augmentation", "buckets", "latent cache", "masks"}
 TYPES = {"str": str, "int": int, "float": float, "Path": Path}
 
@@ -31,7 +31,6 @@ def _reference_rows() -> list[dict[str, str]]:
     return [row for row in rows if row["area"] in AREAS]
 
 
-@pytest.mark.skipif(not TSV.is_file(), reason="shared/reference is not beside the repo")
 def test_every_reference_option_has_kohyas_type_default_and_choices():
     actions = {a.option_strings[0]: a for a in _parser()._actions if a.option_strings}
     rows = _reference_rows()

@@ -148,15 +148,16 @@ def test_token_warmup_follows_the_batch_position(tmp_path):
         "--token_warmup_min", "1", "--token_warmup_step", "4",
     )  # fmt: skip
     assert len(dataset) == 1
-    dataset.set_max_train_steps(8, batches_per_step=1)
+    dataset.set_run_length(8, steps_per_epoch=1)
     captions = []
     for epoch in range(5):
         dataset.set_epoch(epoch)
         captions.append(dataset[0]["captions"][0])
     assert captions == ["a", "a, b", "a, b, c", "a, b, c, d", "a, b, c, d, e"]
-    dataset.set_max_train_steps(8, batches_per_step=2)  # gradient accumulation 2: half as fast
+    # 1 batch per epoch with gradient accumulation 2: the epoch's partial group is its step, one per epoch
+    dataset.set_run_length(8, steps_per_epoch=1, accumulation=2)
     dataset.set_epoch(2)
-    assert dataset[0]["captions"][0] == "a, b"
+    assert dataset[0]["captions"][0] == "a, b, c"
 
 
 def test_collate_batch_passes_the_dataset_batch_through():
@@ -193,4 +194,4 @@ def test_fractional_warmup_without_max_train_steps_warns(tmp_path, caplog):
     )
     with caplog.at_level("WARNING"):
         assert dataset[0]["captions"] == ["a, b, c"]
-    assert "set_max_train_steps" in caplog.text
+    assert "set_run_length" in caplog.text

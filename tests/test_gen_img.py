@@ -30,7 +30,7 @@ from library.errors import UserError, run_cli
 from library.models import load_sd_model
 
 ROOT = Path(__file__).resolve().parent.parent
-OPTIONS_TABLE = ROOT.parent / "shared" / "reference" / "kohya-gen-img-options.tsv"
+OPTIONS_TABLE = Path(__file__).resolve().parent / "data" / "kohya-gen-img-options.tsv"
 FAST = ["--W", "64", "--H", "64", "--steps", "2"]
 DEFAULT_NAME = re.compile(r"im_\d{14}_(\d)?(\d{3})_(\d+)\.png")
 
@@ -412,7 +412,6 @@ def test_source_image_without_a_prompt_needs_one(tmp_path, run_main):
         run_main("--ckpt", "m", "--image_path", tmp_path / "plain.png")
 
 
-@pytest.mark.skipif(not OPTIONS_TABLE.is_file(), reason="shared/reference is not beside this checkout")
 def test_every_kohya_option_exists_with_kohyas_type_default_and_choices():
     parser = gen_img.setup_parser()
     with OPTIONS_TABLE.open() as f:

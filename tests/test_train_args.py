@@ -11,14 +11,13 @@ import pytest
 from library.errors import UserError
 from library.train_args import build_parser, parse_args, refuse_unsupported
 
-OPTIONS_TABLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kohya-ti-options.tsv"
+OPTIONS_TABLE = Path(__file__).resolve().parent / "data" / "kohya-ti-options.tsv"
 
 
 def _actions():
     return {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings}
 
 
-@pytest.mark.skipif(not OPTIONS_TABLE.is_file(), reason="shared/reference is not beside this checkout")
 def test_every_kohya_option_exists_with_kohyas_default_and_choices():
     actions = _actions()
     with OPTIONS_TABLE.open() as f:

@@ -25,11 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from library.dataset.args import RESIZE_INTERPOLATIONS, parse_face_crop_range, parse_resolution
 from library.errors import UserError
-
-try:  # Python 3.11+
-    import tomllib
-except ImportError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from library.files import tomllib
 
 logger = logging.getLogger(__name__)
 

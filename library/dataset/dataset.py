@@ -10,10 +10,10 @@ so DataLoader workers — persistent ones included — read the value the traine
 ``set_epoch`` before iterating the DataLoader for that epoch.
 
 Token warm-up also needs a step. A step read from shared memory would depend on how far the
-workers have prefetched, so the warm-up step is derived from the batch position instead:
-``(epoch * len(ds) + index) // batches_per_step``, with ``batches_per_step`` (gradient
-accumulation x processes) given to ``set_max_train_steps``. ``set_current_step`` is kept for
-kohya's interface and for debug output; it does not change which items are produced.
+workers have prefetched, so the warm-up step is derived from the batch position instead: the
+trainer gives the run's shape (``set_run_length``: steps per epoch, gradient accumulation,
+processes), and batch ``i`` of epoch ``e`` belongs to step ``e * steps_per_epoch + (i // processes)
+// accumulation``, the optimizer step that uses it (an epoch's last, partial group included).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from library.tokens import contains_word
 logger = logging.getLogger(__name__)
 
 # indices into the shared state tensor
-_EPOCH, _STEP, _MAX_STEPS, _BATCHES_PER_STEP = range(4)
+_EPOCH, _MAX_STEPS, _STEPS_PER_EPOCH, _ACCUMULATION, _PROCESSES = range(5)
 
 
 @dataclass
@@ -107,8 +107,9 @@ class TrainDataset(torch.utils.data.Dataset):
         self.num_reg_images = balanced if num_reg_images is None else num_reg_images
         self.latents_cached = False
         self.skip_cache_check = False
-        self._state = torch.zeros(4, dtype=torch.int64)
-        self._state[_BATCHES_PER_STEP] = 1
+        self.latent_stride = latent_cache.SD_LATENT_STRIDE  # set from the VAE when latents are cached
+        self._state = torch.zeros(5, dtype=torch.int64)
+        self._state[_ACCUMULATION] = self._state[_PROCESSES] = 1
         self._state.share_memory_()
         self._plan: tuple[int, list[PlannedBatch]] | None = None
         self._caption_settings: dict = {}
@@ -134,21 +135,21 @@ class TrainDataset(torch.utils.data.Dataset):
     def epoch(self) -> int:
         return int(self._state[_EPOCH])
 
-    def set_current_step(self, step: int) -> None:
-        """kohya's interface; recorded only (the warm-up step comes from the batch position)."""
-        self._state[_STEP] = int(step)
-
-    @property
-    def current_step(self) -> int:
-        return int(self._state[_STEP])
-
-    def set_max_train_steps(self, max_train_steps: int, batches_per_step: int = 1) -> None:
-        """Needed by token warm-up: the run length, and DataLoader batches per optimizer step."""
+    def set_run_length(
+        self, max_train_steps: int, steps_per_epoch: int, accumulation: int = 1, processes: int = 1
+    ) -> None:
+        """Needed by token warm-up: the run length, and how batches map to optimizer steps."""
         self._state[_MAX_STEPS] = int(max_train_steps)
-        self._state[_BATCHES_PER_STEP] = max(1, int(batches_per_step))
+        self._state[_STEPS_PER_EPOCH] = int(steps_per_epoch)
+        self._state[_ACCUMULATION] = max(1, int(accumulation))
+        self._state[_PROCESSES] = max(1, int(processes))
 
     def warmup_step(self, epoch: int, index: int) -> int:
-        return (epoch * self._length + index) // int(self._state[_BATCHES_PER_STEP])
+        """The optimizer step that uses batch ``index`` of ``epoch`` (see the module docstring)."""
+        steps_per_epoch = int(self._state[_STEPS_PER_EPOCH]) or self._length
+        return epoch * steps_per_epoch + (index // int(self._state[_PROCESSES])) // int(
+            self._state[_ACCUMULATION]
+        )
 
     def batches_for_epoch(self, epoch: int) -> list[PlannedBatch]:
         """The batch order of ``epoch``; cached per process, recomputed when the epoch changes."""
@@ -201,7 +202,7 @@ class TrainDataset(torch.utils.data.Dataset):
         if 0 < settings.token_warmup_step < 1 and int(self._state[_MAX_STEPS]) == 0:
             self._warn_once(
                 "token_warmup_step < 1 is a fraction of max_train_steps, which the trainer has not given "
-                "(TrainDataset.set_max_train_steps); token warm-up is off"
+                "(TrainDataset.set_run_length); token warm-up is off"
             )
         caption = process_caption(
             record.caption,
@@ -317,8 +318,10 @@ class TrainDataset(torch.utils.data.Dataset):
             latents, latents_flipped, mask = record.latents, record.latents_flipped, record.cached_mask
         else:
             cached = latent_cache.load_cache(record.npz_path)
-            expected_hw = (record.bucket[1] // 8, record.bucket[0] // 8)
-            if tuple(cached.latents.shape[1:3]) != expected_hw:
+            if (
+                tuple(cached.latents.shape[1:3])
+                != latent_cache.expected_for(record, self.latent_stride).latent_hw
+            ):
                 raise UserError(
                     f"latent cache file {record.npz_path} does not match the current resolution; "
                     "delete it (or let caching run again on all processes) and restart"
@@ -402,9 +405,6 @@ class TrainDataset(torch.utils.data.Dataset):
     def latents_in_memory(self) -> bool:
         """Every batch is read from latents held in memory: no file to read, no image to decode."""
         return self.latents_cached and all(record.latents is not None for record in self.records)
-
-    def is_latent_cacheable(self) -> bool:
-        return not self._uncacheable_subsets()
 
     def _uncacheable_subsets(self) -> list[str]:
         found = []

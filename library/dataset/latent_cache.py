@@ -31,7 +31,14 @@ from library.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
-LATENT_STRIDE = 8
+SD_LATENT_STRIDE = 8  # pixels per latent cell of SD's VAE; a VAE with fewer levels has fewer
+
+
+def latent_stride(vae) -> int:
+    """Pixels per latent cell of ``vae``: 2 to the number of its downsampling levels (8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 NPZ_SUFFIX = "_sd.npz"
 
 
@@ -49,10 +56,11 @@ class ExpectedCache:
     crop_ltrb: tuple[float, ...]
     flip: bool
     alpha_mask: bool
+    stride: int = SD_LATENT_STRIDE
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        return self.bucket[1] // LATENT_STRIDE, self.bucket[0] // LATENT_STRIDE
+        return self.bucket[1] // self.stride, self.bucket[0] // self.stride
 
 
 @dataclass
@@ -158,7 +166,7 @@ def encode_images(vae, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     return mean + std * noise
 
 
-def expected_for(record) -> ExpectedCache:
+def expected_for(record, stride: int = SD_LATENT_STRIDE) -> ExpectedCache:
     """What the cache file of an image record must hold under the current settings."""
     return ExpectedCache(
         bucket=record.bucket,
@@ -166,6 +174,7 @@ def expected_for(record) -> ExpectedCache:
         crop_ltrb=kohya_crop_ltrb(record.bucket, record.size),
         flip=record.subset.flip_aug,
         alpha_mask=record.subset.alpha_mask or record.mask_path is not None,
+        stride=stride,
     )
 
 
@@ -206,6 +215,7 @@ def run_latent_caching(
 ) -> None:
     """Fill the memory or disk cache of every record of ``dataset`` (a ``TrainDataset``)."""
     records = dataset.records
+    stride = dataset.latent_stride = latent_stride(vae)
     todo = list(records)
     if cache_to_disk:
         _check_shared_files(records)
@@ -221,7 +231,7 @@ def run_latent_caching(
         todo = []
         reused = 0
         for record in mine:
-            reason = stale_reason(record.npz_path, expected_for(record), record.path, skip_check)
+            reason = stale_reason(record.npz_path, expected_for(record, stride), record.path, skip_check)
             if reason is None:
                 reused += 1
             else:
@@ -256,7 +266,7 @@ def _cache_batch(dataset, vae, batch: list, cache_to_disk: bool, device, dtype) 
         record_flipped = flipped[index] if flipped is not None and record.subset.flip_aug else None
         mask = masks[index] if (record.subset.alpha_mask or record.mask_path is not None) else None
         if cache_to_disk:
-            expected = expected_for(record)
+            expected = expected_for(record, dataset.latent_stride)
             save_cache(record.npz_path, latents[index], record.size, expected.crop_ltrb, record_flipped, mask)
         else:
             record.latents = latents[index].clone()
