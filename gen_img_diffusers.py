@@ -21,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import UserError, run_cli
+from library.runtime import (
+    log_level,
+    refuse_options,
+    setup_console_logging,
+    torch_dtype,
+    usable_precision,
+    use_attention,
+)
 from library.sampler_names import SAMPLER_NAMES
 
 logger = logging.getLogger("gen_img")
@@ -257,12 +265,10 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
 
     An empty list (``--network_module`` with no value) counts as not given, as in kohya's script.
     """
-    for name, (default, (feature, hint)) in UNSUPPORTED_OPTIONS.items():
-        value = getattr(args, name)
-        if value == default or value == []:
-            continue
-        advice = f"; {hint}" if hint else ""
-        raise UserError(f"--{name}: {feature} is not supported by this generator yet{advice}")
+    refuse_options(args, {
+        name: (default, f"{feature} is not supported by this generator yet" + (f"; {hint}" if hint else ""))
+        for name, (default, (feature, hint)) in UNSUPPORTED_OPTIONS.items()
+    })  # fmt: skip
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -302,56 +308,25 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    from library.train_logging import setup_console_logging
-
-    setup_console_logging(
-        getattr(logging, args.console_log_level or "INFO"), args.console_log_file, args.console_log_simple
-    )
+    setup_console_logging(log_level(args.console_log_level), args.console_log_file, args.console_log_simple)
 
 
 def choose_device_and_dtype(args: argparse.Namespace):
+    """CUDA when there is one; ``--fp16``/``--bf16`` by the rule the trainer uses (library.runtime)."""
     import torch
 
-    from library.training_setup import cpu_has_native_bf16
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32
-    if args.fp16:
-        if device.type != "cpu":
-            dtype = torch.float16
-        elif cpu_has_native_bf16():
-            logger.warning("--fp16: float16 is not usable on the CPU; using bfloat16 instead")
-            dtype = torch.bfloat16
-        else:
-            logger.warning(
-                "--fp16: float16 is not usable on the CPU, which has no native bfloat16; using float32"
-            )
-    elif args.bf16:
-        dtype = torch.bfloat16
-        if device.type == "cpu" and not cpu_has_native_bf16():
-            logger.warning(
-                "--bf16: this CPU has no native bfloat16 kernels; it is emulated and much slower than fp32"
-            )
-    return device, dtype
+    wanted = "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
+    precision = usable_precision(wanted, f"--{wanted}", on_gpu=device.type == "cuda")
+    return device, torch_dtype(precision)
 
 
 def setup_attention(args: argparse.Namespace, model, device) -> None:
-    """xformers when asked for and usable; otherwise PyTorch SDPA (diffusers' default)."""
-    if args.xformers or args.diffusers_xformers:
-        flag = "--xformers" if args.xformers else "--diffusers_xformers"
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            logger.warning("%s: xformers is not installed; using PyTorch SDPA attention instead", flag)
-            return
-        if device.type != "cuda":
-            logger.warning("%s: xformers needs a CUDA GPU; using PyTorch SDPA attention instead", flag)
-            return
-        model.unet.enable_xformers_memory_efficient_attention()
-        model.vae.enable_xformers_memory_efficient_attention()
-        logger.info("using xformers attention")
-    else:
-        logger.info("using PyTorch SDPA attention")
+    """xformers when asked for and usable; otherwise PyTorch SDPA."""
+    flag = "--xformers" if args.xformers else "--diffusers_xformers"
+    chosen = use_attention([model.unet, model.vae], xformers=args.xformers or args.diffusers_xformers, flag=flag,
+                           device=device)  # fmt: skip
+    logger.info("using %s attention", "xformers" if chosen == "xformers" else "PyTorch SDPA")
 
 
 def resolve_checkpoint(path: str) -> str:

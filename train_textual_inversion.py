@@ -29,35 +29,36 @@ from library.embeddings import load_embedding_file, sai_model_spec_metadata
 from library.errors import UserError, run_cli
 from library.files import ensure_writable_folder, remove_interrupted_saves
 from library.host_memory import keep_freed_memory_in_process
-from library.loss import LossSettings, check_loss_arguments
+from library.loss import LossSettings
 from library.models import load_sd_model
-from library.noise import NoiseSettings, check_noise_arguments, make_training_schedule
+from library.noise import NoiseSettings, make_training_schedule
 from library.optimizers import (
+    OptimizerSettings,
     create_lr_scheduler,
     create_optimizer,
     optimizer_eval_mode,
     optimizer_train_mode,
 )
+from library.options import settings_from
 from library.placeholder_embedding import (
     add_placeholder_tokens,
     init_word_vectors,
     random_vectors,
     splice_new_vectors,
 )
+from library.runtime import log_level, setup_console_logging, torch_dtype, use_attention
 from library.tokenizer import load_tokenizer, set_family_padding
-from library.train_args import log_level, parse_args, refuse_unsupported
+from library.train_args import parse_args, refuse_unsupported
 from library.train_checks import (
     FiniteGuard,
     check_training_arguments,
     warn_if_resume_is_done,
     warn_if_vectors_frozen,
 )
-from library.train_logging import TrainLogger, setup_console_logging
+from library.train_logging import TrainLogger
 from library.train_sampling import SampleSchedule, sample_images
 from library.train_state import Progress, RunSaver, load_training_state, saved_seed
 from library.training_setup import (
-    DTYPES,
-    configure_attention,
     freeze_and_cast,
     make_accelerator,
     resolve_mixed_precision,
@@ -69,14 +70,16 @@ logger = logging.getLogger("train_textual_inversion")
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_console_logging(log_level(args), args.console_log_file, args.console_log_simple)
+    setup_console_logging(log_level(args.console_log_level), args.console_log_file, args.console_log_simple)
     refuse_unsupported(args)
     check_training_arguments(args)
-    check_noise_arguments(args)
-    check_loss_arguments(args)
+    noise, loss, optimizer_settings = (settings_from(NoiseSettings, args), settings_from(LossSettings, args),
+                                       settings_from(OptimizerSettings, args))  # fmt: skip
+    noise.warn_about_unused(args.v_parameterization)
+    loss.warn_about_unused()
     mixed_precision = resolve_mixed_precision(args)
     accelerator = make_accelerator(args, mixed_precision)
-    if not accelerator.is_local_main_process and log_level(args) > logging.DEBUG:
+    if not accelerator.is_local_main_process and log_level(args.console_log_level) > logging.DEBUG:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages
     device = accelerator.device
     if device.type == "cpu":
@@ -114,11 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     text_encoder, unet, vae = model.text_encoder, model.unet, model.vae
     token_table = text_encoder.get_input_embeddings().weight.detach()
     vectors = initial_vectors(args, tokenizer, token_table, num_vectors, seed, model.family)
-    weight_dtype = DTYPES[mixed_precision]
+    weight_dtype = torch_dtype(mixed_precision)
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
     freeze_and_cast(model, weight_dtype, vae_dtype, device)
     new_rows = splice_new_vectors(text_encoder, vectors.to(device))
-    configure_attention(unet, args, device)
+    use_attention([unet], xformers=args.xformers, flag="--xformers", device=device)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(unet, text_encoder)
     if args.torch_compile:
@@ -130,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.wait_for_everyone()
 
     # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
-    optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], args)
-    lr_scheduler = create_lr_scheduler(optimizer, args, length.max_train_steps)
+    optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], optimizer_settings)
+    lr_scheduler = create_lr_scheduler(optimizer, optimizer_settings, length.max_train_steps)
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling on CUDA
     loader = accelerator.prepare_data_loader(make_train_dataloader(dataset, args), device_placement=True)
     progress = Progress(seed=seed)
@@ -143,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         warn_if_resume_is_done(progress.global_step, length.max_train_steps)
 
     diffusion_loss = DiffusionLoss(
-        text_encoder, tokenizer, unet, vae, make_training_schedule(args.v_parameterization, args.zero_terminal_snr,
-        device), NoiseSettings.from_args(args), LossSettings.from_args(args), args.clip_skip, args.v_parameterization,
+        text_encoder, tokenizer, unet, vae, make_training_schedule(args.v_parameterization, noise.zero_terminal_snr,
+        device), noise, loss, args.clip_skip, args.v_parameterization,
         weight_dtype, vae_dtype, seed, accelerator.autocast,
     )  # fmt: skip
     saves = SaveCadence(args.save_every_n_steps, save_every_n_epochs(args, length.num_epochs), args.save_last_n_steps,

@@ -18,7 +18,7 @@ INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "am
 
 def cpu_info() -> dict:
     """CPU model (from /proc/cpuinfo on Linux, else what ``platform`` knows) and the flags above."""
-    from library.training_setup import cpu_flags
+    from library.runtime import cpu_flags
 
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -110,7 +110,7 @@ def half_precision_probe(device: str = "cpu") -> dict:
     slowdown = max(low["conv3x3"] / fp32["conv3x3"], low["linear"] / fp32["linear"])
     native = None
     if device == "cpu":
-        from library.training_setup import cpu_has_native_bf16
+        from library.runtime import cpu_has_native_bf16
 
         native = cpu_has_native_bf16()
     return {

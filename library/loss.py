@@ -1,6 +1,6 @@
 """The training loss of one step, with kohya sd-scripts' formulas and order.
 
-The trainer calls ``check_loss_arguments(args)`` and ``LossSettings.from_args(args)`` once, then every step::
+The trainer builds ``LossSettings`` from the command line once (``library.options``), then every step::
 
     loss = compute_loss(model_pred, target, timesteps, schedule, loss_settings, loss_weights, mask)
 
@@ -17,12 +17,12 @@ import argparse
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from library.errors import UserError
 from library.noise import TrainingSchedule
+from library.options import default_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,33 +40,33 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loss_type",
         type=str,
-        default="l2",
+        default=default_of(LossSettings, "loss_type"),
         choices=list(LOSS_TYPES),
         help="loss function: l1, l2 (default), huber or smooth_l1",
     )
     parser.add_argument(
         "--huber_schedule",
         type=str,
-        default="snr",
+        default=default_of(LossSettings, "huber_schedule"),
         choices=list(HUBER_SCHEDULES),
         help="how the huber/smooth_l1 threshold changes with the timestep (default snr)",
     )
     parser.add_argument(
         "--huber_c",
         type=float,
-        default=DEFAULT_HUBER_C,
+        default=default_of(LossSettings, "huber_c"),
         help="huber/smooth_l1 threshold parameter (default 0.1)",
     )
     parser.add_argument(
         "--huber_scale",
         type=float,
-        default=DEFAULT_HUBER_SCALE,
+        default=default_of(LossSettings, "huber_scale"),
         help="huber/smooth_l1 threshold scale for the constant and exponential schedules (default 1.0)",
     )
     parser.add_argument(
         "--min_snr_gamma",
         type=float,
-        default=None,
+        default=default_of(LossSettings, "min_snr_gamma"),
         help="Min-SNR weighting gamma; lower is stronger, 5 is the paper's recommendation",
     )
     parser.add_argument(
@@ -77,7 +77,7 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--v_pred_like_loss",
         type=float,
-        default=None,
+        default=default_of(LossSettings, "v_pred_like_loss"),
         help="add a v-prediction-like loss multiplied by this value (not with --v_parameterization)",
     )
     parser.add_argument(
@@ -101,60 +101,42 @@ class LossSettings:
     debiased_estimation_loss: bool = False
     v_parameterization: bool = False
 
-    @classmethod
-    def from_args(cls, args: Any) -> LossSettings:
-        """Read the options from an argparse namespace (or anything with the same attributes)."""
-        if isinstance(args, LossSettings):
-            return args
-        return cls(
-            loss_type=getattr(args, "loss_type", "l2"),
-            huber_schedule=getattr(args, "huber_schedule", "snr"),
-            huber_c=getattr(args, "huber_c", DEFAULT_HUBER_C),
-            huber_scale=getattr(args, "huber_scale", DEFAULT_HUBER_SCALE),
-            min_snr_gamma=getattr(args, "min_snr_gamma", None),
-            scale_v_pred_loss_like_noise_pred=bool(getattr(args, "scale_v_pred_loss_like_noise_pred", False)),
-            v_pred_like_loss=getattr(args, "v_pred_like_loss", None),
-            debiased_estimation_loss=bool(getattr(args, "debiased_estimation_loss", False)),
-            v_parameterization=bool(getattr(args, "v_parameterization", False)),
-        )
-
-
-def check_loss_arguments(args: Any) -> None:
-    """Reject what kohya rejects (as a one-line UserError) and warn about options that do nothing."""
-    settings = LossSettings.from_args(args)
-    if settings.loss_type not in LOSS_TYPES:
-        raise UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {settings.loss_type!r}")
-    if settings.huber_schedule not in HUBER_SCHEDULES:
-        raise UserError(
-            f"--huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, got {settings.huber_schedule!r}"
-        )
-    if settings.scale_v_pred_loss_like_noise_pred and not settings.v_parameterization:
-        raise UserError("--scale_v_pred_loss_like_noise_pred can only be used with --v_parameterization")
-    if settings.v_pred_like_loss and settings.v_parameterization:
-        raise UserError(
-            "--v_pred_like_loss cannot be used with --v_parameterization (the loss already is one)"
-        )
-    if settings.min_snr_gamma is not None and settings.min_snr_gamma < 0:
-        raise UserError(f"--min_snr_gamma must be positive (5 is typical), got {settings.min_snr_gamma}")
-
-    uses_huber = settings.loss_type in HUBER_LOSS_TYPES
-    if uses_huber:
-        if not settings.huber_c > 0:
-            raise UserError(f"--huber_c must be larger than 0 for --loss_type {settings.loss_type}")
-        if settings.huber_schedule == "snr" and settings.huber_scale != DEFAULT_HUBER_SCALE:
-            logger.warning("--huber_scale has no effect with --huber_schedule snr (as in kohya)")
-    else:
-        changed = [
-            flag
-            for flag, value, default in (
-                ("--huber_c", settings.huber_c, DEFAULT_HUBER_C),
-                ("--huber_scale", settings.huber_scale, DEFAULT_HUBER_SCALE),
-                ("--huber_schedule", settings.huber_schedule, "snr"),
+    def __post_init__(self) -> None:
+        """Reject what kohya rejects, as a one-line UserError."""
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise UserError(
+                f"--huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, got {self.huber_schedule!r}"
             )
-            if value != default
-        ]
-        if changed:
-            logger.warning(f"{', '.join(changed)} only apply to --loss_type huber or smooth_l1; ignored")
+        if self.scale_v_pred_loss_like_noise_pred and not self.v_parameterization:
+            raise UserError("--scale_v_pred_loss_like_noise_pred can only be used with --v_parameterization")
+        if self.v_pred_like_loss and self.v_parameterization:
+            raise UserError(
+                "--v_pred_like_loss cannot be used with --v_parameterization (the loss already is one)"
+            )
+        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
+            raise UserError(f"--min_snr_gamma must be positive (5 is typical), got {self.min_snr_gamma}")
+        if self.loss_type in HUBER_LOSS_TYPES and not self.huber_c > 0:
+            raise UserError(f"--huber_c must be larger than 0 for --loss_type {self.loss_type}")
+
+    def warn_about_unused(self) -> None:
+        """Options that do nothing with this --loss_type or --huber_schedule."""
+        if self.loss_type in HUBER_LOSS_TYPES:
+            if self.huber_schedule == "snr" and self.huber_scale != DEFAULT_HUBER_SCALE:
+                logger.warning("--huber_scale has no effect with --huber_schedule snr (as in kohya)")
+        else:
+            changed = [
+                flag
+                for flag, value, default in (
+                    ("--huber_c", self.huber_c, DEFAULT_HUBER_C),
+                    ("--huber_scale", self.huber_scale, DEFAULT_HUBER_SCALE),
+                    ("--huber_schedule", self.huber_schedule, "snr"),
+                )
+                if value != default
+            ]
+            if changed:
+                logger.warning(f"{', '.join(changed)} only apply to --loss_type huber or smooth_l1; ignored")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +144,7 @@ def check_loss_arguments(args: Any) -> None:
 
 
 def huber_c_for_timesteps(
-    timesteps: torch.Tensor, schedule: TrainingSchedule, settings: LossSettings | Any
+    timesteps: torch.Tensor, schedule: TrainingSchedule, settings: LossSettings
 ) -> torch.Tensor | None:
     """The huber/smooth_l1 threshold per sample ([B]), or None for l1/l2 (kohya's get_huber_threshold).
 
@@ -171,7 +153,6 @@ def huber_c_for_timesteps(
     - snr:         (1 - huber_c) / (1 + sigma_t)**2 + huber_c, sigma_t = sqrt((1 - a_t) / a_t)
                    (huber_scale is not applied here, as in kohya)
     """
-    settings = LossSettings.from_args(settings)
     if settings.loss_type not in HUBER_LOSS_TYPES:
         return None
     if settings.huber_schedule == "constant":
@@ -284,7 +265,7 @@ def compute_loss(
     target: torch.Tensor,
     timesteps: torch.Tensor,
     schedule: TrainingSchedule,
-    settings: LossSettings | Any,
+    settings: LossSettings,
     loss_weights: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -293,7 +274,6 @@ def compute_loss(
     ``loss_weights`` is the per-sample weight [B] (kohya's batch["loss_weights"]: 1, or --prior_loss_weight
     for regularisation images); ``mask`` is an optional 0..1 loss mask (see ``apply_mask``).
     """
-    settings = LossSettings.from_args(settings)
     huber_c = huber_c_for_timesteps(timesteps, schedule, settings)
     loss = conditional_loss(model_pred.float(), target.float(), settings.loss_type, huber_c)
     if mask is not None:

@@ -1,15 +1,13 @@
 """Noise, timesteps and targets for one training step, with kohya sd-scripts' semantics.
 
-The trainer calls, once before the loop::
+The trainer builds ``NoiseSettings`` from the command line once (``library.options``), then::
 
-    check_noise_arguments(args)
-    schedule = make_training_schedule(args.v_parameterization, args.zero_terminal_snr, device)
-    noise_settings = NoiseSettings.from_args(args)
+    schedule = make_training_schedule(v_parameterization, settings.zero_terminal_snr, device)
 
 and every step::
 
-    noisy_latents, noise, timesteps = sample_noise_and_timesteps(latents, schedule, noise_settings, generator)
-    target = training_target(schedule, latents, noise, timesteps, args.v_parameterization)
+    noisy_latents, noise, timesteps = sample_noise_and_timesteps(latents, schedule, settings, generator)
+    target = training_target(schedule, latents, noise, timesteps, v_parameterization)
 
 Everything random is drawn from the ``generator`` the trainer passes in (or torch's global RNG when it
 passes None), so a run is reproducible and, by saving the generator state, resumable. The schedule
@@ -24,11 +22,12 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from library.errors import UserError
+from library.options import default_of
 
 if TYPE_CHECKING:  # diffusers takes seconds to import; only the functions that build a scheduler need it
     from diffusers import DDPMScheduler
@@ -48,7 +47,7 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--noise_offset",
         type=float,
-        default=None,
+        default=default_of(NoiseSettings, "noise_offset"),
         help="add a per-channel constant offset of this strength to the noise (around 0.1 is typical)",
     )
     parser.add_argument(
@@ -59,25 +58,25 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adaptive_noise_scale",
         type=float,
-        default=None,
+        default=default_of(NoiseSettings, "adaptive_noise_scale"),
         help="add |mean of each latent channel| * this value to --noise_offset (needs --noise_offset)",
     )
     parser.add_argument(
         "--multires_noise_iterations",
         type=int,
-        default=None,
+        default=default_of(NoiseSettings, "multires_noise_iterations"),
         help="enable multi-resolution (pyramid) noise with this many levels (6-10 is typical)",
     )
     parser.add_argument(
         "--multires_noise_discount",
         type=float,
-        default=DEFAULT_MULTIRES_NOISE_DISCOUNT,
+        default=default_of(NoiseSettings, "multires_noise_discount"),
         help="weight decay per level of multires noise (only used with --multires_noise_iterations)",
     )
     parser.add_argument(
         "--ip_noise_gamma",
         type=float,
-        default=None,
+        default=default_of(NoiseSettings, "ip_noise_gamma"),
         help="input perturbation noise strength (around 0.1 is typical; arxiv.org/abs/2301.11706)",
     )
     parser.add_argument(
@@ -93,49 +92,16 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min_timestep",
         type=int,
-        default=None,
+        default=default_of(NoiseSettings, "min_timestep"),
         help="smallest timestep to train on, 0-999 (default 0)",
     )
     parser.add_argument(
         "--max_timestep",
         type=int,
-        default=None,
+        default=default_of(NoiseSettings, "max_timestep"),
         help="timesteps are drawn below this value, 1-1000 (default 1000); equal to --min_timestep "
         "trains on that single timestep",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-
-def check_noise_arguments(args: Any) -> None:
-    """Reject the noise option combinations kohya rejects, and warn about options that do nothing.
-
-    kohya no longer rejects --noise_offset together with --multires_noise_iterations (the check is
-    commented out in sd-scripts): both are applied, offset first, so we accept it as well.
-    """
-    noise_offset = getattr(args, "noise_offset", None)
-    if getattr(args, "adaptive_noise_scale", None) is not None and noise_offset is None:
-        raise UserError(
-            "--adaptive_noise_scale needs --noise_offset: add --noise_offset (e.g. 0.1) or remove it"
-        )
-    if getattr(args, "noise_offset_random_strength", False) and not noise_offset:
-        logger.warning("--noise_offset_random_strength has no effect without --noise_offset")
-    if getattr(args, "ip_noise_gamma_random_strength", False) and not getattr(args, "ip_noise_gamma", None):
-        logger.warning("--ip_noise_gamma_random_strength has no effect without --ip_noise_gamma")
-    discount = getattr(args, "multires_noise_discount", DEFAULT_MULTIRES_NOISE_DISCOUNT)
-    if discount != DEFAULT_MULTIRES_NOISE_DISCOUNT and not getattr(args, "multires_noise_iterations", None):
-        logger.warning("--multires_noise_discount has no effect without --multires_noise_iterations")
-    iterations = getattr(args, "multires_noise_iterations", None)
-    if iterations is not None and iterations < 0:
-        raise UserError(f"--multires_noise_iterations must be 0 or more, got {iterations}")
-    if getattr(args, "zero_terminal_snr", False) and not getattr(args, "v_parameterization", False):
-        logger.warning(
-            "--zero_terminal_snr without --v_parameterization: an epsilon model cannot predict at zero SNR, "
-            "training may behave unexpectedly (kohya warns the same)"
-        )
-    timestep_range(getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
 
 
 def timestep_range(min_timestep: int | None, max_timestep: int | None) -> tuple[int, int]:
@@ -159,7 +125,12 @@ def timestep_range(min_timestep: int | None, max_timestep: int | None) -> tuple[
 
 @dataclass(frozen=True)
 class NoiseSettings:
-    """The noise options of one run, resolved once so a training step reads plain fields."""
+    """The noise options of one run (fields named like the options), checked when built.
+
+    ``min_timestep``/``max_timestep`` are resolved to kohya's ``[low, high)`` range. kohya no
+    longer rejects --noise_offset together with --multires_noise_iterations (the check is
+    commented out in sd-scripts): both are applied, offset first, so that is accepted too.
+    """
 
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False
@@ -168,26 +139,39 @@ class NoiseSettings:
     multires_noise_discount: float = DEFAULT_MULTIRES_NOISE_DISCOUNT
     ip_noise_gamma: float | None = None
     ip_noise_gamma_random_strength: bool = False
-    min_timestep: int = 0
-    max_timestep: int = NUM_TRAIN_TIMESTEPS
+    zero_terminal_snr: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
 
-    @classmethod
-    def from_args(cls, args: Any) -> NoiseSettings:
-        """Read the options from an argparse namespace (or anything with the same attributes)."""
-        if isinstance(args, NoiseSettings):
-            return args
-        low, high = timestep_range(getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
-        return cls(
-            noise_offset=getattr(args, "noise_offset", None),
-            noise_offset_random_strength=bool(getattr(args, "noise_offset_random_strength", False)),
-            adaptive_noise_scale=getattr(args, "adaptive_noise_scale", None),
-            multires_noise_iterations=getattr(args, "multires_noise_iterations", None),
-            multires_noise_discount=getattr(args, "multires_noise_discount", DEFAULT_MULTIRES_NOISE_DISCOUNT),
-            ip_noise_gamma=getattr(args, "ip_noise_gamma", None),
-            ip_noise_gamma_random_strength=bool(getattr(args, "ip_noise_gamma_random_strength", False)),
-            min_timestep=low,
-            max_timestep=high,
-        )
+    def __post_init__(self) -> None:
+        if self.adaptive_noise_scale is not None and self.noise_offset is None:
+            raise UserError(
+                "--adaptive_noise_scale needs --noise_offset: add --noise_offset (e.g. 0.1) or remove it"
+            )
+        if self.multires_noise_iterations is not None and self.multires_noise_iterations < 0:
+            raise UserError(
+                f"--multires_noise_iterations must be 0 or more, got {self.multires_noise_iterations}"
+            )
+        low, high = timestep_range(self.min_timestep, self.max_timestep)
+        object.__setattr__(self, "min_timestep", low)
+        object.__setattr__(self, "max_timestep", high)
+
+    def warn_about_unused(self, v_parameterization: bool) -> None:
+        """Options that do nothing in this combination (kohya's warnings, and a few more)."""
+        if self.noise_offset_random_strength and not self.noise_offset:
+            logger.warning("--noise_offset_random_strength has no effect without --noise_offset")
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            logger.warning("--ip_noise_gamma_random_strength has no effect without --ip_noise_gamma")
+        if (
+            self.multires_noise_discount != DEFAULT_MULTIRES_NOISE_DISCOUNT
+            and not self.multires_noise_iterations
+        ):
+            logger.warning("--multires_noise_discount has no effect without --multires_noise_iterations")
+        if self.zero_terminal_snr and not v_parameterization:
+            logger.warning(
+                "--zero_terminal_snr without --v_parameterization: an epsilon model cannot predict at zero SNR, "
+                "training may behave unexpectedly (kohya warns the same)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +362,7 @@ def _sample_timesteps(batch_size: int, settings: NoiseSettings, draws: _Draws) -
 def sample_noise_and_timesteps(
     latents: torch.Tensor,
     schedule: TrainingSchedule,
-    settings: NoiseSettings | Any,
+    settings: NoiseSettings,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of kohya's get_noise_noisy_latents_and_timesteps: returns (noisy_latents, noise, timesteps).
@@ -387,8 +371,6 @@ def sample_noise_and_timesteps(
     noisy latents. With --ip_noise_gamma the latents are noised with ``noise + gamma * extra_noise``
     while the returned ``noise`` (the training target) stays without the perturbation.
     """
-    if not isinstance(settings, NoiseSettings):
-        settings = NoiseSettings.from_args(settings)
     draws = _Draws(generator, latents.device)
 
     noise = draws.randn(tuple(latents.shape), dtype=latents.dtype)

@@ -1,9 +1,9 @@
 """Optimizer and learning-rate schedule, built from kohya sd-scripts' options with kohya's rules.
 
-The trainer calls, once::
+The trainer builds ``OptimizerSettings`` from the command line once (``library.options``), then::
 
-    optimizer_name, optimizer_args, optimizer = create_optimizer(trainable_params, args)
-    lr_scheduler = create_lr_scheduler(optimizer, args, max_train_steps)
+    optimizer_name, optimizer_args, optimizer = create_optimizer(trainable_params, settings)
+    lr_scheduler = create_lr_scheduler(optimizer, settings, max_train_steps)
 
 and around sampling/saving::
 
@@ -28,10 +28,33 @@ from typing import Any
 import torch
 
 from library.errors import UserError
+from library.options import default_of
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEARNING_RATE = 2.0e-6
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer and learning-rate schedule options of one run (fields named like the options)."""
+
+    optimizer_type: str = ""
+    use_8bit_adam: bool = False
+    use_lion_optimizer: bool = False
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    max_grad_norm: float = 1.0
+    optimizer_args: list[str] | None = None
+    fused_backward_pass: bool = False
+    lr_scheduler: str = "constant"
+    lr_scheduler_type: str = ""
+    lr_scheduler_args: list[str] | None = None
+    lr_warmup_steps: int | float = 0
+    lr_decay_steps: int | float = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1
+    lr_scheduler_timescale: int | None = None
+    lr_scheduler_min_lr_ratio: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +93,7 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimizer_type",
         type=str,
-        default="",
+        default=default_of(OptimizerSettings, "optimizer_type"),
         help="optimizer: AdamW (default), AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, "
         "Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, DAdaptation, DAdaptAdaGrad, DAdaptAdam, "
         "DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy, AdaFactor, AdamWScheduleFree, "
@@ -84,14 +107,22 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use Lion (lion-pytorch); same as --optimizer_type Lion",
     )
-    parser.add_argument("--learning_rate", type=float, default=DEFAULT_LEARNING_RATE, help="learning rate")
     parser.add_argument(
-        "--max_grad_norm", type=float, default=1.0, help="max gradient norm, 0 for no clipping (default 1.0)"
+        "--learning_rate",
+        type=float,
+        default=default_of(OptimizerSettings, "learning_rate"),
+        help="learning rate",
+    )
+    parser.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=default_of(OptimizerSettings, "max_grad_norm"),
+        help="max gradient norm, 0 for no clipping (default 1.0)",
     )
     parser.add_argument(
         "--optimizer_args",
         type=str,
-        default=None,
+        default=default_of(OptimizerSettings, "optimizer_args"),
         nargs="*",
         help='extra optimizer arguments as key=value, values are Python literals: "weight_decay=0.01" '
         '"betas=0.9,0.999"',
@@ -99,40 +130,46 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lr_scheduler_type",
         type=str,
-        default="",
+        default=default_of(OptimizerSettings, "lr_scheduler_type"),
         help="custom scheduler class, e.g. torch.optim.lr_scheduler.StepLR",
     )
     parser.add_argument(
         "--lr_scheduler_args",
         type=str,
-        default=None,
+        default=default_of(OptimizerSettings, "lr_scheduler_args"),
         nargs="*",
         help='extra scheduler arguments as key=value, values are Python literals: "T_max=100"',
     )
     parser.add_argument(
         "--lr_scheduler",
         type=str,
-        default="constant",
+        default=default_of(OptimizerSettings, "lr_scheduler"),
         help="lr schedule: constant (default), constant_with_warmup, linear, cosine, cosine_with_restarts, "
         "polynomial, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, piecewise_constant, adafactor",
     )
     parser.add_argument(
         "--lr_warmup_steps",
         type=int_or_float,
-        default=0,
+        default=default_of(OptimizerSettings, "lr_warmup_steps"),
         help="warmup steps: a number of steps, a ratio of the training steps (< 1) or a percentage like 10%%",
     )
     parser.add_argument(
         "--lr_decay_steps",
         type=int_or_float,
-        default=0,
+        default=default_of(OptimizerSettings, "lr_decay_steps"),
         help="decay steps of warmup_stable_decay: steps, a ratio (< 1) or a percentage like 20%%",
     )
     parser.add_argument(
-        "--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts (default 1)"
+        "--lr_scheduler_num_cycles",
+        type=int,
+        default=default_of(OptimizerSettings, "lr_scheduler_num_cycles"),
+        help="restarts of cosine_with_restarts (default 1)",
     )
     parser.add_argument(
-        "--lr_scheduler_power", type=float, default=1, help="power of the polynomial schedule (default 1)"
+        "--lr_scheduler_power",
+        type=float,
+        default=default_of(OptimizerSettings, "lr_scheduler_power"),
+        help="power of the polynomial schedule (default 1)",
     )
     parser.add_argument(
         "--fused_backward_pass",
@@ -142,13 +179,13 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lr_scheduler_timescale",
         type=int,
-        default=None,
+        default=default_of(OptimizerSettings, "lr_scheduler_timescale"),
         help="timescale of inverse_sqrt (default: the warmup steps)",
     )
     parser.add_argument(
         "--lr_scheduler_min_lr_ratio",
         type=float,
-        default=None,
+        default=default_of(OptimizerSettings, "lr_scheduler_min_lr_ratio"),
         help="minimum lr as a ratio of the initial lr, for cosine_with_min_lr and warmup_stable_decay",
     )
 
@@ -230,11 +267,11 @@ _KNOWN_OPTIMIZERS: dict[str, _KnownOptimizer] = {
 }
 
 
-def _optimizer_choice(args: Any) -> tuple[str, str]:
+def _optimizer_choice(settings: OptimizerSettings) -> tuple[str, str]:
     """(optimizer type as given, the flag that chose it), applying kohya's legacy flags and conflicts."""
-    optimizer_type = getattr(args, "optimizer_type", "") or ""
-    use_8bit_adam = getattr(args, "use_8bit_adam", False)
-    use_lion = getattr(args, "use_lion_optimizer", False)
+    optimizer_type = settings.optimizer_type or ""
+    use_8bit_adam = settings.use_8bit_adam
+    use_lion = settings.use_lion_optimizer
     if use_8bit_adam and use_lion:
         raise UserError("--use_8bit_adam and --use_lion_optimizer cannot be used together: pick one")
     if use_8bit_adam or use_lion:
@@ -306,7 +343,9 @@ def _warn_if_adaptive_lr_too_low(params: list[Any], lr: float) -> None:
         )
 
 
-def _prepare_adafactor(params: list[Any], kwargs: dict[str, Any], lr: float, args: Any) -> float | None:
+def _prepare_adafactor(
+    params: list[Any], kwargs: dict[str, Any], lr: float, settings: OptimizerSettings
+) -> float | None:
     """kohya's Adafactor handling; returns the lr to pass (None when Adafactor picks its own step size).
 
     relative_step defaults to True (and warmup_init forces it). Then --learning_rate only seeds the
@@ -322,25 +361,23 @@ def _prepare_adafactor(params: list[Any], kwargs: dict[str, Any], lr: float, arg
         dropped = [group.pop("lr", None) for group in params if isinstance(group, dict)]
         if any(value is not None for value in dropped):
             logger.warning("Adafactor with relative_step: per-group learning rates are ignored")
-        if getattr(args, "lr_scheduler", "constant") != "adafactor":
+        if settings.lr_scheduler != "adafactor":
             logger.info("Adafactor with relative_step: using the adafactor lr schedule")
         return None
-    if getattr(args, "max_grad_norm", 1.0) != 0.0:
+    if settings.max_grad_norm != 0.0:
         logger.warning("Adafactor: --max_grad_norm clips gradients; consider --max_grad_norm 0")
-    if getattr(args, "lr_scheduler", "constant") != "constant_with_warmup":
+    if settings.lr_scheduler != "constant_with_warmup":
         logger.warning("Adafactor without relative_step: --lr_scheduler constant_with_warmup may work better")
     if kwargs.get("clip_threshold", 1.0) != 1.0:
         logger.warning("Adafactor: clip_threshold=1.0 may work better")
     return lr
 
 
-def create_optimizer(params: list[torch.nn.Parameter] | list[dict], args: Any) -> tuple[str, str, Any]:
-    """kohya's get_optimizer: returns (optimizer class path, its extra args as "k=v,...", optimizer).
-
-    ``args`` needs optimizer_type, use_8bit_adam, use_lion_optimizer, learning_rate, optimizer_args,
-    fused_backward_pass, and (for Adafactor's advice) lr_scheduler and max_grad_norm.
-    """
-    if getattr(args, "fused_backward_pass", False):
+def create_optimizer(
+    params: list[torch.nn.Parameter] | list[dict], settings: OptimizerSettings
+) -> tuple[str, str, Any]:
+    """kohya's get_optimizer: returns (optimizer class path, its extra args as "k=v,...", optimizer)."""
+    if settings.fused_backward_pass:
         raise UserError(
             "--fused_backward_pass is not available for textual inversion (kohya implements it only for "
             "SDXL, SD3 and FLUX fine-tuning); remove it"
@@ -348,9 +385,9 @@ def create_optimizer(params: list[torch.nn.Parameter] | list[dict], args: Any) -
     params = list(params)
     if not params:
         raise ValueError("create_optimizer got no parameters to train")
-    optimizer_type, flag = _optimizer_choice(args)
-    kwargs = parse_key_value_args(getattr(args, "optimizer_args", None), "--optimizer_args")
-    lr = getattr(args, "learning_rate", DEFAULT_LEARNING_RATE)
+    optimizer_type, flag = _optimizer_choice(settings)
+    kwargs = parse_key_value_args(settings.optimizer_args, "--optimizer_args")
+    lr = settings.learning_rate
     type_key = optimizer_type.lower()
     known = _KNOWN_OPTIMIZERS.get(type_key)
 
@@ -366,7 +403,7 @@ def create_optimizer(params: list[torch.nn.Parameter] | list[dict], args: Any) -
                 kwargs["momentum"] = 0.9
             kwargs["nesterov"] = True
         if type_key == "adafactor":
-            lr = _prepare_adafactor(params, kwargs, lr, args)
+            lr = _prepare_adafactor(params, kwargs, lr, settings)
 
     logger.info(f"use {optimizer_class.__name__} optimizer | {kwargs}")
     try:
@@ -449,9 +486,9 @@ _OPTION_USERS = {
 }
 
 
-def _warn_unused_schedule_options(args: Any, name: str) -> None:
+def _warn_unused_schedule_options(settings: OptimizerSettings, name: str) -> None:
     for attribute, (flag, default, users) in _OPTION_USERS.items():
-        value = getattr(args, attribute, default)
+        value = getattr(settings, attribute)
         if value != default and name not in users:
             logger.warning(f"{flag} is not used by --lr_scheduler {name}; ignored")
 
@@ -485,7 +522,7 @@ def _custom_scheduler(
         raise UserError(f"--lr_scheduler_args do not fit {scheduler_type}: {exc}") from None
 
 
-def create_lr_scheduler(optimizer: Any, args: Any, num_training_steps: int) -> Any:
+def create_lr_scheduler(optimizer: Any, settings: OptimizerSettings, num_training_steps: int) -> Any:
     """kohya's get_scheduler_fix: the lr schedule for ``num_training_steps`` optimizer steps.
 
     The trainer steps it once per optimizer step on every process, so the learning rate at each
@@ -494,24 +531,24 @@ def create_lr_scheduler(optimizer: Any, args: Any, num_training_steps: int) -> A
     Warmup/decay ratios are taken of ``num_training_steps``, schedule-free optimizers get a
     constant schedule, and relative-step Adafactor gets transformers' AdafactorSchedule.
     """
-    name = getattr(args, "lr_scheduler", "constant") or "constant"
+    name = settings.lr_scheduler or "constant"
     total_steps = num_training_steps
-    warmup = resolve_step_count(getattr(args, "lr_warmup_steps", 0), total_steps, "--lr_warmup_steps")
-    decay = resolve_step_count(getattr(args, "lr_decay_steps", 0), total_steps, "--lr_decay_steps")
-    num_cycles = getattr(args, "lr_scheduler_num_cycles", 1)
-    min_lr_ratio = getattr(args, "lr_scheduler_min_lr_ratio", None)
-    kwargs = parse_key_value_args(getattr(args, "lr_scheduler_args", None), "--lr_scheduler_args")
+    warmup = resolve_step_count(settings.lr_warmup_steps, total_steps, "--lr_warmup_steps")
+    decay = resolve_step_count(settings.lr_decay_steps, total_steps, "--lr_decay_steps")
+    num_cycles = settings.lr_scheduler_num_cycles
+    min_lr_ratio = settings.lr_scheduler_min_lr_ratio
+    kwargs = parse_key_value_args(settings.lr_scheduler_args, "--lr_scheduler_args")
     inner = _unwrap(optimizer)
 
     if is_schedule_free(optimizer):
-        if name != "constant" or warmup or getattr(args, "lr_scheduler_type", ""):
+        if name != "constant" or warmup or settings.lr_scheduler_type:
             logger.warning(
                 "schedule-free optimizers run without an lr schedule (as in kohya): --lr_scheduler, "
                 "--lr_scheduler_type and --lr_warmup_steps are ignored; use --optimizer_args warmup_steps=N"
             )
         return _constant_schedule(optimizer)
 
-    scheduler_type = getattr(args, "lr_scheduler_type", "") or ""
+    scheduler_type = settings.lr_scheduler_type or ""
     if scheduler_type:
         return _custom_scheduler(optimizer, scheduler_type, kwargs, warmup)
 
@@ -524,14 +561,14 @@ def create_lr_scheduler(optimizer: Any, args: Any, num_training_steps: int) -> A
         _require_no_warmup(warmup, "the adafactor lr schedule (used by Adafactor with relative_step)")
         from transformers.optimization import AdafactorSchedule
 
-        initial_lr = float(name.split(":", 1)[1]) if ":" in name else getattr(args, "learning_rate", 0.0)
+        initial_lr = float(name.split(":", 1)[1]) if ":" in name else settings.learning_rate
         return AdafactorSchedule(inner, initial_lr)
 
     if name not in SUPPORTED_LR_SCHEDULERS:
         raise UserError(
             f"--lr_scheduler {name} is not supported; use one of {', '.join(SUPPORTED_LR_SCHEDULERS)}"
         )
-    _warn_unused_schedule_options(args, name)
+    _warn_unused_schedule_options(settings, name)
 
     if name == "piecewise_constant":
         from diffusers.optimization import get_piecewise_constant_schedule
@@ -555,7 +592,7 @@ def create_lr_scheduler(optimizer: Any, args: Any, num_training_steps: int) -> A
     elif name == "constant_with_warmup":
         call = {"num_warmup_steps": warmup}
     elif name == "inverse_sqrt":
-        call = {"num_warmup_steps": warmup, "timescale": getattr(args, "lr_scheduler_timescale", None)}
+        call = {"num_warmup_steps": warmup, "timescale": settings.lr_scheduler_timescale}
     elif name in ("linear", "cosine"):
         call = {"num_warmup_steps": warmup, "num_training_steps": total_steps}
     elif name == "cosine_with_restarts":
@@ -564,7 +601,7 @@ def create_lr_scheduler(optimizer: Any, args: Any, num_training_steps: int) -> A
         call = {
             "num_warmup_steps": warmup,
             "num_training_steps": total_steps,
-            "power": getattr(args, "lr_scheduler_power", 1.0),
+            "power": settings.lr_scheduler_power,
         }
     elif name == "cosine_with_min_lr":
         if min_lr_ratio is None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
 from library.dataset import add_dataset_arguments
 from library.errors import UserError
@@ -20,6 +19,7 @@ from library.files import tomllib
 from library.loss import add_loss_arguments
 from library.noise import add_noise_arguments
 from library.optimizers import add_optimizer_arguments
+from library.runtime import refuse_options
 from library.sampler_names import SAMPLER_NAMES
 
 logger = logging.getLogger(__name__)
@@ -255,37 +255,30 @@ def write_config(args: argparse.Namespace) -> Path:
 # options accepted for compatibility that cannot work here
 
 
+DEEPSPEED = "is a DeepSpeed option; DeepSpeed is not supported"
+HUB = "the Hugging Face hub is not supported (this tool works offline); upload or download the files yourself"
+REFUSED_OPTIONS = {  # name: (default, why)
+    "deepspeed": (False, "DeepSpeed is not supported: a Textual Inversion run trains a few vectors and needs no sharding"),
+    "fp8_base": (False, "not supported: it needs fp8 CUDA kernels and saves little for Textual Inversion"),
+    **{name: (default, DEEPSPEED) for name, default in (
+        ("zero_stage", 2), ("fp16_master_weights_and_gradients", False), ("zero3_init_flag", False),
+        ("zero3_save_16bit_model", False), ("offload_optimizer_device", None), ("offload_optimizer_nvme_path", None),
+        ("offload_param_device", None), ("offload_param_nvme_path", None))},
+    **{name: (default, HUB) for name, default in (
+        ("huggingface_repo_id", None), ("huggingface_repo_type", None), ("huggingface_path_in_repo", None),
+        ("huggingface_token", None), ("huggingface_repo_visibility", None), ("save_state_to_huggingface", False),
+        ("resume_from_huggingface", False), ("async_upload", False))},
+}  # fmt: skip
+NO_EFFECT_OPTIONS = ("lowram", "highvram", "ddp_gradient_as_bucket_view", "ddp_static_graph")
+
+
 def refuse_unsupported(args: argparse.Namespace) -> None:
     """One clear line for each kohya option this trainer cannot honour; info for no-op hints."""
-    refusals = {
-        "deepspeed": "DeepSpeed is not supported: a Textual Inversion run trains a few vectors and needs no sharding",
-        "fp8_base": "not supported: it needs fp8 CUDA kernels and saves little for Textual Inversion",
-        "fp16_master_weights_and_gradients": "is a DeepSpeed option; DeepSpeed is not supported",
-        "zero3_init_flag": "is a DeepSpeed option; DeepSpeed is not supported",
-        "zero3_save_16bit_model": "is a DeepSpeed option; DeepSpeed is not supported",
-        "offload_optimizer_device": "is a DeepSpeed option; DeepSpeed is not supported",
-        "offload_optimizer_nvme_path": "is a DeepSpeed option; DeepSpeed is not supported",
-        "offload_param_device": "is a DeepSpeed option; DeepSpeed is not supported",
-        "offload_param_nvme_path": "is a DeepSpeed option; DeepSpeed is not supported",
-    }
-    hub = "the Hugging Face hub is not supported (this tool works offline); upload or download the files yourself"
-    for name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-                 "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
-                 "async_upload"):  # fmt: skip
-        refusals[name] = hub
-    for name, reason in refusals.items():
-        if getattr(args, name, None):
-            raise UserError(f"--{name}: {reason}")
-    if args.zero_stage != 2:
-        raise UserError("--zero_stage is a DeepSpeed option; DeepSpeed is not supported")
-    for name in ("lowram", "highvram", "ddp_gradient_as_bucket_view", "ddp_static_graph"):
+    refuse_options(args, REFUSED_OPTIONS)
+    for name in NO_EFFECT_OPTIONS:
         if getattr(args, name):
             logger.info(
                 "--%s has no effect here: only the new embedding rows are trained and synchronised, "
                 "so there is no large model to place or to wrap in DDP",
                 name,
             )
-
-
-def log_level(args: Any) -> int:
-    return getattr(logging, args.console_log_level or "INFO")

@@ -4,33 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any
 
 import torch
 
 from library.errors import UserError
 from library.files import tomllib
-
-
-def setup_console_logging(level: int, log_file: str | None = None, simple: bool = False) -> None:
-    """``--console_log_level/file/simple``: plain lines on stderr (or into a file)."""
-    fmt = "%(message)s" if simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler = (
-        logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in ("httpx", "urllib3", "PIL", "torch._dynamo"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # diffusers/transformers chatter (dtype casts, weight loading bars) says nothing users can act on
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
 
 
 class TrainLogger:

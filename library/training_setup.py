@@ -16,74 +16,23 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 
 from library.errors import UserError
+from library.runtime import usable_precision
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's Features entry
-
 
 def resolve_mixed_precision(args: Any) -> str:
-    """``--mixed_precision``, with ``--full_fp16/--full_bf16`` folded in and fp16 → bf16 on CPU."""
+    """``--mixed_precision``, with ``--full_fp16/--full_bf16`` folded in and the CPU rule applied."""
     mixed = args.mixed_precision
     if args.full_fp16 and args.full_bf16:
         raise UserError("--full_fp16 and --full_bf16 exclude each other; choose one")
     if args.full_fp16 or args.full_bf16:
+        flag = "--full_fp16" if args.full_fp16 else "--full_bf16"
         wanted = "fp16" if args.full_fp16 else "bf16"
         if mixed != wanted:
-            flag = "--full_fp16" if args.full_fp16 else "--full_bf16"
             raise UserError(f"{flag} needs --mixed_precision {wanted}")
-        logger.info("%s: the frozen models run in %s; the trained vectors stay fp32", flag_of(args), wanted)
-    if mixed == "fp16" and not torch.cuda.is_available():
-        if cpu_has_native_bf16():
-            logger.warning("--mixed_precision fp16 needs a GPU; on this CPU bf16 is used instead")
-            mixed = "bf16"
-        else:
-            logger.warning("--mixed_precision fp16 needs a GPU and this CPU has no native bf16; using fp32")
-            mixed = "no"
-    elif mixed == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
-        logger.warning(
-            "--mixed_precision bf16: this CPU has no native bf16 kernels (no AVX512-BF16/AMX), so bf16 is "
-            "emulated and much slower than fp32; consider --mixed_precision no"
-        )
-    return mixed
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 in hardware (AVX512-BF16, AMX, or Arm's BF16), so bf16 beats fp32.
-
-    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also answers yes on plain
-    AVX-512, where bf16 is emulated by converting to fp32 and back: there a bf16 UNet step took
-    2.5 times as long as fp32 (docs/benchmarks.md). So the instruction sets themselves are asked:
-    torch's CPU feature checks where this torch has them, and the kernel's CPU flags.
-    """
-    checks = [
-        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    ]
-    for check in checks:
-        try:
-            if check is not None and check():
-                return True
-        except RuntimeError:
-            pass
-    return bool(NATIVE_BF16_FLAGS & cpu_flags())
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU feature flags the kernel reports (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
-def flag_of(args: Any) -> str:
-    return "--full_fp16" if args.full_fp16 else "--full_bf16"
+        logger.info("%s: the frozen models run in %s; the trained vectors stay fp32", flag, wanted)
+    return usable_precision(mixed, f"--mixed_precision {mixed}")
 
 
 def make_accelerator(args: Any, mixed_precision: str) -> Accelerator:
@@ -125,28 +74,6 @@ def _require_wandb(args: Any) -> None:
         raise UserError("--log_with wandb needs the wandb package: pip install wandb") from exc
     if args.wandb_api_key:
         wandb.login(key=args.wandb_api_key)
-
-
-def configure_attention(unet, args: Any, device: torch.device) -> None:
-    """SDPA by default; xformers only where it can run (CUDA and installed), else a warning."""
-    if args.xformers:
-        try:
-            import xformers  # noqa: F401
-
-            available = device.type == "cuda"
-        except ImportError:
-            available = False
-        if available:
-            unet.enable_xformers_memory_efficient_attention()
-            return
-        logger.warning(
-            "--xformers: xformers is not installed or has no kernels for %s; using SDPA", device.type
-        )
-    if args.mem_eff_attn:
-        logger.info("--mem_eff_attn: PyTorch SDPA picks its memory-efficient kernel by itself")
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0())
 
 
 def freeze_and_cast(model, weight_dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device) -> None:

@@ -14,23 +14,22 @@ from library.loss import (
     LossSettings,
     add_loss_arguments,
     apply_mask,
-    check_loss_arguments,
     compute_loss,
     conditional_loss,
     huber_c_for_timesteps,
     mask_from_conditioning_image,
 )
 from library.noise import make_training_schedule
+from library.options import settings_from
 
 TIMESTEPS = torch.tensor([0, 250, 999])
 
 
-def parse(*argv: str, v_parameterization: bool = False) -> argparse.Namespace:
+def parse(*argv: str, v_parameterization: bool = False) -> LossSettings:
+    """Settings from a command line, as the trainer builds them (checked on construction)."""
     parser = argparse.ArgumentParser()
     add_loss_arguments(parser)
-    args = parser.parse_args(list(argv))
-    args.v_parameterization = v_parameterization
-    return args
+    return settings_from(LossSettings, parser.parse_args(list(argv)), v_parameterization=v_parameterization)
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +82,15 @@ def test_loss_arguments_have_kohyas_names_types_and_defaults():
 )
 def test_combinations_kohya_rejects_are_user_errors(argv, v_param, message):
     with pytest.raises(UserError, match=message):
-        check_loss_arguments(parse(*argv, v_parameterization=v_param))
+        parse(*argv, v_parameterization=v_param)
 
 
 def test_valid_combinations_pass_and_ignored_huber_options_are_warned(caplog):
-    check_loss_arguments(parse("--scale_v_pred_loss_like_noise_pred", v_parameterization=True))
-    check_loss_arguments(parse("--v_pred_like_loss", "0.1"))
+    parse("--scale_v_pred_loss_like_noise_pred", v_parameterization=True)
+    parse("--v_pred_like_loss", "0.1")
     with caplog.at_level(logging.WARNING):
-        check_loss_arguments(parse("--huber_c", "0.3"))
-        check_loss_arguments(parse("--loss_type", "huber", "--huber_scale", "2"))
+        parse("--huber_c", "0.3").warn_about_unused()
+        parse("--loss_type", "huber", "--huber_scale", "2").warn_about_unused()
     assert "--huber_c only apply to --loss_type huber" in caplog.text
     assert "--huber_scale has no effect with --huber_schedule snr" in caplog.text
 

@@ -13,21 +13,22 @@ from library.noise import (
     NoiseSettings,
     add_noise,
     add_noise_arguments,
-    check_noise_arguments,
     make_noise_scheduler,
     make_training_schedule,
     sample_noise_and_timesteps,
     snr_of,
     training_target,
 )
+from library.options import settings_from
 
 SHAPE = (2, 4, 8, 8)
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> NoiseSettings:
+    """Settings from a command line, as the trainer builds them (checked on construction)."""
     parser = argparse.ArgumentParser()
     add_noise_arguments(parser)
-    return parser.parse_args(list(argv))
+    return settings_from(NoiseSettings, parser.parse_args(list(argv)))
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -48,8 +49,9 @@ def latents():
 
 
 def test_noise_arguments_have_kohyas_names_types_and_defaults():
-    defaults = vars(parse())
-    assert defaults == {
+    parser = argparse.ArgumentParser()
+    add_noise_arguments(parser)
+    assert vars(parser.parse_args([])) == {
         "noise_offset": None,
         "noise_offset_random_strength": False,
         "adaptive_noise_scale": None,
@@ -61,6 +63,7 @@ def test_noise_arguments_have_kohyas_names_types_and_defaults():
         "min_timestep": None,
         "max_timestep": None,
     }
+    assert (parse().min_timestep, parse().max_timestep) == (0, 1000)  # resolved to kohya's range
     args = parse(
         "--noise_offset",
         "0.1",
@@ -81,12 +84,12 @@ def test_noise_arguments_have_kohyas_names_types_and_defaults():
 
 def test_adaptive_noise_scale_needs_noise_offset():
     with pytest.raises(UserError, match="--adaptive_noise_scale needs --noise_offset"):
-        check_noise_arguments(parse("--adaptive_noise_scale", "0.05"))
-    check_noise_arguments(parse("--adaptive_noise_scale", "0.05", "--noise_offset", "0.1"))
+        parse("--adaptive_noise_scale", "0.05")
+    parse("--adaptive_noise_scale", "0.05", "--noise_offset", "0.1")
 
 
 def test_noise_offset_with_multires_is_allowed_like_current_kohya():
-    check_noise_arguments(parse("--noise_offset", "0.1", "--multires_noise_iterations", "6"))
+    parse("--noise_offset", "0.1", "--multires_noise_iterations", "6")
 
 
 @pytest.mark.parametrize(
@@ -101,12 +104,12 @@ def test_noise_offset_with_multires_is_allowed_like_current_kohya():
 )
 def test_bad_noise_options_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
-        check_noise_arguments(parse(*argv))
+        parse(*argv)
 
 
 def test_options_without_effect_are_warned_about(caplog):
     with caplog.at_level(logging.WARNING):
-        check_noise_arguments(parse("--noise_offset_random_strength", "--ip_noise_gamma_random_strength"))
+        parse("--noise_offset_random_strength", "--ip_noise_gamma_random_strength").warn_about_unused(True)
     assert "--noise_offset_random_strength has no effect" in caplog.text
     assert "--ip_noise_gamma_random_strength has no effect" in caplog.text
 
@@ -184,7 +187,7 @@ def test_plain_noise_is_the_generators_first_gaussian_draw(schedule, latents):
 
 
 def test_same_seed_same_step_and_generator_state_resumes(schedule, latents):
-    settings = NoiseSettings.from_args(parse("--noise_offset", "0.1", "--ip_noise_gamma", "0.1"))
+    settings = parse("--noise_offset", "0.1", "--ip_noise_gamma", "0.1")
     first = gen(3)
     sample_noise_and_timesteps(latents, schedule, settings, first)
     saved = first.get_state()

@@ -12,6 +12,7 @@ import torch
 
 from library.errors import UserError
 from library.optimizers import (
+    OptimizerSettings,
     add_optimizer_arguments,
     create_lr_scheduler,
     create_optimizer,
@@ -21,11 +22,17 @@ from library.optimizers import (
     optimizer_train_mode,
     resolve_step_count,
 )
+from library.options import settings_from
 
 LR = 1e-2
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> OptimizerSettings:
+    """Settings from a command line, as the trainer builds them."""
+    return settings_from(OptimizerSettings, parse_options(*argv))
+
+
+def parse_options(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_optimizer_arguments(parser)
     return parser.parse_args(list(argv))
@@ -64,7 +71,7 @@ def sgd(lr: float = LR):
 
 
 def test_optimizer_arguments_have_kohyas_names_types_and_defaults():
-    assert vars(parse()) == {
+    assert vars(parse_options()) == {
         "optimizer_type": "",
         "use_8bit_adam": False,
         "use_lion_optimizer": False,

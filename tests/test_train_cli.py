@@ -107,7 +107,7 @@ def test_seed_command_cpu_adapted(char_data, tiny_sd1, tmp_path):
         "--mixed_precision=fp16", "--save_every_n_epochs=1", "--save_model_as=safetensors", "--clip_skip=2",
         "--color_aug", "--token_string=mychar4", "--init_word=cute", "--num_vectors_per_token=4",
     )  # fmt: skip
-    assert "xformers" in result.stderr and "--mixed_precision fp16 needs a GPU" in result.stderr
+    assert "xformers" in result.stderr and "--mixed_precision fp16: float16 needs a GPU" in result.stderr
     final = out / "mychar4.safetensors"
     assert final.is_file()
     assert (out / "mychar4-000001.safetensors").is_file()  # 6 batches per epoch: epoch 1 ends at step 6

@@ -8,8 +8,9 @@ import logging
 import pytest
 import torch
 
-from library import training_setup
-from library.training_setup import cpu_flags, cpu_has_native_bf16, resolve_mixed_precision
+from library import runtime
+from library.runtime import cpu_flags, cpu_has_native_bf16
+from library.training_setup import resolve_mixed_precision
 
 X86_AVX512_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni\n"
 X86_SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -23,7 +24,7 @@ def cpu(monkeypatch, tmp_path):
     def pretend(cpuinfo: str, torch_avx512_bf16: bool = False, torch_amx: bool = False) -> None:
         path = tmp_path / "cpuinfo"
         path.write_text(cpuinfo)
-        monkeypatch.setattr(training_setup, "cpu_flags", lambda: cpu_flags(path))
+        monkeypatch.setattr(runtime, "cpu_flags", lambda: cpu_flags(path))
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: torch_avx512_bf16, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: torch_amx, raising=False)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -65,14 +66,14 @@ def test_fp16_on_a_cpu_without_native_bf16_runs_fp32(cpu, caplog):
     cpu(X86_AVX512_ONLY)
     with caplog.at_level(logging.WARNING):
         assert resolve_mixed_precision(precision_args("fp16")) == "no"
-    assert "no native bf16; using fp32" in caplog.text
+    assert "no native bfloat16; using float32" in caplog.text
 
 
 def test_fp16_on_a_cpu_with_native_bf16_runs_bf16(cpu, caplog):
     cpu(X86_SAPPHIRE_RAPIDS)
     with caplog.at_level(logging.WARNING):
         assert resolve_mixed_precision(precision_args("fp16")) == "bf16"
-    assert "bf16 is used instead" in caplog.text
+    assert "bfloat16 is used instead" in caplog.text
 
 
 @pytest.mark.parametrize("cpuinfo, warned", [(X86_AVX512_ONLY, True), (X86_SAPPHIRE_RAPIDS, False)])
@@ -80,4 +81,4 @@ def test_bf16_is_kept_and_warned_about_only_where_emulated(cpu, caplog, cpuinfo,
     cpu(cpuinfo)
     with caplog.at_level(logging.WARNING):
         assert resolve_mixed_precision(precision_args("bf16")) == "bf16"
-    assert ("emulated and much slower than fp32" in caplog.text) == warned
+    assert ("emulated and much slower than float32" in caplog.text) == warned

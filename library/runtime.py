@@ -1,0 +1,169 @@
+"""What the trainer and the generator share at run time: console logging, the compute precision
+and its CPU fallback, the attention backend, and the refusal of options that cannot work here.
+
+One rule each, so the two programs never disagree (they used to: the generator and the trainer
+had their own fp16 fallback, xformers choice, log set-up and refusal loop). torch and diffusers
+are imported inside the functions that need them, so that a mistake on the command line is
+reported before those slow imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from library.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's Features entry
+
+
+# ---------------------------------------------------------------------------------------------
+# console logging
+
+
+def log_level(name: str | None) -> int:
+    """``--console_log_level`` (``DEBUG`` ... ``CRITICAL``; INFO when not given) as a logging level."""
+    return getattr(logging, name or "INFO")
+
+
+def setup_console_logging(level: int, log_file: str | None = None, simple: bool = False) -> None:
+    """``--console_log_level/file/simple``: plain lines on stderr (or into a file)."""
+    fmt = "%(message)s" if simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = (
+        logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "urllib3", "PIL", "torch._dynamo"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # diffusers/transformers chatter (dtype casts, weight loading bars) says nothing users can act on
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+# ---------------------------------------------------------------------------------------------
+# precision
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """``no``/``fp16``/``bf16`` (accelerate's names) as a torch dtype."""
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16, AMX, or Arm's BF16), so bf16 beats fp32.
+
+    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also answers yes on plain
+    AVX-512, where bf16 is emulated by converting to fp32 and back: there a bf16 UNet step took
+    2.5 times as long as fp32 (docs/benchmarks.md). So the instruction sets themselves are asked:
+    torch's CPU feature checks where this torch has them, and the kernel's CPU flags.
+    """
+    import torch
+
+    checks = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    for check in checks:
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            pass
+    return bool(NATIVE_BF16_FLAGS & cpu_flags())
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU feature flags the kernel reports (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def usable_precision(wanted: str, flag: str, on_gpu: bool | None = None) -> str:
+    """``wanted`` (``no``, ``fp16`` or ``bf16``) as it can run here: the one CPU rule of both programs.
+
+    fp16 needs a GPU; on a CPU it becomes bf16 where bf16 is native, else fp32, with a warning.
+    bf16 on a CPU without native bf16 runs, emulated and slow, with a warning.
+    """
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    if on_gpu or wanted == "no":
+        return wanted
+    if wanted == "fp16":
+        if cpu_has_native_bf16():
+            logger.warning("%s: float16 needs a GPU; on this CPU bfloat16 is used instead", flag)
+            return "bf16"
+        logger.warning("%s: float16 needs a GPU and this CPU has no native bfloat16; using float32", flag)
+        return "no"
+    if not cpu_has_native_bf16():
+        logger.warning(
+            "%s: this CPU has no native bfloat16 kernels (no AVX512-BF16/AMX), so bfloat16 is emulated and much "
+            "slower than float32; consider float32",
+            flag,
+        )
+    return wanted
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+def use_attention(modules: list, *, xformers: bool, flag: str, device: torch.device) -> str:
+    """xformers where asked for and usable (CUDA, installed); else PyTorch SDPA. Returns the choice."""
+    if xformers:
+        try:
+            import xformers as _xformers  # noqa: F401
+
+            usable = device.type == "cuda"
+        except ImportError:
+            usable = False
+        if usable:
+            for module in modules:
+                module.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        logger.warning(
+            "%s: xformers is not installed or has no kernels for %s; using SDPA", flag, device.type
+        )
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for module in modules:
+        module.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------
+# options that cannot work here
+
+
+def refuse_options(namespace: Any, refusals: dict[str, tuple[Any, str]]) -> None:
+    """One line for the first option of ``refusals`` (``name: (default, why)``) given another value.
+
+    An empty list (``--network_module`` with no value) counts as not given, as in kohya's scripts.
+    """
+    for name, (default, why) in refusals.items():
+        value = getattr(namespace, name)
+        if value == default or value == []:
+            continue
+        raise UserError(f"--{name}: {why}")
