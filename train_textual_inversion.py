@@ -29,17 +29,14 @@ from library.embeddings import load_embedding_file, sai_model_spec_metadata
 from library.errors import UserError, run_cli
 from library.files import ensure_writable_folder, remove_interrupted_saves
 from library.host_memory import keep_freed_memory_in_process
-from library.loss import LossSettings
 from library.models import load_sd_model
-from library.noise import NoiseSettings, make_training_schedule
+from library.noise import make_training_schedule
 from library.optimizers import (
-    OptimizerSettings,
     create_lr_scheduler,
     create_optimizer,
     optimizer_eval_mode,
     optimizer_train_mode,
 )
-from library.options import settings_from
 from library.placeholder_embedding import (
     add_placeholder_tokens,
     init_word_vectors,
@@ -48,10 +45,9 @@ from library.placeholder_embedding import (
 )
 from library.runtime import log_level, setup_console_logging, torch_dtype, use_attention
 from library.tokenizer import load_tokenizer, set_family_padding
-from library.train_args import parse_args, refuse_unsupported
+from library.train_args import check_training_arguments, parse_args, refuse_unsupported, run_settings
 from library.train_checks import (
     FiniteGuard,
-    check_training_arguments,
     warn_if_resume_is_done,
     warn_if_vectors_frozen,
 )
@@ -73,12 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     setup_console_logging(log_level(args.console_log_level), args.console_log_file, args.console_log_simple)
     refuse_unsupported(args)
     check_training_arguments(args)
-    noise, loss, optimizer_settings = (settings_from(NoiseSettings, args), settings_from(LossSettings, args),
-                                       settings_from(OptimizerSettings, args))  # fmt: skip
-    noise.warn_about_unused(args.v_parameterization)
-    loss.warn_about_unused()
-    mixed_precision = resolve_mixed_precision(args)
-    accelerator = make_accelerator(args, mixed_precision)
+    settings = run_settings(args)
+    settings.noise.warn_about_unused(args.v_parameterization)
+    settings.loss.warn_about_unused()
+    mixed_precision = resolve_mixed_precision(args.mixed_precision, args.full_fp16, args.full_bf16)
+    accelerator = make_accelerator(settings.tracking, mixed_precision, args.gradient_accumulation_steps,
+                                   args.ddp_timeout)  # fmt: skip
     if not accelerator.is_local_main_process and log_level(args.console_log_level) > logging.DEBUG:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages
     device = accelerator.device
@@ -98,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. The data. Checked before the model loads, so a mistake costs seconds, not minutes.
     template = "object" if args.use_object_template else "style" if args.use_style_template else None
     dataset = build_train_dataset(
-        args, tokenizer, TokenCaptionRule(args.token_string, num_vectors, template), seed
+        settings.data, tokenizer, TokenCaptionRule(args.token_string, num_vectors, template), seed
     )
     dataset.verify_token_in_captions()
     if args.debug_dataset:
@@ -133,10 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.wait_for_everyone()
 
     # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
-    optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], optimizer_settings)
-    lr_scheduler = create_lr_scheduler(optimizer, optimizer_settings, length.max_train_steps)
+    optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], settings.optimizer)
+    lr_scheduler = create_lr_scheduler(optimizer, settings.optimizer, length.max_train_steps)
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling on CUDA
-    loader = accelerator.prepare_data_loader(make_train_dataloader(dataset, args), device_placement=True)
+    loader = accelerator.prepare_data_loader(
+        make_train_dataloader(dataset, settings.data), device_placement=True
+    )
     progress = Progress(seed=seed)
     if args.resume:
         progress = load_training_state(Path(args.resume), new_rows.vectors, optimizer, lr_scheduler)
@@ -146,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         warn_if_resume_is_done(progress.global_step, length.max_train_steps)
 
     diffusion_loss = DiffusionLoss(
-        text_encoder, tokenizer, unet, vae, make_training_schedule(args.v_parameterization, noise.zero_terminal_snr,
-        device), noise, loss, args.clip_skip, args.v_parameterization,
+        text_encoder, tokenizer, unet, vae, make_training_schedule(args.v_parameterization,
+        settings.noise.zero_terminal_snr, device), settings.noise, settings.loss, args.clip_skip, args.v_parameterization,
         weight_dtype, vae_dtype, seed, accelerator.autocast,
     )  # fmt: skip
     saves = SaveCadence(args.save_every_n_steps, save_every_n_epochs(args, length.num_epochs), args.save_last_n_steps,
@@ -157,19 +155,20 @@ def main(argv: list[str] | None = None) -> None:
                      new_rows.vectors, optimizer, lr_scheduler, progress,
                      lambda: embedding_metadata(args, model, dataset, output_name), SAVE_DTYPES[args.save_precision],
                      model.name)  # fmt: skip
-    samples = SampleSchedule.from_args(args, num_vectors)
+    samples = SampleSchedule.from_settings(settings.sampling, num_vectors)
     guard = FiniteGuard(
         new_rows.vectors,
         lambda label, v, step: saver.embedding(f"{output_name}-{label}.{saver.extension}", v, step),
     )
-    tracker = TrainLogger(accelerator, args, optimizer_name, optimizer_args)
+    tracker = TrainLogger(accelerator, settings.tracking, vars(args), optimizer_name, optimizer_args)
     saver.warn_if_final_exists()
     start_vectors = new_rows.vectors.detach().clone()
 
     def render_samples(epoch: int | None) -> None:
         optimizer_eval_mode(optimizer)
-        sample_images(accelerator, args, samples, model, tokenizer, output_dir, output_name,
-                      step=progress.global_step, epoch=epoch, weight_dtype=weight_dtype)  # fmt: skip
+        sample_images(accelerator, samples, model, tokenizer, output_dir, output_name, step=progress.global_step,
+                      epoch=epoch, weight_dtype=weight_dtype, token_string=args.token_string, clip_skip=args.clip_skip,
+                      max_token_length=args.max_token_length)  # fmt: skip
         optimizer_train_mode(optimizer)
 
     logger.info(

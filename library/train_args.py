@@ -10,17 +10,23 @@ command line is understood, and then refused with one line saying why (``refuse_
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from library.dataset import add_dataset_arguments
+from library.dataset.args import DataOptions
 from library.errors import UserError
 from library.files import tomllib
-from library.loss import add_loss_arguments
-from library.noise import add_noise_arguments
-from library.optimizers import add_optimizer_arguments
+from library.loss import LossSettings, add_loss_arguments
+from library.noise import NoiseSettings, add_noise_arguments
+from library.optimizers import OptimizerSettings, add_optimizer_arguments
+from library.options import default_of, settings_from
 from library.runtime import refuse_options
 from library.sampler_names import SAMPLER_NAMES
+from library.train_logging import TrackerSettings
+from library.train_sampling import SampleSettings
 
 logger = logging.getLogger(__name__)
 
@@ -145,23 +151,34 @@ def _saving_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sample images during training")
-    g.add_argument("--sample_prompts", type=str, default=None, help=".txt, .toml or .json prompt file")
-    g.add_argument("--sample_every_n_steps", type=int, default=None)
-    g.add_argument("--sample_every_n_epochs", type=int, default=None)
+    default = functools.partial(default_of, SampleSettings)
+    g.add_argument(
+        "--sample_prompts",
+        type=str,
+        default=default("sample_prompts"),
+        help=".txt, .toml or .json prompt file",
+    )
+    g.add_argument("--sample_every_n_steps", type=int, default=default("sample_every_n_steps"))
+    g.add_argument("--sample_every_n_epochs", type=int, default=default("sample_every_n_epochs"))
     g.add_argument("--sample_at_first", action="store_true")
-    g.add_argument("--sample_sampler", type=str, default="ddim", choices=SAMPLER_NAMES)
+    g.add_argument("--sample_sampler", type=str, default=default("sample_sampler"), choices=SAMPLER_NAMES)
 
 
 def _logging_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
-    g.add_argument("--logging_dir", type=str, default=None, help="TensorBoard/W&B logs go here")
-    g.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"])
-    g.add_argument("--log_prefix", type=str, default=None)
-    g.add_argument("--log_tracker_name", type=str, default=None)
-    g.add_argument("--log_tracker_config", type=str, default=None)
+    default = functools.partial(default_of, TrackerSettings)
+    g.add_argument(
+        "--logging_dir", type=str, default=default("logging_dir"), help="TensorBoard/W&B logs go here"
+    )
+    g.add_argument(
+        "--log_with", type=str, default=default("log_with"), choices=["tensorboard", "wandb", "all"]
+    )
+    g.add_argument("--log_prefix", type=str, default=default("log_prefix"))
+    g.add_argument("--log_tracker_name", type=str, default=default("log_tracker_name"))
+    g.add_argument("--log_tracker_config", type=str, default=default("log_tracker_config"))
     g.add_argument("--log_config", action="store_true", help="record the arguments in the tracker")
-    g.add_argument("--wandb_run_name", type=str, default=None)
-    g.add_argument("--wandb_api_key", type=str, default=None)
+    g.add_argument("--wandb_run_name", type=str, default=default("wandb_run_name"))
+    g.add_argument("--wandb_api_key", type=str, default=default("wandb_api_key"))
     g.add_argument("--console_log_level", type=str, default=None,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])  # fmt: skip
     g.add_argument("--console_log_file", type=str, default=None)
@@ -282,3 +299,51 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
                 "so there is no large model to place or to wrap in DDP",
                 name,
             )
+
+
+def check_training_arguments(args: argparse.Namespace) -> None:
+    """The options every run needs, checked before anything loads."""
+    for flag in ("pretrained_model_name_or_path", "token_string"):
+        if not getattr(args, flag):
+            raise UserError(f"--{flag} is required")
+    if not args.output_dir and not args.debug_dataset:
+        raise UserError("--output_dir is required")
+    if args.use_object_template and args.use_style_template:
+        raise UserError("--use_object_template and --use_style_template exclude each other; choose one")
+    if args.train_data_dir is None and args.dataset_config is None and args.in_json is None:
+        raise UserError("no training data: pass --train_data_dir, --in_json or --dataset_config")
+    if args.gradient_accumulation_steps < 1:
+        raise UserError("--gradient_accumulation_steps must be at least 1")
+    if args.max_train_steps < 1 and args.max_train_epochs is None:
+        raise UserError("--max_train_steps must be at least 1")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        raise UserError("--clip_skip must be 1 or more (1 = the last layer)")
+    if args.save_model_as == "ckpt":
+        logger.warning(
+            "--save_model_as ckpt: written as name.ckpt like kohya, but the WebUI, Forge and SD.Next do not "
+            "load .ckpt embeddings; use pt or safetensors for them"
+        )
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of each concern, built once from the command line (``library.options``)."""
+
+    data: DataOptions
+    noise: NoiseSettings
+    loss: LossSettings
+    optimizer: OptimizerSettings
+    sampling: SampleSettings
+    tracking: TrackerSettings
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """Every concern's settings from the parsed options; each checks itself as it is built."""
+    return RunSettings(
+        data=settings_from(DataOptions, args),
+        noise=settings_from(NoiseSettings, args),
+        loss=settings_from(LossSettings, args),
+        optimizer=settings_from(OptimizerSettings, args),
+        sampling=settings_from(SampleSettings, args),
+        tracking=settings_from(TrackerSettings, args),
+    )

@@ -6,7 +6,6 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -15,30 +14,6 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 FROZEN_CHECK_STEP = 10  # after this many steps, vectors that have not moved mean nothing is learned
-
-
-def check_training_arguments(args: Any) -> None:
-    """The options every run needs, checked before anything loads."""
-    for flag in ("pretrained_model_name_or_path", "token_string"):
-        if not getattr(args, flag):
-            raise UserError(f"--{flag} is required")
-    if not args.output_dir and not args.debug_dataset:
-        raise UserError("--output_dir is required")
-    if args.use_object_template and args.use_style_template:
-        raise UserError("--use_object_template and --use_style_template exclude each other; choose one")
-    if args.train_data_dir is None and args.dataset_config is None and args.in_json is None:
-        raise UserError("no training data: pass --train_data_dir, --in_json or --dataset_config")
-    if args.gradient_accumulation_steps < 1:
-        raise UserError("--gradient_accumulation_steps must be at least 1")
-    if args.max_train_steps < 1 and args.max_train_epochs is None:
-        raise UserError("--max_train_steps must be at least 1")
-    if args.clip_skip is not None and args.clip_skip < 1:
-        raise UserError("--clip_skip must be 1 or more (1 = the last layer)")
-    if args.save_model_as == "ckpt":
-        logger.warning(
-            "--save_model_as ckpt: written as name.ckpt like kohya, but the WebUI, Forge and SD.Next do not "
-            "load .ckpt embeddings; use pt or safetensors for them"
-        )
 
 
 class FiniteGuard:

@@ -1,15 +1,39 @@
-"""Console logging, the progress bar's numbers and tracker (TensorBoard / W&B) logs of a run."""
+"""The progress bar's numbers and the tracker (TensorBoard / W&B) logs of a run."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from library.errors import UserError
 from library.files import tomllib
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    """Where and how a run is logged (fields named like the options)."""
+
+    logging_dir: str | None = None
+    log_with: str | None = None
+    log_prefix: str | None = None
+    log_tracker_name: str | None = None
+    log_tracker_config: str | None = None
+    log_config: bool = False
+    wandb_run_name: str | None = None
+    wandb_api_key: str | None = None
+
+    @property
+    def trackers(self) -> list[str] | None:
+        """accelerate's ``log_with``: TensorBoard whenever a logging folder is given (kohya)."""
+        if self.log_with:
+            if not self.logging_dir:
+                raise UserError(f"--log_with {self.log_with} needs --logging_dir")
+            return ["tensorboard", "wandb"] if self.log_with == "all" else [self.log_with]
+        return ["tensorboard"] if self.logging_dir else None
 
 
 class TrainLogger:
@@ -20,22 +44,26 @@ class TrainLogger:
     ``loss/average`` (the epoch so far, as the progress bar shows) and ``norm/vector<i>``.
     """
 
-    def __init__(self, accelerator, args: Any, optimizer_name: str, optimizer_args: str):
+    def __init__(
+        self, accelerator, settings: TrackerSettings, run_config: dict[str, Any], optimizer_name: str,
+        optimizer_args: str,
+    ):  # fmt: skip
+        """``run_config`` is every option of the run, recorded in the tracker with ``--log_config``."""
         self.accelerator = accelerator
         self.enabled = bool(accelerator.log_with)
         self.adaptive = optimizer_name.lower().startswith(("dadapt", "prodigy"))
         self.epoch_loss = 0.0
         self.epoch_steps = 0
         if self.enabled:
-            config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+            config = {k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
             init_kwargs = {}
-            if args.log_tracker_config:
-                init_kwargs = _read_tracker_config(args.log_tracker_config)
-            if args.wandb_run_name:
-                init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+            if settings.log_tracker_config:
+                init_kwargs = _read_tracker_config(settings.log_tracker_config)
+            if settings.wandb_run_name:
+                init_kwargs.setdefault("wandb", {})["name"] = settings.wandb_run_name
             accelerator.init_trackers(
-                args.log_tracker_name or "textual_inversion",
-                config=config if args.log_config else {"optimizer": f"{optimizer_name} {optimizer_args}"},
+                settings.log_tracker_name or "textual_inversion",
+                config=config if settings.log_config else {"optimizer": f"{optimizer_name} {optimizer_args}"},
                 init_kwargs=init_kwargs,
             )
 

@@ -21,10 +21,22 @@ import torch
 from library.errors import UserError
 from library.files import tomllib
 from library.prompt_parsing import PromptSpec, parse_prompt_options
+from library.text_encoding import CHUNK_TOKENS
 
 logger = logging.getLogger(__name__)
 
 DEFAULTS = {"width": 512, "height": 512, "steps": 30, "scale": 7.5}
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """``--sample_*``: which prompt file, when, and with which sampler (fields named like the options)."""
+
+    sample_prompts: str | None = None
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_at_first: bool = False
+    sample_sampler: str = "ddim"
 
 
 def read_sample_prompts(path: str | Path) -> list[PromptSpec]:
@@ -74,20 +86,22 @@ class SampleSchedule:
     every_n_steps: int | None = None
     every_n_epochs: int | None = None
     num_vectors: int = 1
+    sampler: str = "ddim"
 
     @classmethod
-    def from_args(cls, args: Any, num_vectors: int) -> SampleSchedule:
-        wants = args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first
-        if wants and not args.sample_prompts:
+    def from_settings(cls, settings: SampleSettings, num_vectors: int) -> SampleSchedule:
+        wants = settings.sample_every_n_steps or settings.sample_every_n_epochs or settings.sample_at_first
+        if wants and not settings.sample_prompts:
             raise UserError(
                 "--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts"
             )
-        prompts = read_sample_prompts(args.sample_prompts) if args.sample_prompts else []
-        if args.sample_prompts and not wants:
+        prompts = read_sample_prompts(settings.sample_prompts) if settings.sample_prompts else []
+        if settings.sample_prompts and not wants:
             logger.warning(
                 "--sample_prompts is set but no --sample_every_n_steps/epochs or --sample_at_first"
             )
-        return cls(prompts, args.sample_every_n_steps, args.sample_every_n_epochs, num_vectors)
+        return cls(prompts, settings.sample_every_n_steps, settings.sample_every_n_epochs, num_vectors,
+                   settings.sample_sampler)  # fmt: skip
 
     def due_at_step(self, step: int) -> bool:
         return bool(
@@ -100,7 +114,6 @@ class SampleSchedule:
 
 def sample_images(
     accelerator,
-    args: Any,
     schedule: SampleSchedule,
     model,
     tokenizer,
@@ -110,6 +123,9 @@ def sample_images(
     step: int,
     epoch: int | None,
     weight_dtype: torch.dtype,
+    token_string: str,
+    clip_skip: int | None,
+    max_token_length: int | None,
 ) -> list[Path]:
     """Render every sample prompt on the main process; the others wait. The RNG state is restored."""
     written: list[Path] = []
@@ -123,15 +139,15 @@ def sample_images(
         generator = ImageGenerator(
             model,
             tokenizer=tokenizer,
-            clip_skip=args.clip_skip,
-            max_embeddings_multiples=None if args.max_token_length is None else args.max_token_length // 75,
+            clip_skip=clip_skip,
+            max_embeddings_multiples=None if max_token_length is None else max_token_length // CHUNK_TOKENS,
             device=accelerator.device,
             dtype=weight_dtype,
-            placeholder_vectors={args.token_string: schedule.num_vectors},
+            placeholder_vectors={token_string: schedule.num_vectors},
         )
         with torch.no_grad(), accelerator.autocast():
             for i, spec in enumerate(schedule.prompts):
-                request = _with_defaults(spec, args.sample_sampler)
+                request = _with_defaults(spec, schedule.sampler)
                 images = generator.generate(request)  # one image: the first seed (kohya's sampling)
                 seed = request.seeds[0] if request.seeds else None
                 stamp = time.strftime("%Y%m%d%H%M%S")

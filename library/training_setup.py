@@ -10,51 +10,46 @@ import datetime
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 
 from library.errors import UserError
 from library.runtime import usable_precision
+from library.train_logging import TrackerSettings
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_mixed_precision(args: Any) -> str:
+def resolve_mixed_precision(mixed_precision: str, full_fp16: bool = False, full_bf16: bool = False) -> str:
     """``--mixed_precision``, with ``--full_fp16/--full_bf16`` folded in and the CPU rule applied."""
-    mixed = args.mixed_precision
-    if args.full_fp16 and args.full_bf16:
+    if full_fp16 and full_bf16:
         raise UserError("--full_fp16 and --full_bf16 exclude each other; choose one")
-    if args.full_fp16 or args.full_bf16:
-        flag = "--full_fp16" if args.full_fp16 else "--full_bf16"
-        wanted = "fp16" if args.full_fp16 else "bf16"
-        if mixed != wanted:
+    if full_fp16 or full_bf16:
+        flag = "--full_fp16" if full_fp16 else "--full_bf16"
+        wanted = "fp16" if full_fp16 else "bf16"
+        if mixed_precision != wanted:
             raise UserError(f"{flag} needs --mixed_precision {wanted}")
         logger.info("%s: the frozen models run in %s; the trained vectors stay fp32", flag, wanted)
-    return usable_precision(mixed, f"--mixed_precision {mixed}")
+    return usable_precision(mixed_precision, f"--mixed_precision {mixed_precision}")
 
 
-def make_accelerator(args: Any, mixed_precision: str) -> Accelerator:
+def make_accelerator(
+    tracking: TrackerSettings, mixed_precision: str, accumulation: int, ddp_timeout: int | None = None
+) -> Accelerator:
     """One ``Accelerator``: mixed precision, trackers, and accelerate's gradient accumulation (its
     ``accumulate`` context decides when an optimizer step is due, an epoch's end included)."""
     handlers = []
-    if args.ddp_timeout:
-        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
-    log_with = None
-    if args.log_with:
-        if not args.logging_dir:
-            raise UserError(f"--log_with {args.log_with} needs --logging_dir")
-        log_with = ["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with]
-        if "wandb" in log_with:
-            _require_wandb(args)
-    elif args.logging_dir:
-        log_with = ["tensorboard"]
+    if ddp_timeout:
+        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=ddp_timeout)))
+    trackers = tracking.trackers
+    if trackers and "wandb" in trackers:
+        _require_wandb(tracking.wandb_api_key)
     return Accelerator(
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=log_with,
-        project_dir=run_logging_dir(args.logging_dir, args.log_prefix),
+        gradient_accumulation_steps=accumulation,
+        log_with=trackers,
+        project_dir=run_logging_dir(tracking.logging_dir, tracking.log_prefix),
         kwargs_handlers=handlers,
     )
 
@@ -67,13 +62,13 @@ def run_logging_dir(logging_dir: str | None, log_prefix: str | None) -> str | No
     return str(Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
 
 
-def _require_wandb(args: Any) -> None:
+def _require_wandb(api_key: str | None) -> None:
     try:
         import wandb
     except ImportError as exc:
         raise UserError("--log_with wandb needs the wandb package: pip install wandb") from exc
-    if args.wandb_api_key:
-        wandb.login(key=args.wandb_api_key)
+    if api_key:
+        wandb.login(key=api_key)
 
 
 def freeze_and_cast(model, weight_dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device) -> None:

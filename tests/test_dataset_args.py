@@ -78,13 +78,6 @@ def test_a_kohya_command_line_parses_unchanged():
     assert args.caption_extention == ".txt"
 
 
-def test_composing_with_a_parser_that_already_has_an_option_does_not_crash():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--max_token_length", type=int, default=None, choices=[None, 150, 225])
-    add_dataset_arguments(parser)
-    assert parser.parse_args(["--max_token_length", "150"]).max_token_length == 150
-
-
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("512", (512, 512)), ("448,640", (448, 640)), (768, (768, 768)), ([512, 768], (512, 768))],

@@ -115,9 +115,9 @@ def test_second_kohya_doc_example_parses_as_is(tmp_path):
 def test_cli_values_are_the_fallback_after_general(tmp_path):
     path = _write(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nflip_aug = false\n")
     args = make_args(
-        "--resolution", "448,640", "--flip_aug", "--caption_extension", "txt", "--train_batch_size", "3"
-    )
-    args.dataset_config = path
+        "--resolution", "448,640", "--flip_aug", "--caption_extension", "txt", "--train_batch_size", "3",
+        dataset_config=path,
+    )  # fmt: skip
     (dataset,) = datasets_from_args(args)
     assert dataset.resolution == (448, 640) and dataset.batch_size == 3
     assert dataset.subsets[0].caption_extension == ".txt"  # the dot is added, as in kohya
@@ -125,8 +125,8 @@ def test_cli_values_are_the_fallback_after_general(tmp_path):
 
 
 def test_caption_extention_old_spelling_still_works(tmp_path):
-    args = make_args("--caption_extention", ".txt", "--resolution", "64")
-    args.dataset_config = _write(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\n")
+    config = _write(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\n")
+    args = make_args("--caption_extention", ".txt", "--resolution", "64", dataset_config=config)
     assert datasets_from_args(args)[0].subsets[0].caption_extension == ".txt"
 
 
@@ -248,7 +248,7 @@ batch_size = 2
     [
         (
             "num_repeats = -3",
-            "'num_repeats' in [[datasets.subsets]] #1 of [[datasets]] #1: must be 1 or more",
+            "'num_repeats' in [[datasets.subsets]] #1 of [[datasets]] #1: must be 0 or more",
         ),
         (
             "caption_dropout_rate = 1.5",

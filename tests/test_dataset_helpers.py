@@ -6,6 +6,7 @@ No tests here; the ``test_dataset_*.py`` files import these helpers.
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 from PIL import Image
 
 from library.dataset import add_dataset_arguments
+from library.dataset.args import DataOptions
+from library.options import settings_from
 from library.tokenizer import shipped_tokenizer
 from library.tokens import placeholder_names
 
@@ -20,12 +23,11 @@ _PARSER = argparse.ArgumentParser()
 add_dataset_arguments(_PARSER)
 
 
-def make_args(*cli: str, **values) -> argparse.Namespace:
-    """Parse a kohya-style command line, then override attributes by keyword."""
-    args = _PARSER.parse_args(list(cli))
-    for key, value in values.items():
-        setattr(args, key, value)
-    return args
+def make_args(*cli: str, **values) -> DataOptions:
+    """The dataset options of a kohya-style command line, with some overridden by keyword."""
+    unknown = set(values) - {field.name for field in fields(DataOptions)}
+    assert not unknown, f"not dataset options: {unknown}"
+    return settings_from(DataOptions, _PARSER.parse_args(list(cli)), **values)
 
 
 def make_image(

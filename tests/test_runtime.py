@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import pytest
 import torch
 
 from library import runtime
+from library.errors import UserError
 from library.runtime import cpu_flags, cpu_has_native_bf16
 from library.training_setup import resolve_mixed_precision
 
@@ -58,21 +58,17 @@ def test_native_bf16_from_torch_or_from_the_cpu_flags(cpu, cpuinfo, torch_avx512
     assert cpu_has_native_bf16()
 
 
-def precision_args(mixed: str) -> argparse.Namespace:
-    return argparse.Namespace(mixed_precision=mixed, full_fp16=False, full_bf16=False)
-
-
 def test_fp16_on_a_cpu_without_native_bf16_runs_fp32(cpu, caplog):
     cpu(X86_AVX512_ONLY)
     with caplog.at_level(logging.WARNING):
-        assert resolve_mixed_precision(precision_args("fp16")) == "no"
+        assert resolve_mixed_precision("fp16") == "no"
     assert "no native bfloat16; using float32" in caplog.text
 
 
 def test_fp16_on_a_cpu_with_native_bf16_runs_bf16(cpu, caplog):
     cpu(X86_SAPPHIRE_RAPIDS)
     with caplog.at_level(logging.WARNING):
-        assert resolve_mixed_precision(precision_args("fp16")) == "bf16"
+        assert resolve_mixed_precision("fp16") == "bf16"
     assert "bfloat16 is used instead" in caplog.text
 
 
@@ -80,5 +76,12 @@ def test_fp16_on_a_cpu_with_native_bf16_runs_bf16(cpu, caplog):
 def test_bf16_is_kept_and_warned_about_only_where_emulated(cpu, caplog, cpuinfo, warned):
     cpu(cpuinfo)
     with caplog.at_level(logging.WARNING):
-        assert resolve_mixed_precision(precision_args("bf16")) == "bf16"
+        assert resolve_mixed_precision("bf16") == "bf16"
     assert ("emulated and much slower than float32" in caplog.text) == warned
+
+
+def test_full_half_precision_needs_the_matching_mixed_precision():
+    with pytest.raises(UserError, match="--full_fp16 needs --mixed_precision fp16"):
+        resolve_mixed_precision("no", full_fp16=True)
+    with pytest.raises(UserError, match="exclude each other"):
+        resolve_mixed_precision("fp16", full_fp16=True, full_bf16=True)

@@ -12,7 +12,6 @@ same structures are made from ``--train_data_dir`` / ``--reg_data_dir`` / ``--in
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import logging
@@ -23,9 +22,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from library.dataset.args import RESIZE_INTERPOLATIONS, parse_face_crop_range, parse_resolution
+from library.dataset.args import RESIZE_INTERPOLATIONS, DataOptions, parse_face_crop_range, parse_resolution
 from library.errors import UserError
 from library.files import tomllib
+from library.options import default_of
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +68,11 @@ class _SubsetOptions(_Strict):
     resize_interpolation: str | None = None
     custom_attributes: dict | None = None
 
-    @field_validator("num_repeats")
-    @classmethod
-    def _at_least_one(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be 1 or more (how many times each image is used per epoch)")
-        return value
-
-    @field_validator("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min")
+    @field_validator("num_repeats", "keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min")
     @classmethod
     def _not_negative(cls, value: int | None) -> int | None:
         if value is not None and value < 0:
-            raise ValueError("must be 0 or more")
+            raise ValueError("must be 0 or more (num_repeats 0 leaves the subset out)")
         return value
 
     @field_validator("caption_dropout_rate", "caption_tag_dropout_rate")
@@ -341,60 +334,45 @@ class DatasetParams:
         return any(subset.metadata_file is not None for subset in self.subsets)
 
 
-SUBSET_DEFAULTS: dict[str, Any] = {
-    "num_repeats": 1,
-    "shuffle_caption": False,
-    "caption_separator": ",",
-    "keep_tokens": 0,
-    "keep_tokens_separator": None,
-    "secondary_separator": None,
-    "enable_wildcard": False,
-    "caption_prefix": None,
-    "caption_suffix": None,
-    "caption_extension": ".caption",
-    "class_tokens": None,
-    "cache_info": False,
-    "token_warmup_min": 1,
-    "token_warmup_step": 0.0,
-    "caption_dropout_rate": 0.0,
-    "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0,
-    "color_aug": False,
-    "flip_aug": False,
-    "face_crop_aug_range": None,
-    "random_crop": False,
-    "alpha_mask": False,
-    "resize_interpolation": None,
-    "is_reg": False,
-}
-
-DATASET_DEFAULTS: dict[str, Any] = {
-    "batch_size": 1,
-    "resolution": None,
-    "enable_bucket": False,
-    "min_bucket_reso": 256,
-    "max_bucket_reso": 1024,
-    "bucket_reso_steps": 64,
-    "bucket_no_upscale": False,
-    "skip_image_resolution": None,
-}
-
-# kohya's CLI names that differ from the config names
+# kohya's command-line names where they differ from the config keys
 _CLI_NAME = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
+SUBSET_KEYS = (
+    "num_repeats", "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
+    "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_extension",
+    "class_tokens", "cache_info", "token_warmup_min", "token_warmup_step", "caption_dropout_rate",
+    "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "color_aug", "flip_aug", "face_crop_aug_range",
+    "random_crop", "alpha_mask", "resize_interpolation", "is_reg",
+)  # fmt: skip
+DATASET_KEYS = (
+    "batch_size", "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+    "bucket_no_upscale", "skip_image_resolution",
+)  # fmt: skip
+# keys that are no command-line option (kohya's TI parser has none for them), with kohya's defaults
+_CONFIG_ONLY_DEFAULTS = {
+    "class_tokens": None, "is_reg": False, "caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0.0, "skip_image_resolution": None,
+}  # fmt: skip
 
 
-def cli_values(args: argparse.Namespace) -> dict[str, Any]:
+def key_default(key: str) -> Any:
+    """The value a key takes when neither the config nor the command line sets it: the option's default."""
+    if key in _CONFIG_ONLY_DEFAULTS:
+        return _CONFIG_ONLY_DEFAULTS[key]
+    return default_of(DataOptions, _CLI_NAME.get(key, key))
+
+
+def cli_values(options: DataOptions) -> dict[str, Any]:
     """The command-line values as config keys: the fallback after [general]."""
     values: dict[str, Any] = {}
-    for key in [*SUBSET_DEFAULTS, *DATASET_DEFAULTS]:
-        values[key] = getattr(args, _CLI_NAME.get(key, key), None)
-    if getattr(args, "caption_extention", None) is not None:  # kohya's old spelling wins, as in kohya
-        values["caption_extension"] = args.caption_extention
-    values["resolution"] = parse_resolution(getattr(args, "resolution", None))
-    values["face_crop_aug_range"] = parse_face_crop_range(getattr(args, "face_crop_aug_range", None))
+    for key in (*SUBSET_KEYS, *DATASET_KEYS):
+        name = _CLI_NAME.get(key, key)
+        values[key] = getattr(options, name) if hasattr(options, name) else None
+    if options.caption_extention is not None:  # kohya's old spelling wins, as in kohya
+        values["caption_extension"] = options.caption_extention
+    values["resolution"] = parse_resolution(options.resolution)
+    values["face_crop_aug_range"] = parse_face_crop_range(options.face_crop_aug_range)
     if values.get("keep_tokens_separator") == "":
         values["keep_tokens_separator"] = None
-    values["is_reg"] = None  # never a CLI value
     return values
 
 
@@ -417,7 +395,7 @@ def _section_values(section: BaseModel | dict | None) -> dict[str, Any]:
 
 def resolve_subset(source: str, levels: list[dict[str, Any]]) -> SubsetParams:
     """Apply the lookup to every subset key."""
-    value = {key: lookup(key, levels, default) for key, default in SUBSET_DEFAULTS.items()}
+    value = {key: lookup(key, levels, key_default(key)) for key in SUBSET_KEYS}
     extension = value["caption_extension"]
     if extension and not extension.startswith("."):
         extension = "." + extension  # kohya adds the dot too
@@ -459,7 +437,7 @@ def resolve_dataset(
     source: str, levels: list[dict[str, Any]], subsets: tuple[SubsetParams, ...]
 ) -> DatasetParams:
     """Apply the lookup to every dataset key (a subset cannot set these)."""
-    value = {key: lookup(key, levels, default) for key, default in DATASET_DEFAULTS.items()}
+    value = {key: lookup(key, levels, key_default(key)) for key in DATASET_KEYS}
     return DatasetParams(
         source=source,
         batch_size=int(value["batch_size"]),
@@ -570,28 +548,28 @@ def dreambooth_subsets_from_dirs(
     return subsets
 
 
-def datasets_from_args(args: argparse.Namespace) -> list[DatasetParams]:
+def datasets_from_args(options: DataOptions) -> list[DatasetParams]:
     """The datasets of a run: from --dataset_config, else from the folder / metadata options."""
-    cli = cli_values(args)
-    if getattr(args, "dataset_config", None) is not None:
-        ignored = [
-            flag for flag in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, flag, None)
-        ]
+    cli = cli_values(options)
+    if options.dataset_config is not None:
+        given = {"train_data_dir": options.train_data_dir, "reg_data_dir": options.reg_data_dir,
+                 "in_json": options.in_json}  # fmt: skip
+        ignored = [flag for flag, value in given.items() if value]
         if ignored:
             logger.warning(
                 "--dataset_config is used, so these options are ignored (as in kohya): %s",
                 ", ".join("--" + flag for flag in ignored),
             )
-        path = Path(args.dataset_config)
+        path = Path(options.dataset_config)
         return datasets_from_config(load_user_config(path), path, cli)
-    if getattr(args, "in_json", None) is not None:
-        subset = {"image_dir": getattr(args, "train_data_dir", None), "metadata_file": args.in_json}
-        where = f"--in_json {args.in_json}"
+    if options.in_json is not None:
+        subset = {"image_dir": options.train_data_dir, "metadata_file": options.in_json}
+        where = f"--in_json {options.in_json}"
         return [resolve_dataset("command line", [cli], (resolve_subset(where, [subset, cli]),))]
-    if getattr(args, "train_data_dir", None) is None:
+    if options.train_data_dir is None:
         raise UserError("no training images: pass --train_data_dir, --in_json or --dataset_config")
     subsets = tuple(
         resolve_subset(f"folder {Path(table['image_dir']).name}", [table, cli])
-        for table in dreambooth_subsets_from_dirs(args.train_data_dir, getattr(args, "reg_data_dir", None))
+        for table in dreambooth_subsets_from_dirs(options.train_data_dir, options.reg_data_dir)
     )
     return [resolve_dataset("command line", [cli], subsets)]

@@ -18,7 +18,6 @@ processes), and batch ``i`` of epoch ``e`` belongs to step ``e * steps_per_epoch
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import secrets
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from library.dataset import latent_cache
+from library.dataset.args import DataOptions
 from library.dataset.augment import (
     Purpose,
     color_aug,
@@ -501,7 +501,7 @@ def collate_batch(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return examples[0]
 
 
-def make_train_dataloader(dataset: TrainDataset, args: argparse.Namespace) -> torch.utils.data.DataLoader:
+def make_train_dataloader(dataset: TrainDataset, options: DataOptions) -> torch.utils.data.DataLoader:
     """The DataLoader for ``dataset``: whole batches, dataset-defined order, kohya's worker options.
 
     ``--max_data_loader_n_workers`` is capped at the CPU count as in kohya; with workers, images
@@ -510,7 +510,7 @@ def make_train_dataloader(dataset: TrainDataset, args: argparse.Namespace) -> to
     handing it over from a worker process costs more (30 ms per step in the benchmark), and on a
     CPU run the workers take cores from the step. Such batches are built in the training process.
     """
-    workers = max(0, min(int(getattr(args, "max_data_loader_n_workers", 0) or 0), os.cpu_count() or 1))
+    workers = max(0, min(options.max_data_loader_n_workers or 0, os.cpu_count() or 1))
     if workers and dataset.latents_in_memory:
         logger.info(
             "latents are cached in memory: batches are built in the training process, without the %d "
@@ -518,7 +518,7 @@ def make_train_dataloader(dataset: TrainDataset, args: argparse.Namespace) -> to
             workers,
         )
         workers = 0
-    persistent = bool(getattr(args, "persistent_data_loader_workers", False)) and workers > 0
+    persistent = options.persistent_data_loader_workers and workers > 0
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=1,
@@ -533,17 +533,17 @@ def make_train_dataloader(dataset: TrainDataset, args: argparse.Namespace) -> to
 
 
 def build_train_dataset(
-    args: argparse.Namespace, tokenizer, caption_rule: TokenCaptionRule | None, seed: int | None
+    options: DataOptions, tokenizer, caption_rule: TokenCaptionRule | None, seed: int | None
 ) -> TrainDataset:
     """The training dataset of a run, from a kohya-style command line / dataset config.
 
     Every problem a user can fix raises ``UserError`` before any model work starts.
     """
-    _check_run_options(args)
+    _check_run_options(options)
     if seed is None:
         seed = secrets.randbelow(2**31)
         logger.info("no --seed: the dataset uses seed %d", seed)
-    datasets = datasets_from_args(args)
+    datasets = datasets_from_args(options)
     parts: list[DatasetPart] = []
     records: list[ImageRecord] = []
     reg_images = 0
@@ -565,21 +565,21 @@ def build_train_dataset(
         raise UserError(
             "no training images were found; check --train_data_dir / --in_json / --dataset_config"
         )
-    _check_masks(args, records)
+    _check_masks(options, records)
     dataset = TrainDataset(
         parts,
         records,
         tokenizer,
         caption_rule,
         seed,
-        getattr(args, "max_token_length", None),
-        _prior_loss_weight(args),
+        options.max_token_length,
+        options.prior_loss_weight,
         reg_images,
     )
-    dataset.skip_cache_check = bool(getattr(args, "skip_cache_check", False))
+    dataset.skip_cache_check = options.skip_cache_check
     if len(dataset) == 0:
         raise UserError("the dataset has zero batches; check num_repeats and the image folders")
-    if getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False):
+    if options.cache_latents or options.cache_latents_to_disk:
         uncacheable = dataset._uncacheable_subsets()
         if uncacheable:
             raise UserError(
@@ -590,32 +590,23 @@ def build_train_dataset(
     return dataset
 
 
-def _prior_loss_weight(args: argparse.Namespace) -> float:
-    value = getattr(args, "prior_loss_weight", None)
-    return 1.0 if value is None else float(value)
-
-
-def _check_run_options(args: argparse.Namespace) -> None:
-    if getattr(args, "dataset_class", None):
+def _check_run_options(options: DataOptions) -> None:
+    if options.dataset_class:
         raise UserError(
             "--dataset_class (a custom dataset class) is not supported; use --dataset_config instead"
         )
-    if getattr(args, "conditioning_data_dir", None) and getattr(args, "dataset_config", None) is None:
+    if options.conditioning_data_dir and options.dataset_config is None:
         raise UserError(
             "--conditioning_data_dir is used per subset: set conditioning_data_dir in a --dataset_config "
             "[[datasets.subsets]] table (with --masked_loss)"
         )
 
 
-def _check_masks(args: argparse.Namespace, records: list[ImageRecord]) -> None:
+def _check_masks(options: DataOptions, records: list[ImageRecord]) -> None:
     has_conditioning = any(r.mask_path is not None for r in records)
-    if has_conditioning and not getattr(args, "masked_loss", False):
+    if has_conditioning and not options.masked_loss:
         raise UserError("conditioning_data_dir holds loss masks: add --masked_loss to use them")
-    if (
-        getattr(args, "masked_loss", False)
-        and not has_conditioning
-        and not any(r.subset.alpha_mask for r in records)
-    ):
+    if options.masked_loss and not has_conditioning and not any(r.subset.alpha_mask for r in records):
         logger.warning(
             "--masked_loss has no mask to use: add --alpha_mask (transparency as mask) or "
             "conditioning_data_dir in the dataset config; training without masks"
