@@ -10,17 +10,22 @@ than their default; they are never silently ignored. See ``docs/generation.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import logging
-import random
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from library.errors import UserError, run_cli
+from library.generation_run import (
+    GenerationSettings,
+    Run,
+    load_images,
+    prompt_from_metadata,
+    read_prompt_file,
+    resized,
+)
+from library.options import default_of, settings_from
 from library.runtime import (
     log_level,
     refuse_options,
@@ -34,10 +39,6 @@ from library.sampler_names import SAMPLER_NAMES
 logger = logging.getLogger("gen_img")
 
 SAMPLER_CHOICES = list(SAMPLER_NAMES)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-MAX_SEED = 0x7FFFFFFF
-DEFAULT_SIZE = 512
-DEFAULT_STRENGTH = 0.8
 
 # ---------------------------------------------------------------------------------------------
 # Options
@@ -49,6 +50,7 @@ def setup_parser() -> argparse.ArgumentParser:
         description="Generate images with Stable Diffusion 1.x/2.x (kohya gen_img_diffusers.py compatible)"
     )
     add = p.add_argument
+    setting_default = functools.partial(default_of, GenerationSettings)  # a run's defaults live there
     add("--console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         help="console log level (default INFO)")  # fmt: skip
     add(
@@ -87,19 +89,44 @@ def setup_parser() -> argparse.ArgumentParser:
         default=None,
         help="inpainting mask (or folder): white is repainted, black kept",
     )
-    add("--strength", type=float, default=None, help="img2img / inpainting strength, 0..1 (default 0.8)")
-    add("--images_per_prompt", type=int, default=1, help="images per prompt")
-    add("--outdir", type=str, default="outputs", help="folder for the images")
+    add(
+        "--strength",
+        type=float,
+        default=setting_default("strength"),
+        help="img2img / inpainting strength, 0..1 (default 0.8)",
+    )
+    add(
+        "--images_per_prompt",
+        type=int,
+        default=setting_default("images_per_prompt"),
+        help="images per prompt",
+    )
+    add("--outdir", type=str, default=setting_default("outdir"), help="folder for the images")
     add("--sequential_file_name", action="store_true", help="name images im_000001.png, im_000002.png, ...")
     add(
         "--use_original_file_name",
         action="store_true",
         help="img2img: name each image after its source image",
     )
-    add("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times")
-    add("--H", type=int, default=None, help="image height (default 512; img2img: the source image's)")
-    add("--W", type=int, default=None, help="image width (default 512; img2img: the source image's)")
-    add("--batch_size", type=int, default=1, help="images generated together")
+    add(
+        "--n_iter",
+        type=int,
+        default=setting_default("n_iter"),
+        help="repeat the whole prompt list this many times",
+    )
+    add(
+        "--H",
+        type=int,
+        default=setting_default("H"),
+        help="image height (default 512; img2img: the source image's)",
+    )
+    add(
+        "--W",
+        type=int,
+        default=setting_default("W"),
+        help="image width (default 512; img2img: the source image's)",
+    )
+    add("--batch_size", type=int, default=setting_default("batch_size"), help="images generated together")
     add(
         "--vae_batch_size",
         type=float,
@@ -112,9 +139,15 @@ def setup_parser() -> argparse.ArgumentParser:
         default=None,
         help="decode the VAE in tiles to save memory (diffusers' VAE tiling)",
     )
-    add("--steps", type=int, default=50, help="sampling steps")
-    add("--sampler", type=str, default="ddim", choices=SAMPLER_CHOICES, help="sampler (scheduler)")
-    add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--steps", type=int, default=setting_default("steps"), help="sampling steps")
+    add(
+        "--sampler",
+        type=str,
+        default=setting_default("sampler"),
+        choices=SAMPLER_CHOICES,
+        help="sampler (scheduler)",
+    )
+    add("--scale", type=float, default=setting_default("scale"), help="classifier-free guidance scale")
     add(
         "--ckpt", type=str, default=None, help="model: .safetensors/.ckpt file or diffusers folder (required)"
     )
@@ -123,7 +156,7 @@ def setup_parser() -> argparse.ArgumentParser:
     add(
         "--seed",
         type=int,
-        default=None,
+        default=setting_default("seed"),
         help="seed of a single image, or the seed that draws every image's seed",
     )
     add(
@@ -157,13 +190,13 @@ def setup_parser() -> argparse.ArgumentParser:
     add(
         "--clip_skip",
         type=int,
-        default=None,
+        default=setting_default("clip_skip"),
         help="use the output of the n-th text encoder layer from the end",
     )
     add(
         "--max_embeddings_multiples",
         type=int,
-        default=None,
+        default=setting_default("max_embeddings_multiples"),
         help="allow prompts of 75 x this many tokens (1-3)",
     )
     add("--clip_guidance_scale", type=float, default=0.0, help="not supported yet")
@@ -174,14 +207,19 @@ def setup_parser() -> argparse.ArgumentParser:
     add(
         "--highres_fix_scale",
         type=float,
-        default=None,
+        default=setting_default("highres_fix_scale"),
         help="highres fix: first pass at this share of the size",
     )
-    add("--highres_fix_steps", type=int, default=28, help="highres fix: steps of the first pass")
+    add(
+        "--highres_fix_steps",
+        type=int,
+        default=setting_default("highres_fix_steps"),
+        help="highres fix: steps of the first pass",
+    )
     add(
         "--highres_fix_strength",
         type=float,
-        default=None,
+        default=setting_default("highres_fix_strength"),
         help="highres fix: img2img strength of the first pass",
     )
     add("--highres_fix_save_1st", action="store_true", help="highres fix: also save the first pass's images")
@@ -194,7 +232,10 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--highres_fix_upscaler_args", type=str, default=None, help="not supported yet")
     add("--highres_fix_disable_control_net", action="store_true", help="not supported yet")
     add(
-        "--negative_scale", type=float, default=None, help="a separate guidance scale for the negative prompt"
+        "--negative_scale",
+        type=float,
+        default=setting_default("negative_scale"),
+        help="a separate guidance scale for the negative prompt",
     )
     add("--control_net_models", type=str, default=None, nargs="*", help="not supported yet")
     add("--control_net_preps", type=str, default=None, nargs="*", help="not supported yet")
@@ -342,335 +383,6 @@ def resolve_checkpoint(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Source images and prompts
-
-
-def load_images(path: str, flag: str) -> list:
-    """An image file, or every .png/.jpg/.jpeg/.webp of a folder in name order, as RGB/L images."""
-    from PIL import Image
-
-    source = Path(path)
-    if source.is_dir():
-        files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"{flag} {path}: the folder holds no .png/.jpg/.jpeg/.webp images")
-    elif source.is_file():
-        files = [source]
-    else:
-        raise UserError(f"{flag} {path}: not found")
-    images = []
-    for file in files:
-        try:
-            image = Image.open(file)
-            image.load()
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{flag} {file}: cannot read this image ({exc})") from exc
-        image.source_path = str(file)  # the name --use_original_file_name reuses
-        images.append(image)
-    return images
-
-
-def prompt_from_metadata(image) -> str:
-    """kohya: an img2img run without a prompt reuses the prompt saved in the source PNG."""
-    text = getattr(image, "text", None) or {}
-    if "prompt" not in text:
-        raise UserError(
-            f"--image_path {image.source_path}: no prompt given and the image has no 'prompt' in its PNG "
-            "metadata; pass --prompt or --from_file"
-        )
-    prompt = text["prompt"]
-    if text.get("negative-prompt"):
-        prompt += " --n " + text["negative-prompt"]
-    return prompt
-
-
-def read_prompt_file(path: str) -> list[str]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise UserError(f"--from_file {path}: cannot read ({exc.strerror or exc})") from exc
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-
-
-def stdin_prompts() -> Iterator[str]:
-    logger.info("--interactive: reading prompts from standard input, one per line, until end of input")
-    for line in sys.stdin:
-        if line.strip() and not line.strip().startswith("#"):
-            yield line.strip()
-
-
-# ---------------------------------------------------------------------------------------------
-# Seeds, batches and file names
-
-
-@dataclass
-class Item:
-    """One image to generate."""
-
-    step: int  # position in its iteration (picks the source image, as in kohya)
-    number: int  # 1-based position in the whole run (sequential file names)
-    prompt: str
-    negative_prompt: str
-    seed: int
-    init_image: Any
-    mask_image: Any
-
-
-@dataclass
-class Settings:
-    """What the images of one batch share; a change starts a new batch (kohya's rule)."""
-
-    width: int
-    height: int
-    steps: int
-    scale: float
-    negative_scale: float | None
-    strength: float
-    sampler: str
-
-
-@dataclass
-class OutputNamer:
-    """kohya's file names, never overwriting a file (kohya would)."""
-
-    outdir: Path
-    sequential: bool
-    original_names: bool
-    written: list[Path] = field(default_factory=list)
-
-    def name(self, item: Item, index: int, prefix: str) -> Path:
-        """``im_<time>_<prefix><index in batch:03>_<seed>``, ``im_<prefix><number:06>`` with
-        --sequential_file_name, or the source image's name with --use_original_file_name;
-        ``prefix`` is kohya's highres mark ("0" first pass, "1" final, "" without highres fix)."""
-        source = item.init_image
-        if self.original_names and source is not None and hasattr(source, "source_path"):
-            base = Path(source.source_path).stem
-        elif self.sequential:
-            base = f"im_{prefix}{item.number:06d}"
-        else:
-            base = f"im_{time.strftime('%Y%m%d%H%M%S')}_{prefix}{index:03d}_{item.seed}"
-        path = self.outdir / f"{base}.png"
-        n = 1
-        while path.exists():
-            path = self.outdir / f"{base}_{n}.png"
-            n += 1
-        return path
-
-
-class Run:
-    """Turns prompt lines into batches of images and writes them, following kohya's loop."""
-
-    def __init__(self, args: argparse.Namespace, generator, model, embeddings: dict[str, int]):
-        self.args = args
-        self.generator = generator
-        self.model = model
-        self.embeddings = embeddings
-        self.rng = random.Random(args.seed)  # None seeds from the OS
-        self.namer = OutputNamer(Path(args.outdir), args.sequential_file_name, args.use_original_file_name)
-        self.init_images: list | None = None
-        self.mask_images: list | None = None
-        self.highres = None
-        self.item_count = 0
-        if args.highres_fix_scale is not None:
-            from library.sampling import HighresFix
-
-            self.highres = HighresFix(
-                scale=args.highres_fix_scale,
-                steps=args.highres_fix_steps,
-                strength=args.highres_fix_strength,
-                latents_upscaling=args.highres_fix_latents_upscaling,
-                keep_first=args.highres_fix_save_1st,
-            )
-
-    # -- seeds -----------------------------------------------------------------------------------
-
-    def predefined_seeds(self, prompt_count: int) -> list[int] | None:
-        """kohya: with --seed, every image's seed is drawn up front from it; one image gets it as is."""
-        if self.args.seed is None:
-            return None
-        count = self.args.n_iter * prompt_count * self.args.images_per_prompt
-        seeds = [self.rng.randint(0, MAX_SEED) for _ in range(count)]
-        if count == 1:
-            seeds[0] = self.args.seed
-        return seeds
-
-    # -- main loop -------------------------------------------------------------------------------
-
-    def run(self, prompt_list: list[str], interactive: bool) -> list[Path]:
-        from library.prompt_parsing import expand_dynamic_prompt, parse_prompt_options
-
-        args = self.args
-        predefined = self.predefined_seeds(len(prompt_list))
-        for iteration in range(args.n_iter):
-            if args.n_iter > 1:
-                logger.info("iteration %d/%d", iteration + 1, args.n_iter)
-            iter_seed = self.rng.randint(0, MAX_SEED)
-            if args.shuffle_prompts:
-                self.rng.shuffle(prompt_list)
-            lines: Iterator[str] = iter(prompt_list)
-            if interactive:
-                lines = _chain(prompt_list, stdin_prompts())
-            step = 0
-            batch: list[Item] = []
-            batch_settings: Settings | None = None
-            for number, line in enumerate(lines, start=1):
-                variants = expand_dynamic_prompt(line, self.rng, repeat_count=args.images_per_prompt)
-                repeats = args.images_per_prompt if len(variants) == 1 else len(variants)
-                seed = None
-                prompt_seeds: list[int] | None = None
-                for i in range(repeats):
-                    if i == 0 or len(variants) > 1:
-                        spec = parse_prompt_options(variants[i if len(variants) > 1 else 0])
-                        settings = self.settings_for(spec)
-                        prompt_seeds = list(spec.seeds) if spec.seeds else None
-                        seed = None
-                        logger.info("prompt %d: %s", number, spec.prompt)
-                    if prompt_seeds is not None:
-                        if prompt_seeds:
-                            seed = prompt_seeds.pop(0)  # exhausted: keep the last one (kohya)
-                    elif predefined is not None:
-                        seed = predefined.pop(0) if predefined else None
-                    elif args.iter_same_seed:
-                        seed = iter_seed
-                    else:
-                        seed = None
-                    if seed is None:
-                        seed = self.rng.randint(0, MAX_SEED)
-                    item, item_settings = self.make_item(step, spec, settings, seed)
-                    if batch and item_settings != batch_settings:
-                        self.process(batch, batch_settings)
-                        batch = []
-                    batch.append(item)
-                    batch_settings = item_settings
-                    if len(batch) == args.batch_size:
-                        self.process(batch, batch_settings)
-                        batch = []
-                    step += 1
-                if interactive and batch:
-                    self.process(batch, batch_settings)
-                    batch = []
-            if batch:
-                self.process(batch, batch_settings)
-        return self.namer.written
-
-    def settings_for(self, spec) -> Settings:
-        args = self.args
-        if spec.negative_scale is not None:
-            negative_scale = spec.negative_scale
-        elif spec.negative_scale_off:
-            negative_scale = None
-        else:
-            negative_scale = args.negative_scale
-        return Settings(
-            width=spec.width or args.W or DEFAULT_SIZE,
-            height=spec.height or args.H or DEFAULT_SIZE,
-            steps=spec.steps or args.steps,
-            scale=args.scale if spec.scale is None else spec.scale,
-            negative_scale=negative_scale,
-            strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
-            sampler=spec.sampler or args.sampler,
-        )
-
-    def make_item(self, step: int, spec, settings: Settings, seed: int) -> tuple[Item, Settings]:
-        init = mask = None
-        if self.init_images:
-            init = self.init_images[step % len(self.init_images)]
-            if self.highres is None and not (self.args.W and self.args.H):
-                # kohya: img2img renders at the source image's size, rounded down to 32
-                width, height = init.size
-                settings = Settings(**{**settings.__dict__, "width": max(32, width - width % 32),
-                                       "height": max(32, height - height % 32)})  # fmt: skip
-        if self.mask_images:
-            mask = self.mask_images[step % len(self.mask_images)]
-        self.item_count += 1
-        item = Item(step, self.item_count, spec.prompt, spec.negative_prompt or "", seed, init, mask)
-        return item, settings
-
-    # -- one batch -------------------------------------------------------------------------------
-
-    def process(self, batch: list[Item], settings: Settings) -> None:
-        from library.sampling import GenerationRequest
-
-        request = GenerationRequest(
-            prompt=[item.prompt for item in batch],
-            negative_prompt=[item.negative_prompt for item in batch],
-            seeds=[item.seed for item in batch],
-            width=settings.width,
-            height=settings.height,
-            steps=settings.steps,
-            scale=settings.scale,
-            negative_scale=settings.negative_scale,
-            sampler=settings.sampler,
-            strength=settings.strength,
-            init_image=[item.init_image for item in batch] if batch[0].init_image is not None else None,
-            mask_image=[item.mask_image for item in batch] if batch[0].mask_image is not None else None,
-        )
-        if self.highres is None:
-            self.save(batch, settings, self.generator.generate(request), prefix="")
-            return
-        result = self.generator.generate_highres(request, self.highres)
-        if self.highres.keep_first:
-            first_settings = Settings(**{**settings.__dict__, "steps": self.highres.steps})
-            self.save(batch, first_settings, result.first_pass, prefix="0", first_pass=True)
-        self.save(batch, settings, result.images, prefix="1")
-
-    def save(
-        self, batch: list[Item], settings: Settings, images: list, *, prefix: str, first_pass=False
-    ) -> None:
-        from PIL.PngImagePlugin import PngInfo
-
-        self.namer.outdir.mkdir(parents=True, exist_ok=True)
-        for index, (item, image) in enumerate(zip(batch, images)):
-            info = PngInfo()
-            for key, value in self.metadata(item, settings, image, first_pass).items():
-                info.add_text(key, value)
-            path = self.namer.name(item, index, prefix)
-            image.save(path, pnginfo=info)
-            self.namer.written.append(path)
-            logger.info("saved %s (seed %d)", path, item.seed)
-
-    def metadata(self, item: Item, settings: Settings, image, first_pass: bool) -> dict[str, str]:
-        """kohya's PNG keys (prompt, seed, sampler, steps, scale, negative-prompt, negative-scale),
-        plus what is needed to reproduce the image here: size, clip-skip, embeddings, model."""
-        args = self.args
-        data = {
-            "prompt": item.prompt,
-            "seed": str(item.seed),
-            "sampler": settings.sampler,
-            "steps": str(settings.steps),
-            "scale": str(settings.scale),
-            "negative-prompt": item.negative_prompt,
-        }
-        if settings.negative_scale is not None:
-            data["negative-scale"] = str(settings.negative_scale)
-        data["size"] = f"{image.width}x{image.height}"
-        if args.clip_skip is not None:
-            data["clip-skip"] = str(args.clip_skip)
-        if args.max_embeddings_multiples is not None:
-            data["max-embeddings-multiples"] = str(args.max_embeddings_multiples)
-        if self.embeddings:
-            data["embeddings"] = ", ".join(f"{word}:{n}" for word, n in self.embeddings.items())
-        if item.init_image is not None:
-            data["strength"] = str(settings.strength)
-            data["source-image"] = Path(getattr(item.init_image, "source_path", "")).name
-            if item.mask_image is not None:
-                data["mask-image"] = Path(getattr(item.mask_image, "source_path", "")).name
-        if self.highres is not None:
-            data["highres-fix"] = f"scale {self.highres.scale}, first pass {self.highres.steps} steps" + (
-                ", latents upscaling" if self.highres.latents_upscaling else ""
-            )
-            if first_pass:
-                data["highres-fix"] += ", first pass image"
-        data["model"] = self.model.name
-        return data
-
-
-def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
-    yield from first
-    yield from rest
-
-
-# ---------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -713,13 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning(
             "--interactive: --n_iter %d is ignored; each prompt is generated once (kohya)", args.n_iter
         )
-        args.n_iter = 1
+    settings = settings_from(GenerationSettings, args, n_iter=1 if args.interactive else args.n_iter)
     if init_images and args.W and args.H:
         size = (args.W, args.H)
         if args.highres_fix_scale is not None:  # the first pass works at the reduced size
             size = (int(args.W * args.highres_fix_scale + 0.5), int(args.H * args.highres_fix_scale + 0.5))
-        init_images = [_resized(image, size) for image in init_images]
-        mask_images = [_resized(image, size) for image in mask_images] if mask_images else None
+        init_images = [resized(image, size) for image in init_images]
+        mask_images = [resized(image, size) for image in mask_images] if mask_images else None
 
     from library.embedding_install import install_embeddings
     from library.host_memory import keep_freed_memory_in_process
@@ -765,19 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         vae_batch_size=vae_batch_size,
         progress_bar=True,
     )
-    run = Run(args, generator, model, embeddings)
+    run = Run(settings, generator, model, embeddings)
     run.init_images, run.mask_images = init_images, mask_images
     written = run.run(prompt_list, args.interactive)
     logger.info("done: %d images in %s", len(written), args.outdir)
     return 0
-
-
-def _resized(image, size: tuple[int, int]):
-    from PIL import Image
-
-    resized = image.resize(size, resample=Image.LANCZOS)
-    resized.source_path = getattr(image, "source_path", "")
-    return resized
 
 
 if __name__ == "__main__":

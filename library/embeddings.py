@@ -48,10 +48,10 @@ from PIL import Image
 from library import IMPLEMENTATION
 from library.errors import UserError
 from library.files import write_atomically
+from library.tokenizer import CHUNK_TOKENS  # clients never split an embedding across chunks
 
 logger = logging.getLogger(__name__)
 
-CHUNK_TOKENS = 75  # a prompt chunk holds 75 tokens; clients never split an embedding across chunks
 WEBUI_STAR_TOKEN_ID = 265  # the CLIP id of "*", which the WebUI records in string_to_token
 IMAGE_TEXT_KEY = "sd-ti-embedding"
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
+from library.tokenizer import CHUNK_TOKENS
 from library.tokens import add_word_tokens, placeholder_names, taken_names
 
 logger = logging.getLogger(__name__)
@@ -24,8 +25,10 @@ logger = logging.getLogger(__name__)
 
 def add_placeholder_tokens(tokenizer, token_string: str, num_vectors: int) -> list[int]:
     """Add ``token_string``, ``token_string1`` ... as whole words; refuse names the tokenizer knows."""
-    if num_vectors < 1 or num_vectors > 75:
-        raise UserError("--num_vectors_per_token must be between 1 and 75 (a prompt window holds 75 tokens)")
+    if num_vectors < 1 or num_vectors > CHUNK_TOKENS:
+        raise UserError(
+            f"--num_vectors_per_token must be between 1 and {CHUNK_TOKENS} (a prompt window holds {CHUNK_TOKENS} tokens)"
+        )
     names = placeholder_names(token_string, num_vectors)
     taken = taken_names(tokenizer, names)
     if taken:

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from library.sampler_names import SAMPLER_NAMES
+from library.tokenizer import CHUNK_TOKENS, MODEL_MAX_LENGTH
 
 logger = logging.getLogger(__name__)
 
-CHUNK_TOKENS = 75  # content tokens per CLIP window; each window is BOS + 75 + EOS = 77
-WINDOW_TOKENS = CHUNK_TOKENS + 2
 
 # ---------------------------------------------------------------------------------------------
 # 1. Dynamic prompts
@@ -378,7 +377,7 @@ def weighted_token_chunks(
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     id_rows, weight_rows = [], []
     for chunk_ids, chunk_weights in chunks:
-        fill = WINDOW_TOKENS - 1 - len(chunk_ids) - 1  # positions after the closing EOS
+        fill = MODEL_MAX_LENGTH - 1 - len(chunk_ids) - 1  # positions after the closing EOS
         id_rows.append([bos, *chunk_ids, eos] + [pad] * fill)
         weight_rows.append([1.0, *chunk_weights, 1.0] + [1.0] * fill)
     return torch.tensor(id_rows, dtype=torch.long), torch.tensor(weight_rows, dtype=torch.float32)

@@ -32,6 +32,7 @@ from transformers.utils import logging as transformers_logging
 
 from library.errors import UserError
 from library.prompt_parsing import apply_token_weights, weighted_token_chunks
+from library.sampler_names import DEFAULT_SCALE, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED
 from library.text_encoding import encode_prompts
 from library.tokens import expand_placeholder
 
@@ -102,12 +103,6 @@ _SHARED_SCHEDULER_KEYS = (
     "clip_sample",
     "set_alpha_to_one",
 )
-
-MAX_SEED = 0x7FFFFFFF  # kohya draws seeds from [0, 2^31 - 1]
-DEFAULT_SIZE = 512
-DEFAULT_STEPS = 50
-DEFAULT_SCALE = 7.5
-DEFAULT_STRENGTH = 0.8  # kohya's img2img / inpaint / highres second-pass strength
 
 
 def make_scheduler(sampler: str, scheduler_config: dict, v_parameterization: bool):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_TOKENS = 75  # content tokens per CLIP window (77 minus BOS and EOS)
+from library.tokenizer import CHUNK_TOKENS
 
 
 def num_chunks(max_token_length: int | None) -> int:

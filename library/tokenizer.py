@@ -20,7 +20,8 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 SHIPPED_VOCAB_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
-MODEL_MAX_LENGTH = 77
+MODEL_MAX_LENGTH = 77  # a CLIP window: BOS, up to CHUNK_TOKENS tokens, EOS
+CHUNK_TOKENS = MODEL_MAX_LENGTH - 2  # the text a window holds; prompts and embeddings count against it
 # the names kohya uses for its tokenizer cache folders (hub id with "/" replaced by "_")
 KOHYA_CACHE_NAMES = {False: "openai_clip-vit-large-patch14", True: "stabilityai_stable-diffusion-2"}
 

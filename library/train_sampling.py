@@ -21,7 +21,7 @@ import torch
 from library.errors import UserError
 from library.files import tomllib
 from library.prompt_parsing import PromptSpec, parse_prompt_options
-from library.text_encoding import CHUNK_TOKENS
+from library.tokenizer import CHUNK_TOKENS
 
 logger = logging.getLogger(__name__)
 

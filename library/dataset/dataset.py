@@ -46,7 +46,8 @@ from library.dataset.config import DatasetParams, datasets_from_args
 from library.dataset.images import load_image, load_mask_image, resize_array
 from library.dataset.sources import ImageRecord, load_dataset_records
 from library.errors import UserError
-from library.text_encoding import CHUNK_TOKENS, num_chunks, tokenize_prompts
+from library.text_encoding import num_chunks, tokenize_prompts
+from library.tokenizer import CHUNK_TOKENS
 from library.tokens import contains_word
 
 logger = logging.getLogger(__name__)
