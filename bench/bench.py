@@ -1,4 +1,4 @@
-"""Benchmarks of the Textual Inversion trainer: ``make bench`` (or ``.venv/bin/python bench/bench.py``).
+"""Benchmarks of the Textual Inversion trainer: ``make bench`` (or ``.venv/bin/python -m bench.bench``).
 
 What it measures, on the current device (CUDA if present, else CPU), with a full-size SD 1.5
 architecture (random weights, built once into ``.cache/bench/``):
@@ -31,7 +31,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # before bench/ itself, so that "bench" is the package
 
 from bench.checkpoint import ensure_checkpoint  # noqa: E402
 from bench.generation import GenerationSpec  # noqa: E402
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--env {item}: use KEY=VALUE")
     runner = Runner(args.out, args.env)
     results: dict = {
-        "command": "bench/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": args.env,
         "mode": args.mode,
         "model": str(checkpoint.name)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -35,7 +34,7 @@ import torch
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from bench.checkpoint import CACHE_DIR, ROOT
+from bench.checkpoint import CACHE_DIR
 from bench.machine import load_average
 from bench.memory import PeakRSS, process_peak_rss_bytes
 
@@ -291,8 +290,6 @@ def now() -> tuple[float, float, float, int]:
 
 def time_trainer_steps(spec: TrainSpec, work: Path, log=print) -> dict:
     """Run ``train_textual_inversion.main`` for warmup + timed steps and read the step times."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     import train_textual_inversion
 
     data = make_dataset(work / "data", spec.size, images=spec.batch, repeats=spec.warmup + spec.timed)
