@@ -29,10 +29,10 @@ test: setup lint
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) tools/demo.py
+	$(PY) -m tools.demo
 
 bench: setup
-	$(PY) bench/bench.py
+	$(PY) -m bench.bench
 
 clean:
 	rm -rf .cache demo_output bench/results
