@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         v_parameterization=args.v_parameterization,
         vae=args.vae,
         tokenizer_cache_dir=args.tokenizer_cache_dir,
+        dtype=dtype,  # cast as it loads: no full-precision copy
     )
     embeddings = install_embeddings(model, args.textual_inversion_embeddings or [])
     model.text_encoder.to(device=device, dtype=dtype)

@@ -106,15 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     dataset.set_run_length(length.max_train_steps, length.steps_per_epoch, k, accelerator.num_processes)
 
-    # 3. The model, frozen, with the new vectors spliced into its token lookup.
-    model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
-                          vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir)  # fmt: skip
-    set_family_padding(tokenizer, model.family)
-    text_encoder, unet, vae = model.text_encoder, model.unet, model.vae
-    token_table = text_encoder.get_input_embeddings().weight.detach()
-    vectors = initial_vectors(args, tokenizer, token_table, num_vectors, seed, model.family)
+    # 3. The model, frozen and cast as it loads, with the new vectors spliced into its token lookup.
     weight_dtype = torch_dtype(mixed_precision)
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
+    model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
+                          vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=weight_dtype,
+                          vae_dtype=vae_dtype)  # fmt: skip
+    set_family_padding(tokenizer, model.family)
+    text_encoder, unet, vae = model.text_encoder, model.unet, model.vae
+    latent_scale = vae.config.scaling_factor
+    token_table = text_encoder.get_input_embeddings().weight.detach()
+    vectors = initial_vectors(args, tokenizer, token_table, num_vectors, seed, model.family)
     freeze_and_cast(model, weight_dtype, vae_dtype, device)
     new_rows = splice_new_vectors(text_encoder, vectors.to(device))
     use_attention([unet], xformers=args.xformers, flag="--xformers", device=device)
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
             dataset.cache_latents(vae, args.vae_batch_size, args.cache_latents_to_disk, device, vae_dtype,
                                   accelerator.process_index, accelerator.num_processes)  # fmt: skip
         accelerator.wait_for_everyone()
+        if not settings.sampling.sample_prompts:
+            model.vae = vae = (
+                None  # every batch is read from the cache: the VAE's memory goes back to the pool
+            )
 
     # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
     optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], settings.optimizer)
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         warn_if_resume_is_done(progress.global_step, length.max_train_steps)
 
     diffusion_loss = DiffusionLoss(
-        text_encoder, tokenizer, unet, vae, make_training_schedule(args.v_parameterization,
+        text_encoder, tokenizer, unet, vae, latent_scale, make_training_schedule(args.v_parameterization,
         settings.noise.zero_terminal_snr, device), settings.noise, settings.loss, args.clip_skip, args.v_parameterization,
         weight_dtype, vae_dtype, seed, accelerator.autocast,
     )  # fmt: skip

@@ -1,18 +1,25 @@
-"""Reading single-file checkpoints safely, and telling the user what a file is when it is not one.
+"""Reading single-file checkpoints safely and a part at a time, and telling the user what a file
+is when it is not one.
 
 Checkpoints come from strangers. ``.ckpt``/``.pt``/``.bin`` are read with
 ``torch.load(weights_only=True)``, which never executes pickled code; ``.safetensors`` cannot
 carry code at all. Every failure becomes one ``UserError`` line naming the file.
+
+A model is loaded one component at a time (``Checkpoint.read``), so that the file's tensors of
+one component, not of the whole file, are in memory next to the model being built. A
+``.safetensors`` file is read with plain file reads, tensor by tensor: no memory map, so the
+file's pages never count as the process's memory.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
 
 from library.errors import UserError
 
@@ -23,23 +30,84 @@ SD2_TEXT_PREFIX = "cond_stage_model.model."
 VAE_PREFIX = "first_stage_model."
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` or pickle checkpoint, unwrapping ``state_dict``."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: the file is empty (an interrupted download?)")
-    if path.suffix.lower() == ".safetensors":
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+class Checkpoint:
+    """The tensors of a single-file checkpoint, read on demand (``read``), each part once."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{path}: file not found")
+        if self.path.stat().st_size == 0:
+            raise UserError(f"{path}: the file is empty (an interrupted download?)")
+        suffix = self.path.suffix.lower()
+        self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # safetensors: where each is
+        self._loaded: dict[str, torch.Tensor] = {}  # pickles: everything, dropped part by part
+        if suffix == ".safetensors":
+            self._read_safetensors_header()
+        elif suffix in PICKLE_SUFFIXES:
+            self._loaded = _tensors_of(_read_pickle_checkpoint(self.path), self.path)
+        else:
+            raise UserError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors or .ckpt")
+
+    def keys(self) -> list[str]:
+        return list(self._entries or self._loaded)
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``keys``; a pickle's copies are handed over (not kept), so they can be freed."""
+        if not self._entries:
+            return {key: self._loaded.pop(key) for key in keys}
+        tensors = {}
+        with self.path.open("rb") as f:
+            for key in keys:
+                dtype, shape, start, end = self._entries[key]
+                tensor = torch.empty(shape, dtype=dtype)
+                f.seek(self._data_start + start)
+                view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
+                if f.readinto(view) != end - start:
+                    raise UserError(
+                        f"{self.path}: truncated (a tensor ends past the end of the file); download it again"
+                    )
+                tensors[key] = tensor
+        return tensors
+
+    def _read_safetensors_header(self) -> None:
+        """The safetensors format: an 8-byte little-endian header length, a JSON header, the data."""
+        size = self.path.stat().st_size
         try:
-            state = load_safetensors(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(
-                f"{path}: not a readable .safetensors file (truncated or corrupt: {exc}); download it again"
-            ) from exc
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
-        state = _read_pickle_checkpoint(path)
-    else:
-        raise UserError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or .ckpt")
+            with self.path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > min(MAX_HEADER_BYTES, size - 8):
+                    raise ValueError(f"header of {length} bytes")
+                header = json.loads(f.read(length))
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.path}: not a readable .safetensors file (truncated or corrupt: {exc}); "
+                            "download it again") from None  # fmt: skip
+        self._data_start = 8 + length
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                start, end = entry["data_offsets"]
+                shape = [int(n) for n in entry["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise UserError(
+                    f"{self.path}: tensor {key!r} has a damaged header entry; download the file again"
+                ) from None
+            if self._data_start + end > size or end - start != torch.Size(shape).numel() * dtype.itemsize:
+                raise UserError(f"{self.path}: truncated or corrupt (tensor {key!r}); download it again")
+            self._entries[key] = (dtype, shape, start, end)
+
+
+def _tensors_of(state, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -61,9 +129,10 @@ def _read_pickle_checkpoint(path: Path) -> dict:
         ) from exc
 
 
-def describe_non_sd_file(state: dict[str, torch.Tensor]) -> str | None:
-    """What a file is when it is not an SD 1.x/2.x checkpoint, as advice; None when it is one."""
-    keys = list(state)
+def describe_non_sd_file(keys: Iterable[str]) -> str | None:
+    """What a file is when it is not an SD 1.x/2.x checkpoint (judged by its tensor names), as advice;
+    None when it is one."""
+    keys = list(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys):
         return "is an SDXL checkpoint; SDXL is not supported yet (use an SD 1.x or 2.x model)"
     if any(k.startswith(UNET_PREFIX) for k in keys):

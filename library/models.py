@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,8 @@ from library.checkpoint_io import (
     SD2_TEXT_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
+    Checkpoint,
     describe_non_sd_file,
-    read_state_dict,
     strip_prefix,
 )
 from library.errors import UserError
@@ -172,19 +173,47 @@ def infer_text_config(text_sd: dict[str, torch.Tensor], family: str) -> CLIPText
 # Building modules from converted weights
 
 
-def _build(model_cls, config, state: dict[str, torch.Tensor], what: str, path: Path):
-    """Instantiate without random init (fast for full-size models) and load ``state`` into it."""
+def _build(model_cls, config, state: dict[str, torch.Tensor], what: str, path: Path, dtype: torch.dtype):
+    """Instantiate without memory (meta device) and move ``state``'s tensors in, cast to ``dtype``.
+
+    The tensors are taken out of ``state`` one by one as they are cast, so the file's copy of a
+    weight is freed as soon as its cast copy exists: the peak is the model plus what is left of
+    ``state`` plus one tensor, not both whole (an fp16 file loaded for fp32 used to hold both).
+    """
     with init_empty_weights(include_buffers=False):
         model = model_cls(config) if isinstance(config, CLIPTextConfig) else model_cls(**config)
     if isinstance(config, CLIPTextConfig):
         state = _keys_for_module(model, state)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.missing_keys:
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
         raise UserError(
-            f"{path}: the {what} weights are incomplete (missing {len(result.missing_keys)} tensors, "
-            f"e.g. {result.missing_keys[0]}); the file is damaged or of an unsupported architecture"
+            f"{path}: the {what} weights are incomplete (missing {len(missing)} tensors, "
+            f"e.g. {missing[0]}); the file is damaged or of an unsupported architecture"
         )
-    return model.float().eval()
+    for key in [k for k in state if k not in expected]:
+        del state[key]
+    for key in list(state):
+        _assign(model, key, state.pop(key).to(dtype), path)
+    return model.eval()
+
+
+def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor, path: Path) -> None:
+    """Put ``tensor`` in place of the (meta) parameter or buffer ``key`` of ``model``."""
+    owner_name, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    current = owner._parameters.get(name)
+    if current is None:
+        current = owner._buffers[name]
+    if current.shape != tensor.shape:
+        raise UserError(
+            f"{path}: {key} has shape {tuple(tensor.shape)} where the model needs {tuple(current.shape)}; "
+            "the file is damaged or of an unsupported architecture"
+        )
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=current.requires_grad)
+    else:
+        owner._buffers[name] = tensor
 
 
 def _sd2_text_weights(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -208,13 +237,15 @@ def _sd1_text_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return converted
 
 
-def text_family(state: dict[str, torch.Tensor]) -> str:
+def text_family(keys: Iterable[str]) -> str:
     """``sd2`` for an OpenCLIP text encoder, ``sd1`` for OpenAI CLIP."""
-    return "sd2" if any(k.startswith(SD2_TEXT_PREFIX + "transformer.") for k in state) else "sd1"
+    return "sd2" if any(k.startswith(SD2_TEXT_PREFIX + "transformer.") for k in keys) else "sd1"
 
 
-def load_vae_weights(vae_sd: dict[str, torch.Tensor], family: str, path: Path) -> AutoencoderKL:
-    """An ``AutoencoderKL`` from LDM-named or diffusers-named VAE weights."""
+def load_vae_weights(
+    vae_sd: dict[str, torch.Tensor], family: str, path: Path, dtype: torch.dtype = torch.float32
+) -> AutoencoderKL:
+    """An ``AutoencoderKL`` from LDM-named or diffusers-named VAE weights, cast to ``dtype``."""
     if any(k.startswith(VAE_PREFIX) for k in vae_sd):
         vae_sd = strip_prefix(vae_sd, VAE_PREFIX)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in vae_sd:  # already diffusers names
@@ -232,11 +263,13 @@ def load_vae_weights(vae_sd: dict[str, torch.Tensor], family: str, path: Path) -
                 {k.split(".")[4] for k in vae_sd if k.startswith("encoder.down_blocks.0.resnets.")}
             ),
         )
-        return _build(AutoencoderKL, config, vae_sd, "VAE", path)
+        return _build(AutoencoderKL, config, vae_sd, "VAE", path, dtype)
     if "encoder.conv_in.weight" not in vae_sd:
         raise UserError(f"{path}: no VAE weights found (expected encoder.* / decoder.* tensors)")
     config = infer_vae_config(vae_sd, family)
-    return _build(AutoencoderKL, config, convert_ldm_vae_checkpoint(vae_sd, config), "VAE", path)
+    converted = convert_ldm_vae_checkpoint(vae_sd, config)
+    vae_sd.clear()
+    return _build(AutoencoderKL, config, converted, "VAE", path, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,26 +282,30 @@ def load_sd_model(
     v_parameterization: bool = False,
     vae: str | Path | None = None,
     tokenizer_cache_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
 ) -> SDModel:
-    """Load tokenizer, text encoder, VAE and UNet (fp32, eval mode) from a file or a diffusers folder.
+    """Load tokenizer, text encoder, VAE and UNet (eval mode) from a file or a diffusers folder.
 
     ``v2`` is what the user said (``--v2``); the file decides, and a disagreement is a warning,
     not the silent breakage kohya gives. ``v_parameterization`` cannot be read from SD weights,
-    so the flag (or a diffusers folder's scheduler config) decides it.
+    so the flag (or a diffusers folder's scheduler config) decides it. The weights are cast to
+    ``dtype`` (the VAE to ``vae_dtype``, by default the same) as they are read, so a copy in
+    another precision never exists; ``vae`` (``--vae``) replaces the model's VAE, which is then
+    not read at all.
     """
+    vae_dtype = dtype if vae_dtype is None else vae_dtype
     path = Path(path)
     if not path.exists():
         raise UserError(
             f"{path}: not found; pass the path of a .safetensors/.ckpt checkpoint or a diffusers folder "
             "(models are never downloaded)"
         )
-    if path.is_dir():
-        model = _load_diffusers_folder(path, v_parameterization, tokenizer_cache_dir)
-    else:
-        model = _load_single_file(path, v_parameterization, tokenizer_cache_dir)
+    load = _load_diffusers_folder if path.is_dir() else _load_single_file
+    model = load(path, v_parameterization, tokenizer_cache_dir, dtype, vae_dtype, with_vae=vae is None)
     _warn_on_v2_mismatch(path, v2, model.family)
     if vae is not None:
-        model.vae = load_vae(vae, model.family)
+        model.vae = load_vae(vae, model.family, vae_dtype)
     return model
 
 
@@ -289,27 +326,40 @@ def _scheduler_config(family: str, v_parameterization: bool) -> dict:
     return config
 
 
-def _load_single_file(path: Path, v_parameterization: bool, tokenizer_cache_dir) -> SDModel:
-    state = read_state_dict(path)
-    problem = describe_non_sd_file(state)
+def _load_single_file(
+    path: Path, v_parameterization: bool, tokenizer_cache_dir, dtype: torch.dtype, vae_dtype: torch.dtype,
+    with_vae: bool = True,
+) -> SDModel:  # fmt: skip
+    """One component at a time: its tensors read, converted to diffusers names and cast into the model."""
+    checkpoint = Checkpoint(path)
+    keys = checkpoint.keys()
+    problem = describe_non_sd_file(keys)
     if problem:
         raise UserError(f"{path}: {problem}")
-    family = text_family(state)
-    if family == "sd2":
-        text_sd = _sd2_text_weights(state, path)
-    elif any(k.startswith(SD1_TEXT_PREFIX) for k in state):
-        text_sd = _sd1_text_weights(state)
-    else:
+    family = text_family(keys)
+    if family == "sd1" and not any(k.startswith(SD1_TEXT_PREFIX) for k in keys):
         raise UserError(f"{path}: no text encoder weights (cond_stage_model.*) in this checkpoint")
-    unet_sd = strip_prefix(state, UNET_PREFIX)
-    unet_config = infer_unet_config(unet_sd, family)
+    text_prefix = SD2_TEXT_PREFIX if family == "sd2" else SD1_TEXT_PREFIX
+    text_state = checkpoint.read(k for k in keys if k.startswith(text_prefix))
+    text_sd = _sd2_text_weights(text_state, path) if family == "sd2" else _sd1_text_weights(text_state)
+    text_state.clear()
+    text_encoder = _build(
+        CLIPTextModel, infer_text_config(text_sd, family), text_sd, "text encoder", path, dtype
+    )
+
+    unet_state = checkpoint.read(k for k in keys if k.startswith(UNET_PREFIX))
+    unet_config = infer_unet_config(strip_prefix(unet_state, UNET_PREFIX), family)
     if v_parameterization:
         unet_config["sample_size"] = 96
-    unet = _build(
-        UNet2DConditionModel, unet_config, convert_ldm_unet_checkpoint(state, unet_config), "UNet", path
-    )
-    text_encoder = _build(CLIPTextModel, infer_text_config(text_sd, family), text_sd, "text encoder", path)
-    vae = load_vae_weights(strip_prefix(state, VAE_PREFIX), family, path)
+    unet_sd = convert_ldm_unet_checkpoint(unet_state, unet_config)
+    unet_state.clear()
+    unet = _build(UNet2DConditionModel, unet_config, unet_sd, "UNet", path, dtype)
+
+    vae = None
+    if with_vae:
+        vae = load_vae_weights(
+            checkpoint.read(k for k in keys if k.startswith(VAE_PREFIX)), family, path, vae_dtype
+        )
     return SDModel(
         tokenizer=load_tokenizer(family == "sd2", tokenizer_cache_dir=tokenizer_cache_dir),
         text_encoder=text_encoder,
@@ -322,7 +372,10 @@ def _load_single_file(path: Path, v_parameterization: bool, tokenizer_cache_dir)
     )
 
 
-def _load_diffusers_folder(path: Path, v_parameterization: bool, tokenizer_cache_dir) -> SDModel:
+def _load_diffusers_folder(
+    path: Path, v_parameterization: bool, tokenizer_cache_dir, dtype: torch.dtype, vae_dtype: torch.dtype,
+    with_vae: bool = True,
+) -> SDModel:  # fmt: skip
     if (path / "text_encoder_2").is_dir():
         raise UserError(
             f"{path}: an SDXL diffusers folder; SDXL is not supported yet (use an SD 1.x or 2.x model)"
@@ -332,9 +385,17 @@ def _load_diffusers_folder(path: Path, v_parameterization: bool, tokenizer_cache
             f"{path}: not a diffusers model folder (no unet/config.json); pass a checkpoint or a folder"
         )
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+        # diffusers and transformers build on the meta device and cast each tensor as they read it
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", local_files_only=True, torch_dtype=dtype
+        )
+        vae = None
+        if with_vae:
+            vae = AutoencoderKL.from_pretrained(
+                path, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype
+            )
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
+                                                     torch_dtype=dtype)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: cannot read this diffusers folder ({exc})") from exc
     family = "sd2" if text_encoder.config.hidden_act == "gelu" or unet.config.use_linear_projection else "sd1"
@@ -350,9 +411,9 @@ def _load_diffusers_folder(path: Path, v_parameterization: bool, tokenizer_cache
             )
     return SDModel(
         tokenizer=load_tokenizer(family == "sd2", model_dir=path, tokenizer_cache_dir=tokenizer_cache_dir),
-        text_encoder=text_encoder.float().eval(),
-        vae=vae.float().eval(),
-        unet=unet.float().eval(),
+        text_encoder=text_encoder.to(dtype).eval(),
+        vae=None if vae is None else vae.to(vae_dtype).eval(),
+        unet=unet.to(dtype).eval(),
         scheduler_config=_scheduler_config(family, v_parameterization),
         family=family,
         v_parameterization=v_parameterization,
@@ -360,7 +421,7 @@ def _load_diffusers_folder(path: Path, v_parameterization: bool, tokenizer_cache
     )
 
 
-def load_vae(path: str | Path, family: str) -> AutoencoderKL:
+def load_vae(path: str | Path, family: str, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """``--vae``: a file (LDM or diffusers names), a VAE folder, or a pipeline folder with ``vae/``."""
     path = Path(path)
     if not path.exists():
@@ -370,7 +431,12 @@ def load_vae(path: str | Path, family: str) -> AutoencoderKL:
         if not (folder / "config.json").is_file():
             raise UserError(f"--vae {path}: a folder without config.json (nor vae/config.json)")
         try:
-            return AutoencoderKL.from_pretrained(folder, local_files_only=True).float().eval()
+            return (
+                AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+                .to(dtype)
+                .eval()
+            )
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"--vae {path}: cannot read this VAE folder ({exc})") from exc
-    return load_vae_weights(read_state_dict(path), family, path)
+    checkpoint = Checkpoint(path)
+    return load_vae_weights(checkpoint.read(checkpoint.keys()), family, path, dtype)

@@ -37,7 +37,8 @@ class DiffusionLoss:
     text_encoder: Any
     tokenizer: Any
     unet: Any
-    vae: Any
+    vae: Any  # None once latents are cached and nothing else needs it
+    latent_scale: float  # the VAE's scaling factor (0.18215 for SD)
     schedule: TrainingSchedule
     noise: NoiseSettings
     loss: LossSettings
@@ -66,9 +67,9 @@ class DiffusionLoss:
 
     def batch_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Cached latents, or images encoded by the frozen VAE (a sample of its distribution)."""
-        scale = self.vae.config.scaling_factor
+        scale = self.latent_scale
         if batch.get("latents") is not None:  # cached unscaled, as kohya caches them
-            return (batch["latents"].to(self.vae.device) * scale).to(self.weight_dtype)
+            return (batch["latents"].to(self.unet.device) * scale).to(self.weight_dtype)
         with torch.no_grad():
             images = batch["images"].to(self.vae.device, dtype=self.vae_dtype)
             latents = self.vae.encode(images).latent_dist.sample(generator=generator)

@@ -256,3 +256,100 @@ def test_sdxl_folder_is_refused(tmp_path):
 
 def test_missing_vae_path(tiny_sd1_safetensors, tmp_path):
     assert "--vae" in _error(tiny_sd1_safetensors, vae=tmp_path / "missing_vae.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a part at a time, cast as it is read (memory)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {f"{part}.{k}": v for part in ("unet", "text_encoder", "vae")
+            for k, v in getattr(model, part).state_dict().items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["model.safetensors", "model.ckpt", "diffusers"])
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_casting_while_loading_gives_the_same_weights_as_casting_after(request, family, layout):
+    root = request.getfixturevalue(f"tiny_{family}")
+    full = _weights(load_sd_model(root / layout))
+    assert all(v.dtype == torch.float32 for v in full.values())
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = _weights(load_sd_model(root / layout, dtype=dtype, vae_dtype=torch.float32))
+        for key, value in full.items():
+            wanted = torch.float32 if key.startswith("vae.") else dtype
+            assert cast[key].dtype == wanted and torch.equal(cast[key], value.to(wanted)), key
+
+
+def test_the_single_file_loader_matches_diffusers_conversion_of_the_whole_file(tiny_sd1):
+    """Bit-identical to what converting the whole file at once (the earlier loader) gives."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from safetensors.torch import load_file
+
+    model = load_sd_model(tiny_sd1 / "model.safetensors")
+    whole = load_file(str(tiny_sd1 / "model.safetensors"))
+    reference = convert_ldm_unet_checkpoint(whole, dict(model.unet.config))
+    loaded = model.unet.state_dict()
+    assert set(reference) == set(loaded)
+    assert all(torch.equal(reference[k].float(), loaded[k]) for k in reference)
+
+
+def test_a_vae_given_apart_is_the_only_vae_read(tiny_sd1, monkeypatch):
+    from library import checkpoint_io
+
+    read: list[str] = []
+    original = checkpoint_io.Checkpoint.read
+    monkeypatch.setattr(checkpoint_io.Checkpoint, "read",
+                        lambda self, keys: original(self, [read.append(k) or k for k in keys]))  # fmt: skip
+    load_sd_model(tiny_sd1 / "model.safetensors", vae=tiny_sd1 / "diffusers")
+    assert read and not any(key.startswith("first_stage_model.") for key in read)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_load_never_holds_more_than_the_model_and_one_tensor(tiny_sd1, tmp_path, monkeypatch, dtype):
+    """Counted on the tensors themselves: every tensor the file reader hands out and every weight the
+    model holds, by storage, at each step of the load. The peak must stay under the final model's
+    size plus its largest tensor (reading the whole file first used to hold file and model at once).
+    The file is fp16, as SD checkpoints are, so file and model copies are distinct."""
+    import weakref
+
+    from safetensors.torch import load_file
+
+    from library import checkpoint_io, models
+
+    fp16_file = tmp_path / "fp16.safetensors"
+    file_tensors = {k: v.half() for k, v in load_file(str(tiny_sd1 / "model.safetensors")).items()}
+    save_file(file_tensors, str(fp16_file))
+    largest = max(t.nbytes for t in file_tensors.values())  # the one extra tensor: a file copy
+    del file_tensors
+
+    alive: dict[int, int] = {}  # file tensors still referenced: storage pointer -> bytes
+    built: list[torch.nn.Module] = []
+    peak = 0
+
+    original_read = checkpoint_io.Checkpoint.read
+
+    def read(self, keys):
+        tensors = original_read(self, keys)
+        for tensor in tensors.values():
+            pointer = tensor.untyped_storage().data_ptr()
+            alive[pointer] = tensor.untyped_storage().nbytes()
+            weakref.finalize(tensor.untyped_storage(), alive.pop, pointer, None)
+        return tensors
+
+    original_assign = models._assign
+
+    def assign(model, key, tensor, path):
+        nonlocal peak
+        original_assign(model, key, tensor, path)
+        if model not in built:
+            built.append(model)
+        held = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for m in built for p in [*m.parameters(), *m.buffers()] if p.device.type != "meta"}  # fmt: skip
+        peak = max(peak, sum({**alive, **held}.values()))
+
+    monkeypatch.setattr(checkpoint_io.Checkpoint, "read", read)
+    monkeypatch.setattr(models, "_assign", assign)
+    model = load_sd_model(fp16_file, dtype=dtype)
+    weights = [t for part in (model.unet, model.text_encoder, model.vae) for t in part.state_dict().values()]
+    model_bytes = sum(t.nbytes for t in weights)
+    assert peak <= model_bytes + largest, (peak, model_bytes, largest)
