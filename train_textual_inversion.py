@@ -44,6 +44,7 @@ from library.placeholder_embedding import (
     splice_new_vectors,
 )
 from library.runtime import log_level, setup_console_logging, torch_dtype, use_attention
+from library.text_encoding import drop_unused_layers
 from library.tokenizer import load_tokenizer, set_family_padding
 from library.train_args import check_training_arguments, parse_args, refuse_unsupported, run_settings
 from library.train_checks import (
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     vectors = initial_vectors(args, tokenizer, token_table, num_vectors, seed, model.family)
     freeze_and_cast(model, weight_dtype, vae_dtype, device)
     new_rows = splice_new_vectors(text_encoder, vectors.to(device))
+    clip_skip = drop_unused_layers(text_encoder, args.clip_skip)  # the layers past --clip_skip never run
     use_attention([unet], xformers=args.xformers, flag="--xformers", device=device)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(unet, text_encoder)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
     diffusion_loss = DiffusionLoss(
         text_encoder, tokenizer, unet, vae, latent_scale, make_training_schedule(args.v_parameterization,
-        settings.noise.zero_terminal_snr, device), settings.noise, settings.loss, args.clip_skip, args.v_parameterization,
+        settings.noise.zero_terminal_snr, device), settings.noise, settings.loss, clip_skip, args.v_parameterization,
         weight_dtype, vae_dtype, seed, accelerator.autocast,
     )  # fmt: skip
     saves = SaveCadence(args.save_every_n_steps, save_every_n_epochs(args, length.num_epochs), args.save_last_n_steps,
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     def render_samples(epoch: int | None) -> None:
         optimizer_eval_mode(optimizer)
         sample_images(accelerator, samples, model, tokenizer, output_dir, output_name, step=progress.global_step,
-                      epoch=epoch, weight_dtype=weight_dtype, token_string=args.token_string, clip_skip=args.clip_skip,
+                      epoch=epoch, weight_dtype=weight_dtype, token_string=args.token_string, clip_skip=clip_skip,
                       max_token_length=args.max_token_length)  # fmt: skip
         optimizer_train_mode(optimizer)
 

@@ -79,13 +79,13 @@ def _load(row: dict) -> str:
 def training_table(rows: list[dict]) -> list[str]:
     lines = [
         "| configuration | step s (median) | n | floor s | text enc s | step/floor | step/(floor+TE) "
-        "| kernel CPU s/step (page faults) | peak RSS steps | peak RSS run | optimizer state | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel CPU s/step (page faults) | peak load | peak steps | peak run | optimizer state | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         spec = row["spec"]
         if "error" in row:
-            lines.append(f"| {config_name(spec)} | failed: {row['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {config_name(spec)} | failed: {row['error'][:80]} |" + " |" * 11)
             continue
         borrowed = "*" if row.get("floor_from_base") else ""
         opt = row.get("optimizer") or {}
@@ -96,11 +96,12 @@ def training_table(rows: list[dict]) -> list[str]:
                 f"{opt['slot_bytes']} B {mark} {opt['expected_bytes']} B (+{opt['scalar_bytes']} B scalars)"
             )
         memory = _gb(row.get("cuda_max_allocated_bytes", row.get("peak_rss_steps_bytes")))
+        load_memory = _gb(row.get("cuda_max_allocated_load_bytes", row.get("peak_rss_load_bytes")))
         lines.append(
             f"| {config_name(spec)} | {_s(row['step_median'])} | {len(row['step_seconds'])} "
             f"| {_s(row.get('floor_median'))}{borrowed} | {_s(row.get('text_encoder_median'))}{borrowed} "
             f"| {_ratio(row, 'step_over_floor')} | {_ratio(row, 'step_over_ti_floor')} "
-            f"| {_kernel(row)} | {memory} | {_gb(row.get('peak_rss_process_bytes'))} | {state} "
+            f"| {_kernel(row)} | {load_memory} | {memory} | {_gb(row.get('peak_rss_process_bytes'))} | {state} "
             f"| {_load(row)} |"
         )
     return lines
@@ -247,7 +248,8 @@ def markdown(results: dict) -> str:
         "*kernel CPU s/step*: system CPU time and minor page faults per step (memory given back to the "
         "OS and faulted in again by every step). "
         "\\* = borrowed from the same size/batch/dtype row. Peak RSS steps: resident memory peak "
-        "during the steady-state steps; peak RSS run: the whole process (model loading included).",
+        "during the steady-state steps; peak load: from the start to the end of the first step (model "
+        "loading and latent caching); peak run: the whole process. On CUDA, the allocator's maximum.",
         "",
         *training_table(results["training"]),
         "",

@@ -222,6 +222,8 @@ class StepClock:
     text: list[tuple[float, float]] = field(default_factory=list)
     floor_after_step: list[int] = field(default_factory=list)  # 1-based step each floor call followed
     optimizer: object = None
+    load_peak: int | None = None  # peak RSS from the start to the end of the first step
+    load_cuda_peak: int | None = None
     _floor_warmed: bool = False
 
     def __call__(self, optimizer, args, kwargs) -> None:
@@ -229,8 +231,10 @@ class StepClock:
         self.ends.append(now())
         self.optimizer = optimizer
         if len(self.ends) == 1:  # steady state starts after the first step
+            self.load_peak = self.memory.peak
             self.memory.reset()
             if self.spec.device == "cuda":
+                self.load_cuda_peak = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
         if (
             self.spec.floor
@@ -322,12 +326,14 @@ def time_trainer_steps(spec: TrainSpec, work: Path, log=print) -> dict:
         "step_median": statistics.median(wall),
         "main_total_seconds": total,
         "main_setup_seconds": clock.ends[0][0] - started if clock.ends else None,
+        "peak_rss_load_bytes": clock.load_peak,  # loading, caching and the first step
         "peak_rss_steps_bytes": steps_memory,
         "peak_rss_process_bytes": process_peak_rss_bytes(),
         "optimizer": optimizer_state_report(clock.optimizer, spec.num_vectors),
     }
     if spec.device == "cuda":
         result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        result["cuda_max_allocated_load_bytes"] = clock.load_cuda_peak
     if clock.floor:
         log(f"    floor (UNet fwd + bwd to the conditioning): {_list(s[0] for s in clock.floor)} s")
         log(f"    text encoder fwd + bwd to the vectors: {_list(s[0] for s in clock.text)} s")

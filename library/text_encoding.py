@@ -106,3 +106,21 @@ def encode_windows(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> to
         return text_encoder(ids)[0]
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states
     return final_layer_norm(text_encoder)(hidden[-clip_skip])
+
+
+def drop_unused_layers(text_encoder, clip_skip: int | None) -> int | None:
+    """With ``clip_skip`` k > 1 the outputs of the last k - 1 layers are never read: remove them.
+
+    The encoder's final LayerNorm then applies to the new last layer, which is exactly kohya's
+    ``clip_skip`` output, so afterwards the encoder is called without it: the returned value
+    (``None``) is the ``clip_skip`` to use from now on. Training saves those layers' memory and
+    their share of every step's forward and backward.
+    """
+    if clip_skip is None or clip_skip <= 1:
+        return clip_skip
+    layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
+    if clip_skip > len(layers):
+        return clip_skip  # encode_windows reports the impossible request
+    del layers[len(layers) - (clip_skip - 1) :]
+    text_encoder.config.num_hidden_layers = len(layers)
+    return None

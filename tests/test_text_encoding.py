@@ -145,3 +145,20 @@ def test_empty_long_prompt_windows_are_encoded_once(tiny_sd1_safetensors):
     assert torch.allclose(states[:, :76], separately[:, 0, :76], atol=1e-5)
     assert torch.allclose(states[:, 76:151], separately[:, 1, 1:76], atol=1e-5)
     assert torch.allclose(states[:, -1], separately[:, 2, -1], atol=1e-5)
+
+
+def test_dropping_the_layers_clip_skip_never_reads_gives_the_same_states(tiny_sd1_safetensors):
+    from library.text_encoding import drop_unused_layers
+
+    model = load_sd_model(tiny_sd1_safetensors)
+    ids = tokenize_prompts(model.tokenizer, ["a photo of a cat", "a dog"])
+    with torch.no_grad():
+        expected = encode_prompts(model.text_encoder, model.tokenizer, ids, clip_skip=2)
+        assert drop_unused_layers(model.text_encoder, 2) is None
+        assert len(model.text_encoder.text_model.encoder.layers if hasattr(model.text_encoder, "text_model")
+                   else model.text_encoder.encoder.layers) == 1  # fmt: skip
+        assert torch.equal(encode_prompts(model.text_encoder, model.tokenizer, ids, None), expected)
+    assert (
+        drop_unused_layers(model.text_encoder, 1) == 1
+        and drop_unused_layers(model.text_encoder, None) is None
+    )
