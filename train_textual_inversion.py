@@ -41,8 +41,10 @@ from library.placeholder_embedding import (
     add_placeholder_tokens,
     init_word_vectors,
     random_vectors,
+    rescale_to_norms,
     splice_new_vectors,
 )
+from library.run_events import RunEvents
 from library.runtime import log_level, setup_console_logging, torch_dtype, use_attention
 from library.text_encoding import drop_unused_layers
 from library.tokenizer import load_tokenizer, set_family_padding
@@ -50,7 +52,6 @@ from library.train_args import check_training_arguments, parse_args, refuse_unsu
 from library.train_checks import (
     FiniteGuard,
     warn_if_resume_is_done,
-    warn_if_vectors_frozen,
 )
 from library.train_logging import TrainLogger
 from library.train_sampling import SampleSchedule, sample_images
@@ -61,6 +62,7 @@ from library.training_setup import (
     resolve_mixed_precision,
 )
 from library.training_step import DiffusionLoss
+from library.validation import ValidationRun, Validator, validation_timesteps
 
 logger = logging.getLogger("train_textual_inversion")
 
@@ -128,13 +130,14 @@ def main(argv: list[str] | None = None) -> None:
         unet = torch.compile(unet, backend=args.dynamo_backend)
     if args.cache_latents or args.cache_latents_to_disk:
         with torch.no_grad():
-            dataset.cache_latents(vae, args.vae_batch_size, args.cache_latents_to_disk, device, vae_dtype,
-                                  accelerator.process_index, accelerator.num_processes)  # fmt: skip
+            for part in (dataset, dataset.validation) if dataset.validation else (dataset,):
+                part.cache_latents(vae, args.vae_batch_size, args.cache_latents_to_disk, device, vae_dtype,
+                                   accelerator.process_index, accelerator.num_processes)  # fmt: skip
         accelerator.wait_for_everyone()
-        if not settings.sampling.sample_prompts:
-            model.vae = vae = (
-                None  # every batch is read from the cache: the VAE's memory goes back to the pool
-            )
+        if (
+            not settings.sampling.sample_prompts
+        ):  # every batch comes from the cache: the VAE's memory is freed
+            model.vae = vae = None
 
     # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
     optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], settings.optimizer)
@@ -164,13 +167,10 @@ def main(argv: list[str] | None = None) -> None:
                      lambda: embedding_metadata(args, model, dataset, output_name), SAVE_DTYPES[args.save_precision],
                      model.name)  # fmt: skip
     samples = SampleSchedule.from_settings(settings.sampling, num_vectors)
-    guard = FiniteGuard(
-        new_rows.vectors,
-        lambda label, v, step: saver.embedding(f"{output_name}-{label}.{saver.extension}", v, step),
-    )
+    guard = FiniteGuard(new_rows.vectors, lambda label, v, step: saver.embedding(f"{output_name}-{label}.{saver.extension}",
+                                                                                 v, step))  # fmt: skip
     tracker = TrainLogger(accelerator, settings.tracking, vars(args), optimizer_name, optimizer_args)
     saver.warn_if_final_exists()
-    start_vectors = new_rows.vectors.detach().clone()
 
     def render_samples(epoch: int | None) -> None:
         optimizer_eval_mode(optimizer)
@@ -178,6 +178,13 @@ def main(argv: list[str] | None = None) -> None:
                       epoch=epoch, weight_dtype=weight_dtype, token_string=args.token_string, clip_skip=clip_skip,
                       max_token_length=args.max_token_length)  # fmt: skip
         optimizer_train_mode(optimizer)
+
+    validation = make_validation(settings, dataset, diffusion_loss, progress, saver, tracker, args.validation_seed
+                                 if args.validation_seed is not None else seed)  # fmt: skip
+    events = RunEvents(accelerator, progress, length, new_rows.vectors, optimizer, lr_scheduler, guard, tracker, saver,
+                       saves, samples, render_samples, validation, settings.validation,
+                       new_rows.vectors.detach().clone())  # fmt: skip
+    start_norms = new_rows.vectors.detach().norm(dim=1)
 
     logger.info(
         "training %d vectors of dimension %d for %d steps (%d epochs, %d steps each) on %s x%d process(es), %s",
@@ -187,11 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.sample_at_first and progress.global_step == 0:
         render_samples(epoch=0)
 
-    # 5. The loop: an optimizer step every k batches (and at an epoch's end), until max_train_steps.
+    # 5. The loop: an optimizer step every k batches (and at an epoch's end), until the run is finished.
     optimizer_train_mode(optimizer)
     with tqdm(total=length.max_train_steps, initial=progress.global_step, desc="steps", smoothing=0.1,
               disable=not accelerator.is_local_main_process) as bar:  # fmt: skip
-        while progress.global_step < length.max_train_steps:
+        while not events.finished:
             for batch in epoch_batches(accelerator, loader, progress):
                 logger.debug("step %d, epoch %d: %s", progress.global_step, progress.epoch, batch["keys"])
                 with accelerator.accumulate():
@@ -210,43 +217,17 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if args.preserve_embedding_norm:
+                    rescale_to_norms(new_rows.vectors, start_norms)
                 progress.global_step += 1
                 bar.update(1)
-
-                # every process checks the same averaged loss, so a NaN stops all of them together
-                loss_value = guard.after_step(accelerator.reduce(loss.detach(), reduction="mean"),
-                                              new_rows.vectors, progress.global_step)  # fmt: skip
-                warn_if_vectors_frozen(progress.global_step, start_vectors, new_rows.vectors)
-                tracker.log_step(
-                    progress.global_step, loss_value, optimizer, lr_scheduler, new_rows.vectors, bar
-                )
-                if saves.step_save_due(progress.global_step):
-                    saver.intermediate(step=progress.global_step)
-                if samples.due_at_step(progress.global_step):
-                    render_samples(epoch=None)
-                if progress.global_step >= length.max_train_steps:
+                events.after_step(loss, bar)  # checks, logs, saves, samples, validation
+                if events.finished:
                     break
-
-            # the epoch's end, or the run's (kohya ends the last epoch there too, even part-way)
-            finished = progress.batches_done_in_epoch >= length.batches_per_epoch
-            if finished:
-                progress.epoch += 1
-                progress.batches_done_in_epoch = 0
-            epoch = progress.epoch if finished else progress.epoch + 1
-            tracker.log_epoch(epoch)
-            if finished and saves.epoch_save_due(epoch):
-                saver.intermediate(epoch=epoch)
-            if samples.due_at_epoch(epoch):
-                render_samples(epoch=epoch)
+            events.after_epoch()
 
     # 6. Save the final embedding (and state), named after --output_name.
-    logger.debug(
-        "process %d: final vectors sum %.9g", accelerator.process_index, new_rows.vectors.sum().item()
-    )
-    guard.check_vectors(new_rows.vectors, progress.global_step)
-    optimizer_eval_mode(optimizer)
-    accelerator.wait_for_everyone()
-    saver.final(with_state=args.save_state or args.save_state_on_train_end)
+    events.finish(with_state=args.save_state or args.save_state_on_train_end)
     accelerator.end_training()
 
 
@@ -287,6 +268,30 @@ def run_seed(args) -> int:
             )
         return saved
     return args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+
+
+def make_validation(
+    settings, dataset, diffusion_loss, progress, saver, tracker, seed: int
+) -> ValidationRun | None:
+    """The validation loss on held-out images, else on a fixed training batch, when one is wanted."""
+    options = settings.validation
+    if not options.wanted(held_out=dataset.validation is not None):
+        return None
+    held_out = dataset.validation is not None
+    source = dataset.validation if held_out else dataset
+    batches = source.fixed_batches(options.max_validation_steps or (None if held_out else 1))
+    noise = settings.noise
+    logger.info("validation: %d %s batch(es), timesteps %s", len(batches), "held-out" if held_out else "fixed training",
+                validation_timesteps(noise.min_timestep, noise.max_timestep))  # fmt: skip
+    validator = Validator(
+        batches, diffusion_loss, seed, validation_timesteps(noise.min_timestep, noise.max_timestep)
+    )
+
+    def save_best(step: int, loss: float) -> None:
+        saver.embedding(f"{saver.name}-best.{saver.extension}", step=step,
+                        extra_metadata={"ti_trainer.step": str(step), "ti_trainer.validation_loss": f"{loss:.6g}"})  # fmt: skip
+
+    return ValidationRun(validator, options, progress, save_best, tracker.log_validation)
 
 
 def check_output_folders(args, output_dir: Path, main_process: bool) -> None:

@@ -140,3 +140,14 @@ def splice_new_vectors(text_encoder, vectors: torch.Tensor) -> SplicedTokenEmbed
     spliced = SplicedTokenEmbedding(frozen, vectors.to(frozen.weight.device))
     text_encoder.set_input_embeddings(spliced)
     return spliced
+
+
+def rescale_to_norms(vectors: torch.Tensor, norms: torch.Tensor) -> None:
+    """``--preserve_embedding_norm``: give each vector back its starting norm, keeping its direction.
+
+    Textual Inversion vectors tend to grow far beyond ordinary tokens' norms, and a long vector
+    drowns the rest of the prompt; this keeps the word as strong as the word it started from.
+    """
+    with torch.no_grad():
+        current = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        vectors.mul_(norms.to(vectors.dtype).reshape(-1, 1) / current)

@@ -27,6 +27,7 @@ from library.runtime import refuse_options
 from library.sampler_names import SAMPLER_NAMES
 from library.train_logging import TrackerSettings
 from library.train_sampling import SampleSettings
+from library.validation import ValidationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,48 @@ def _sample_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_sampler", type=str, default=default("sample_sampler"), choices=SAMPLER_NAMES)
 
 
+def _validation_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "validation and stopping (--validation_split/--validation_seed: see dataset)"
+    )
+    default = functools.partial(default_of, ValidationSettings)
+    g.add_argument(
+        "--validate_every_n_steps",
+        type=int,
+        default=default("validate_every_n_steps"),
+        help="score the validation loss every N steps (default: every epoch when images are held out)",
+    )
+    g.add_argument("--validate_every_n_epochs", type=int, default=default("validate_every_n_epochs"))
+    g.add_argument(
+        "--max_validation_steps",
+        type=int,
+        default=default("max_validation_steps"),
+        help="validation batches scored (default: all held-out ones; 1 fixed training batch without)",
+    )
+    g.add_argument(
+        "--early_stopping",
+        action="store_true",
+        help="stop when the validation loss has flattened (DVAR's variance rule); not a kohya option",
+    )
+    g.add_argument(
+        "--early_stopping_window",
+        type=int,
+        default=default("early_stopping_window"),
+        help="validation values compared against the whole history (default 200, DVAR's)",
+    )
+    g.add_argument(
+        "--early_stopping_threshold",
+        type=float,
+        default=default("early_stopping_threshold"),
+        help="stop when recent variance / overall variance falls below this (default 0.15, DVAR's)",
+    )
+    g.add_argument(
+        "--preserve_embedding_norm",
+        action="store_true",
+        help="after every step, scale each vector back to its starting norm; not a kohya option",
+    )
+
+
 def _logging_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     default = functools.partial(default_of, TrackerSettings)
@@ -205,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimizer_arguments(parser)
     _saving_arguments(parser)
     _sample_arguments(parser)
+    _validation_arguments(parser)
     _logging_arguments(parser)
     return parser
 
@@ -335,6 +379,7 @@ class RunSettings:
     optimizer: OptimizerSettings
     sampling: SampleSettings
     tracking: TrackerSettings
+    validation: ValidationSettings
 
 
 def run_settings(args: argparse.Namespace) -> RunSettings:
@@ -346,4 +391,5 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
         optimizer=settings_from(OptimizerSettings, args),
         sampling=settings_from(SampleSettings, args),
         tracking=settings_from(TrackerSettings, args),
+        validation=settings_from(ValidationSettings, args),
     )

@@ -72,16 +72,35 @@ class TrainLogger:
         self.epoch_steps += 1
         average = self.epoch_loss / self.epoch_steps
         lr = lr_scheduler.get_last_lr()[0]
-        logging.getLogger("train_textual_inversion").debug("step %d: loss %.6g, lr %.9g", step, loss, lr)
-        bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average:.4f}", lr=f"{lr:.2e}")
+        norms = vectors.detach().float().norm(dim=1).tolist()
+        logging.getLogger("train_textual_inversion").debug(
+            "step %d: loss %.6g, lr %.9g, vector norms %s",
+            step,
+            loss,
+            lr,
+            " ".join(f"{n:.4g}" for n in norms),
+        )
+        bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average:.4f}", lr=f"{lr:.2e}", norm=f"{max(norms):.3g}")
         if self.enabled:
             logs = {"loss": loss, "lr": lr, "loss/average": average}
             if self.adaptive:
                 group = optimizer.param_groups[0]
                 logs["lr/d*lr"] = group["d"] * group["lr"]
-            for i, norm in enumerate(vectors.detach().float().norm(dim=1).tolist()):
+            for i, norm in enumerate(norms):
                 logs[f"norm/vector{i}"] = norm
             self.accelerator.log(logs, step=step)
+
+    def log_validation(self, step: int, value: float, kind: str, variance_ratio: float | None) -> None:
+        """kohya's ``loss/validation/{step,epoch}_average`` and ``..._divergence`` (minus the epoch's training
+        average), and ours: the early-stopping variance ratio."""
+        if not self.enabled:
+            return
+        logs = {f"loss/validation/{kind}_average": value}
+        if self.epoch_steps:
+            logs[f"loss/validation/{kind}_divergence"] = value - self.epoch_loss / self.epoch_steps
+        if variance_ratio is not None:
+            logs["early_stopping/variance_ratio"] = variance_ratio
+        self.accelerator.log(logs, step=step)
 
     def log_epoch(self, epoch: int) -> None:
         """The finished epoch's mean loss; the next epoch's average starts afresh (kohya)."""

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,9 @@ class Progress:
     global_step: int = 0
     epoch: int = 0
     batches_done_in_epoch: int = 0
+    validation_history: list[float] = field(default_factory=list)  # every validation loss so far
+    best_loss: float | None = None  # the lowest of them, reached at best_step
+    best_step: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,13 +108,17 @@ class RunSaver:
     dtype: torch.dtype  # --save_precision
     checkpoint_name: str
 
-    def embedding(self, file_name: str, vectors: torch.Tensor | None = None, step: int | None = None) -> Path:
+    def embedding(
+        self, file_name: str, vectors: torch.Tensor | None = None, step: int | None = None,
+        extra_metadata: dict[str, str] | None = None,
+    ) -> Path:  # fmt: skip
         path = self.folder / file_name
         if self.accelerator.is_main_process:
             vectors = self.vectors if vectors is None else vectors
             save_embedding(path, vectors.detach().float().cpu(), self.name,
                            step=self.progress.global_step if step is None else step,
-                           checkpoint_name=self.checkpoint_name, metadata=self.metadata(), dtype=self.dtype)  # fmt: skip
+                           checkpoint_name=self.checkpoint_name, metadata={**self.metadata(), **(extra_metadata or {})},
+                           dtype=self.dtype)  # fmt: skip
             logger.info("saved %s", path)
         return path
 
@@ -231,9 +238,14 @@ def _read_progress(folder: Path) -> dict:
         raise _damaged(folder, "progress.json", "is not a progress record")
     if info.get("format") != STATE_FORMAT:
         raise UserError(f"--resume {folder}: state format {info.get('format')} is not {STATE_FORMAT}")
-    fields = {"seed", "global_step", "epoch", "batches_done_in_epoch"}
-    if set(info) - {"format"} != fields or not all(isinstance(info[f], int) for f in fields):
-        raise _damaged(folder, "progress.json", f"does not hold the counters {sorted(fields)}")
+    counters = {"seed", "global_step", "epoch", "batches_done_in_epoch"}
+    if not counters <= set(info) or not all(isinstance(info[f], int) for f in counters):
+        raise _damaged(folder, "progress.json", f"does not hold the counters {sorted(counters)}")
+    unknown = set(info) - {"format"} - set(Progress.__dataclass_fields__)
+    if unknown:
+        raise _damaged(
+            folder, "progress.json", f"holds entries this trainer does not know ({sorted(unknown)})"
+        )
     return info
 
 

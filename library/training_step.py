@@ -49,9 +49,11 @@ class DiffusionLoss:
     seed: int
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
-    def __call__(self, batch: dict, step: int, micro_step: int, rank: int) -> torch.Tensor:
+    def __call__(
+        self, batch: dict, step: int, micro_step: int, rank: int, seed: int | None = None
+    ) -> torch.Tensor:
         device = self.unet.device
-        generator = step_generator(self.seed, step, micro_step, rank, device)
+        generator = step_generator(self.seed if seed is None else seed, step, micro_step, rank, device)
         with self.autocast():
             latents = self.batch_latents(batch, generator)
             hidden = encode_prompts(

@@ -196,9 +196,12 @@ def test_subset_without_image_dir_or_metadata_is_refused(tmp_path):
         load_user_config(_write(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n"))
 
 
-def test_validation_split_is_refused_and_network_multiplier_warns(tmp_path, caplog):
-    with pytest.raises(UserError, match="validation_split"):
-        path = _write(tmp_path, "[general]\nvalidation_split = 0.1\n[[datasets]]\n")
+def test_validation_split_is_read_per_dataset_and_network_multiplier_warns(tmp_path, caplog):
+    path = _write(tmp_path, "[general]\nvalidation_split = 0.25\nvalidation_seed = 3\n[[datasets]]\n")
+    (dataset,) = datasets_from_config(load_user_config(path), path, cli={})
+    assert (dataset.validation_split, dataset.validation_seed) == (0.25, 3)
+    with pytest.raises(UserError, match="validation_split 1.5"):
+        path = _write(tmp_path, "[general]\nvalidation_split = 1.5\n[[datasets]]\n")
         datasets_from_config(load_user_config(path), path, cli={})
     path = _write(tmp_path, "[general]\nnetwork_multiplier = 0.5\n[[datasets]]\n")
     with caplog.at_level(logging.WARNING):
@@ -266,3 +269,15 @@ def test_impossible_counts_name_the_key(tmp_path, line, message):
     with pytest.raises(UserError) as info:
         load_user_config(config)
     assert message in str(info.value)
+
+
+def test_held_out_images_form_their_own_dataset(tmp_path):
+    make_dreambooth(tmp_path, {"2_sks dog": [(64, 64)] * 8})
+    args = make_args("--train_data_dir", str(tmp_path), "--resolution", "64", "--validation_split", "0.25",
+                     "--validation_seed", "1")  # fmt: skip
+    dataset = build_train_dataset(args, tokenizer_with(), None, seed=0)
+    held = {r.key for r in dataset.validation.records}
+    assert len(held) == 2 and not held & {r.key for r in dataset.records} and len(dataset.records) == 6
+    again = build_train_dataset(args, tokenizer_with(), None, seed=5)  # the validation seed decides
+    assert {r.key for r in again.validation.records} == held
+    assert len(dataset.validation.fixed_batches()) == 2  # held-out images count once, not per repeat

@@ -75,6 +75,8 @@ class DataOptions:
     conditioning_data_dir: str | None = None
     max_data_loader_n_workers: int = 8
     persistent_data_loader_workers: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None
 
 
 def _default(name: str) -> Any:
@@ -90,6 +92,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     _add_latent_cache_arguments(parser)
     _add_mask_arguments(parser)
     _add_loader_arguments(parser)
+    _add_validation_arguments(parser)
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -301,6 +304,21 @@ def _add_mask_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=_default("conditioning_data_dir"),
         help="mask images; use it per subset in --dataset_config",
+    )
+
+
+def _add_validation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--validation_split",
+        type=float,
+        default=_default("validation_split"),
+        help="share of each folder's images held out to compute a validation loss (e.g. 0.1)",
+    )
+    parser.add_argument(
+        "--validation_seed",
+        type=int,
+        default=_default("validation_seed"),
+        help="seed choosing the held-out images and the validation noise (default: --seed)",
     )
 
 

@@ -328,6 +328,8 @@ class DatasetParams:
     bucket_no_upscale: bool
     skip_image_resolution: tuple[int, int] | None
     subsets: tuple[SubsetParams, ...]
+    validation_split: float = 0.0  # the share of each subset's images held out for validation
+    validation_seed: int | None = None  # which ones (default: the run's seed)
 
     @property
     def is_finetune(self) -> bool:
@@ -345,7 +347,7 @@ SUBSET_KEYS = (
 )  # fmt: skip
 DATASET_KEYS = (
     "batch_size", "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-    "bucket_no_upscale", "skip_image_resolution",
+    "bucket_no_upscale", "skip_image_resolution", "validation_split", "validation_seed",
 )  # fmt: skip
 # keys that are no command-line option (kohya's TI parser has none for them), with kohya's defaults
 _CONFIG_ONLY_DEFAULTS = {
@@ -451,7 +453,16 @@ def resolve_dataset(
             value["skip_image_resolution"], f"{source}: skip_image_resolution"
         ),
         subsets=subsets,
+        validation_split=_validation_share(value["validation_split"], source),
+        validation_seed=value["validation_seed"],
     )
+
+
+def _validation_share(value: Any, source: str) -> float:
+    share = float(value or 0.0)
+    if not 0.0 <= share < 1.0:
+        raise UserError(f"{source}: validation_split {share}: use a share of the images, 0 to below 1")
+    return share
 
 
 def datasets_from_config(
@@ -478,11 +489,6 @@ def datasets_from_config(
 
 def _reject_unsupported(values: dict[str, Any], where: str) -> None:
     """Keys kohya has for other trainers: refuse what would change training, warn about the rest."""
-    split = values.get("validation_split")
-    if split not in (None, 0, 0.0):
-        raise UserError(f"{where}: validation_split is not supported by this trainer; remove it")
-    if values.get("validation_seed") is not None:
-        logger.warning("%s: validation_seed has no effect without validation_split", where)
     multiplier = values.get("network_multiplier")
     if multiplier not in (None, 1, 1.0):
         logger.warning(

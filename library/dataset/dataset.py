@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.latents_cached = False
         self.skip_cache_check = False
         self.latent_stride = latent_cache.SD_LATENT_STRIDE  # set from the VAE when latents are cached
+        self.validation: TrainDataset | None = None  # the held-out images (--validation_split)
         self._state = torch.zeros(5, dtype=torch.int64)
         self._state[_ACCUMULATION] = self._state[_PROCESSES] = 1
         self._state.share_memory_()
@@ -172,6 +174,17 @@ class TrainDataset(torch.utils.data.Dataset):
             for position, r in enumerate(batch.records)
         ]
         return self._collate_items(items)
+
+    def fixed_batches(self, count: int | None = None) -> list[dict[str, Any]]:
+        """The first ``count`` batches (all by default) of epoch 0, built now and kept: the fixed
+        inputs of a validation loss. The shared epoch the loader reads is not touched."""
+        plan = self.batches_for_epoch(0)
+        batches = []
+        for index, batch in enumerate(plan[:count] if count else plan):
+            items = [self.build_item(self.records[r], 0, index, position, use_cache=self.latents_cached)
+                     for position, r in enumerate(batch.records)]  # fmt: skip
+            batches.append(self._collate_items(items))
+        return batches
 
     def _collate_items(self, items: list[Item]) -> dict[str, Any]:
         captions = [item.caption for item in items]
@@ -545,8 +558,7 @@ def build_train_dataset(
         seed = secrets.randbelow(2**31)
         logger.info("no --seed: the dataset uses seed %d", seed)
     datasets = datasets_from_args(options)
-    parts: list[DatasetPart] = []
-    records: list[ImageRecord] = []
+    train_parts, held_out_parts = [], []
     reg_images = 0
     for params in datasets:
         found, reg_count = load_dataset_records(params)
@@ -554,14 +566,11 @@ def build_train_dataset(
         if not found:
             logger.warning("%s: no images", params.source)
             continue
-        part = DatasetPart(params)
-        _assign_buckets(part, found)
-        for record in found:
-            record.extra["part"] = len(parts)
-            index = len(records)
-            records.append(record)
-            part.buckets.setdefault(record.bucket, []).extend([index] * record.num_repeats)
-        parts.append(part)
+        train, held_out = split_for_validation(found, params.validation_split, params.validation_seed, seed)
+        train_parts.append((params, train))
+        if held_out:
+            held_out_parts.append((params, held_out))
+    parts, records = _bucketed(train_parts)
     if not records:
         raise UserError(
             "no training images were found; check --train_data_dir / --in_json / --dataset_config"
@@ -587,8 +596,58 @@ def build_train_dataset(
                 "--cache_latents/--cache_latents_to_disk cannot be used with color_aug or random_crop "
                 f"(set in: {', '.join(uncacheable)}): cached latents cannot change each epoch"
             )
+    if held_out_parts:
+        val_parts, val_records = _bucketed(held_out_parts, repeats=False)
+        dataset.validation = TrainDataset(val_parts, val_records, tokenizer, caption_rule, seed,
+                                          options.max_token_length, options.prior_loss_weight, 0)  # fmt: skip
+        dataset.validation.skip_cache_check = options.skip_cache_check
+        logger.info("%d images held out for validation", len(val_records))
     logger.info("dataset:\n%s", dataset.summary())
     return dataset
+
+
+def split_for_validation(
+    records: list[ImageRecord], share: float, validation_seed: int | None, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """``share`` of each subset's training images held out (chosen by ``validation_seed``, else the
+    run's seed), at least one when the share asks for any and the subset has two or more;
+    regularization images are never held out."""
+    if not share:
+        return records, []
+    rng = random.Random(seed if validation_seed is None else validation_seed)
+    held: set[int] = set()
+    by_subset: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        if not record.is_reg:
+            by_subset.setdefault(record.subset.source, []).append(index)
+    for indices in by_subset.values():
+        count = min(len(indices) - 1, max(1, round(len(indices) * share)))
+        shuffled = sorted(indices, key=lambda i: records[i].key)
+        rng.shuffle(shuffled)
+        held.update(shuffled[:count])
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
+
+
+def _bucketed(
+    parts_records: list[tuple[DatasetParams, list[ImageRecord]]], repeats: bool = True
+) -> tuple[list[DatasetPart], list[ImageRecord]]:
+    """Parts with their buckets of record indices (each record ``num_repeats`` times, or once)."""
+    parts: list[DatasetPart] = []
+    records: list[ImageRecord] = []
+    for params, found in parts_records:
+        part = DatasetPart(params)
+        _assign_buckets(part, found)
+        for record in found:
+            record.extra["part"] = len(parts)
+            index = len(records)
+            records.append(record)
+            part.buckets.setdefault(record.bucket, []).extend(
+                [index] * (record.num_repeats if repeats else 1)
+            )
+        parts.append(part)
+    return parts, records
 
 
 def _check_run_options(options: DataOptions) -> None:
