@@ -179,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
                       max_token_length=args.max_token_length)  # fmt: skip
         optimizer_train_mode(optimizer)
 
-    validation = make_validation(settings, dataset, diffusion_loss, progress, saver, tracker, args.validation_seed
-                                 if args.validation_seed is not None else seed)  # fmt: skip
+    validation_seed = seed if args.validation_seed is None else args.validation_seed
+    validation = make_validation(settings, dataset, diffusion_loss, progress, saver, tracker, validation_seed,
+                                 length)  # fmt: skip
     events = RunEvents(accelerator, progress, length, new_rows.vectors, optimizer, lr_scheduler, guard, tracker, saver,
                        saves, samples, render_samples, validation, settings.validation,
                        new_rows.vectors.detach().clone())  # fmt: skip
@@ -271,12 +272,21 @@ def run_seed(args) -> int:
 
 
 def make_validation(
-    settings, dataset, diffusion_loss, progress, saver, tracker, seed: int
+    settings, dataset, diffusion_loss, progress, saver, tracker, seed: int, length: RunLength
 ) -> ValidationRun | None:
     """The validation loss on held-out images, else on a fixed training batch, when one is wanted."""
     options = settings.validation
     if not options.wanted(held_out=dataset.validation is not None):
         return None
+    if options.every_n_steps:
+        evaluations = length.max_train_steps // options.every_n_steps
+    else:
+        evaluations = length.num_epochs // (options.validate_every_n_epochs or 1)
+    if options.early_stopping and options.early_stopping_window > evaluations:
+        logger.warning(
+            "--early_stopping: the window of %d validation values is longer than this run's %d evaluations, so it "
+            "cannot stop early; lower --early_stopping_window", options.early_stopping_window, evaluations,
+        )  # fmt: skip
     held_out = dataset.validation is not None
     source = dataset.validation if held_out else dataset
     batches = source.fixed_batches(options.max_validation_steps or (None if held_out else 1))

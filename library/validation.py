@@ -57,7 +57,9 @@ class ValidationSettings:
 
     def wanted(self, held_out: bool) -> bool:
         """Validation runs when images are held out, or a cadence or early stopping asks for it."""
-        return bool(held_out or self.validate_every_n_steps or self.validate_every_n_epochs or self.early_stopping)
+        return bool(
+            held_out or self.validate_every_n_steps or self.validate_every_n_epochs or self.early_stopping
+        )
 
     @property
     def every_n_steps(self) -> int | None:

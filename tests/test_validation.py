@@ -107,3 +107,25 @@ def test_preserved_norms_stay_at_the_init_words(data, tiny_sd1, tmp_path):
     vectors = load_file(str(out / "mychar4.safetensors"))["emb_params"]
     assert not torch.allclose(vectors[0], start)  # it trained
     assert torch.allclose(vectors.norm(dim=1), start.norm().expand(2), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_hostile_validation_options_end_in_one_line_or_a_warning(data, tiny_sd1, tmp_path):
+    from test_train_cli import _error_line
+
+    model = tiny_sd1 / "model.safetensors"
+    base = [
+        *common(data, tmp_path / "o", model),
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--max_train_steps=2",
+    ]
+    for flag, words in (("--validation_split=1.5", "validation_split 1.5"), ("--validate_every_n_steps=0", "must be 1"),
+                        ("--early_stopping_threshold=0", "between 0 and 1"), ("--early_stopping_window=1", "2 or more"),
+                        ("--max_validation_steps=0", "must be 1")):  # fmt: skip
+        assert words in _error_line(run_train(*base, flag, check=False)), flag
+    alone = tmp_path / "alone"
+    make_images(alone / "1_mychar4", 1, caption="mychar4")
+    result = run_train(*common(alone, tmp_path / "p", model), "--token_string=mychar4", "--max_train_steps=2",
+                       "--validation_split=0.5", "--early_stopping")  # fmt: skip
+    assert "holds out no image" in result.stderr and "cannot stop early" in result.stderr

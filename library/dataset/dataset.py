@@ -567,6 +567,11 @@ def build_train_dataset(
             logger.warning("%s: no images", params.source)
             continue
         train, held_out = split_for_validation(found, params.validation_split, params.validation_seed, seed)
+        if params.validation_split and not held_out:
+            logger.warning(
+                "%s: validation_split %g holds out no image (a folder needs at least 2 training images); no "
+                "held-out validation set", params.source, params.validation_split,
+            )  # fmt: skip
         train_parts.append((params, train))
         if held_out:
             held_out_parts.append((params, held_out))
