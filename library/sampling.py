@@ -414,6 +414,9 @@ class ImageGenerator:
         if init is None:
             pipe = self.txt2img
             kwargs.update(width=width, height=height)
+            if (request.sampler or "ddim").lower() in ANCESTRAL_SAMPLERS:
+                kwargs["latents"] = kohya_start_latents(kwargs["generator"], self.unet.dtype, height, width, steps,
+                                                        pipe.vae_scale_factor, self.unet.config.in_channels)  # fmt: skip
         elif mask is None:
             pipe = self.img2img
             kwargs.update(image=_prepare_images(init, width, height, "RGB"), strength=strength)
@@ -500,6 +503,38 @@ class ImageGenerator:
             output_type="pil",
         )
         return HighresResult(images=self.generate(second_request), first_pass=kept)
+
+
+# samplers that add fresh noise at every step (diffusers draws it with the image's generator)
+ANCESTRAL_SAMPLERS = {"euler_a", "k_euler_a", "dpm_2_a", "k_dpm_2_a"}
+
+
+def kohya_start_latents(
+    generators: list[torch.Generator],
+    dtype: torch.dtype,
+    height: int,
+    width: int,
+    steps: int,
+    vae_scale: int,
+    channels: int,
+) -> torch.Tensor:
+    """Start latents drawn as kohya's generator draws them, for the ancestral samplers.
+
+    kohya seeds the global generator with the image's seed, draws the start latents, then draws
+    one noise tensor per step meant for the sampler. Its hook that should hand those to the
+    sampler never takes effect (diffusers' schedulers draw through ``randn_tensor``, which the
+    hook does not replace), so the sampler draws its step noise afterwards, from where the
+    generator stands: past the start latents and those unused tensors. Drawing the same way from
+    each image's own generator gives kohya's picture for the same seed (for a single image; in a
+    batch kohya's step noise comes from the last image's seed, while here each image keeps its own).
+    """
+    shape = (1, channels, height // vae_scale, width // vae_scale)
+    latents = []
+    for generator in generators:
+        latents.append(torch.randn(shape, generator=generator, dtype=dtype))
+        for _ in range(steps):  # the per-step noises kohya draws and never uses
+            torch.randn(shape, generator=generator, dtype=dtype)
+    return torch.cat(latents)
 
 
 def _request_from(request, **changes) -> GenerationRequest:

@@ -130,6 +130,32 @@ def test_ancestral_sampler_is_reproducible_with_a_seed(generator):
     assert np.array_equal(pixels(generator.generate(request)[0]), pixels(generator.generate(request)[0]))
 
 
+def test_an_ancestral_sampler_draws_its_noise_as_kohyas_generator_does(sd1, generator):
+    """kohya's gen_img_diffusers: manual_seed(seed); start = randn; one randn per step it never uses (its hook
+    misses diffusers' randn_tensor); the sampler then draws its step noise from the global generator.
+    Rebuilt here with the global generator and the pipeline itself; our image must be the same."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    seed, steps, size = 647892279, 4, {"width": 64, "height": 64}
+    ours = generator.generate(GenerationRequest("a cat", seeds=[seed], sampler="euler_a", steps=steps, **size))[0]
+    pipe = generator.txt2img
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(make_scheduler("euler_a", sd1.scheduler_config,
+                                                                                False).config)  # fmt: skip
+    embeds = generator.encode(["a cat", ""])
+    saved = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        shape = (1, 4, size["height"] // 8, size["width"] // 8)
+        start = torch.randn(shape)
+        for _ in range(steps):
+            torch.randn(shape)
+        kohya = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], latents=start, generator=None,
+                     num_inference_steps=steps, guidance_scale=7.5, **size).images[0]  # fmt: skip
+    finally:
+        torch.set_rng_state(saved)
+    assert np.array_equal(pixels(ours), pixels(kohya))
+
+
 # --- guidance ---------------------------------------------------------------------------------
 
 
