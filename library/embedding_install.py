@@ -58,7 +58,7 @@ def install_embeddings(
     typical_norm = float(text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
     for (_, vectors), path in zip(loaded, paths):
         _warn_if_oversized(path, vectors, typical_norm)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set below
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         for token_ids, vectors in loaded:

@@ -41,7 +41,7 @@ SHAPES_MODEL = ROOT / "models" / "shapes-sd1.safetensors"
 # how every evaluation renders: fixed, so numbers compare across runs and embeddings
 SAMPLER = "ddim"
 STEPS = 20
-SCALE = 5.0
+SCALE = 7.5
 BATCH = 32
 FIRST_SEED = 1000
 

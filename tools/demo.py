@@ -1,11 +1,15 @@
-"""``make demo``: the whole job on an embedded default, offline, in about a minute on a CPU.
+"""``make demo``: teach the small real model a concept from 8 pictures, then show and judge it.
 
-1. builds a tiny random SD 1.x-shaped model (all three layouts) and a few synthetic images,
-2. trains a 2-vector embedding ``demotoy`` with the real CLI (kohya-style command line),
-3. renders an image with ``gen_img_diffusers.py`` using the embedding just trained.
+1. draws 8 pictures of the concept (a heart, which the base model only knows under a word you
+   would not guess) in varied colours into a kohya DreamBooth folder, captioned as users caption
+   their pictures: ``a red myshape``;
+2. trains the word ``myshape`` with the real CLI and a kohya-style command line, starting from the
+   generic word ``shape`` (which draws any of the seven shapes);
+3. renders a grid, ``demo_output/grid.png``: one row per prompt (the init word, the learned word,
+   the learned word in two colours), one column per seed;
+4. judges the embedding with ``tools/concept_eval.py`` and prints its line.
 
-The model is random, so the picture is noise-like; the point is that every step runs and the
-files are the ones users get. Everything goes to ``demo_output/`` (git-ignored).
+Everything goes to ``demo_output/`` (git-ignored). Run ``python -m tools.demo``.
 """
 
 from __future__ import annotations
@@ -13,58 +17,93 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from tools import shapes
+from tools.concept_eval import SHAPES_MODEL, evaluate_embedding, generate
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo_output"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+WORD = "myshape"
+PICTURES = 8
+SEED = 1
+
+# the training command, as a kohya user would write it (paths relative to the repository)
+TRAIN_OPTIONS = [
+    f"--pretrained_model_name_or_path={SHAPES_MODEL.relative_to(ROOT)}",
+    f"--train_data_dir={(OUT / 'data').relative_to(ROOT)}",
+    f"--output_dir={(OUT / 'ti').relative_to(ROOT)}",
+    "--resolution=64",
+    "--train_batch_size=8",
+    "--learning_rate=5e-3",
+    "--max_train_steps=150",
+    "--save_model_as=safetensors",
+    "--caption_extension=.txt",
+    "--cache_latents",
+    f"--seed={SEED}",
+    f"--token_string={WORD}",
+    f"--init_word={shapes.GENERIC_WORD}",
+    "--num_vectors_per_token=1",
+    "--max_data_loader_n_workers=0",
+]
+GRID_ROWS = [f"a {shapes.GENERIC_WORD}", f"a {WORD}", f"a blue {WORD}", f"a yellow {WORD}"]
+GRID_SEEDS = list(range(8))
 
 
-def synthetic_images(folder: Path, count: int = 4) -> None:
-    """Little pictures of one 'toy': a coloured disc on a plain background, captioned with the word."""
+def draw_training_pictures(folder: Path, count: int = PICTURES, seed: int = SEED) -> None:
+    """``count`` pictures of the concept shape, one colour after another, captioned ``a <colour> WORD``."""
     folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:64, 0:64]
+    rng = np.random.default_rng(seed)
+    colors = list(shapes.COLORS)
     for i in range(count):
-        image = np.full((64, 64, 3), (30 + 40 * i, 60, 90), dtype=np.uint8)
-        disc = (xx - 32 - 4 * i) ** 2 + (yy - 30) ** 2 < 14**2
-        image[disc] = (230, 180, 40)
-        Image.fromarray(image).save(folder / f"toy{i}.png")
-        (folder / f"toy{i}.txt").write_text(f"a photo of demotoy, view {i}")
+        color = colors[i % len(colors)]
+        scene = shapes.random_scene(rng, shape=shapes.CONCEPT_SHAPE, color=color)
+        shapes.render(scene).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"a {color} {WORD}")
 
 
-def run(command: list[str]) -> None:
-    print("\n$ " + " ".join(command[1:]), flush=True)
-    # tiny model: one thread per process is faster than two fighting over small kernels
-    env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def train() -> float:
+    """Run the trainer CLI; returns its wall time in seconds."""
+    command = [sys.executable, "train_textual_inversion.py", *TRAIN_OPTIONS]
+    print("$ python train_textual_inversion.py " + " \\\n    ".join(TRAIN_OPTIONS), flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.time()
     subprocess.run(command, check=True, cwd=ROOT, env=env)
+    return time.time() - started
+
+
+def save_grid(rows: list[list[Image.Image]], path: Path, scale: int = 2) -> None:
+    size = shapes.SIZE * scale
+    grid = Image.new("RGB", (size * len(rows[0]), size * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.resize((size, size), Image.NEAREST), (c * size, r * size))
+    grid.save(path)
 
 
 def main() -> None:
-    from tiny_models import ensure_tiny_model
+    import shutil
 
-    model = ensure_tiny_model("sd1") / "model.safetensors"
-    data = OUT / "data"
-    synthetic_images(data / "10_demotoy")
-    run([
-        sys.executable, "train_textual_inversion.py",
-        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={OUT / 'ti'}",
-        "--output_name=demotoy", "--caption_extension=.txt", "--resolution=64,64", "--train_batch_size=2",
-        "--learning_rate=5e-3", "--max_train_steps=30", "--save_model_as=safetensors", "--seed=42",
-        "--token_string=demotoy", "--init_word=toy", "--num_vectors_per_token=2",
-        "--max_data_loader_n_workers=0",
-    ])  # fmt: skip
-    embedding = OUT / "ti" / "demotoy.safetensors"
-    run([
-        sys.executable, "gen_img_diffusers.py", f"--ckpt={model}", f"--outdir={OUT / 'images'}",
-        f"--textual_inversion_embeddings={embedding}", "--prompt=a photo of demotoy on a table",
-        "--W=64", "--H=64", "--steps=10", "--sampler=euler_a", "--seed=1", "--sequential_file_name",
-    ])  # fmt: skip
-    images = sorted((OUT / "images").glob("*.png"))
-    print(f"\ndemo done: embedding {embedding.relative_to(ROOT)}, image {images[-1].relative_to(ROOT)}")
+    shutil.rmtree(OUT, ignore_errors=True)
+    draw_training_pictures(OUT / "data" / f"1_{WORD}")
+    seconds = train()
+    embedding = OUT / "ti" / f"{WORD}.safetensors"
+
+    from library.embedding_install import install_embeddings
+    from library.models import load_sd_model
+
+    model = load_sd_model(SHAPES_MODEL)
+    installed = install_embeddings(model, [embedding])
+    rows = [generate(model, [prompt] * len(GRID_SEEDS), GRID_SEEDS, installed) for prompt in GRID_ROWS]
+    save_grid(rows, OUT / "grid.png")
+    print(f"\ngrid: {(OUT / 'grid.png').relative_to(ROOT)} (rows: {'; '.join(GRID_ROWS)})", flush=True)
+
+    report, _, _ = evaluate_embedding(SHAPES_MODEL, embedding, WORD)
+    print(report.line(seconds), flush=True)
 
 
 if __name__ == "__main__":

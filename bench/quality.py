@@ -1,0 +1,153 @@
+"""How fast and how well Textual Inversion learns, measured on the small real model in models/.
+
+    python -m bench.quality                     # every variant below, ~25 min on 2 CPU cores
+    python -m bench.quality --variants default  # the default settings only, ~4 min
+
+Each variant trains the demo's concept (8 pictures of the heart the model knows only as ``dax``,
+captioned ``a <colour> myshape``) with the real CLI, saving every ``--every`` steps, and judges
+each save with the concept evaluation (``tools/concept_eval.py``): concept and colour accuracy,
+and for the default settings the first step that reaches 90 % concept accuracy and the time to
+it. Variants with validation also report where early stopping ended the run and how the best
+checkpoint compares with the last. Results: ``bench/results/quality-*.json`` and a Markdown table
+(``bench/QUALITY.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.machine import describe_machine
+from tools.concept_eval import SHAPES_MODEL, evaluate_embedding
+from tools.demo import TRAIN_OPTIONS, WORD, draw_training_pictures
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".cache" / "quality"
+RESULTS = ROOT / "bench" / "results"
+QUALITY_MD = ROOT / "bench" / "QUALITY.md"
+TARGET = 0.9
+
+# name: (extra options, steps); the demo's options are the base (library defaults elsewhere)
+VARIANTS: dict[str, tuple[list[str], int]] = {
+    "default": ([], 150),
+    "early stopping": (["--early_stopping", "--early_stopping_window=40"], 300),
+    "preserve norm": (["--preserve_embedding_norm"], 150),
+    "lr 1e-3": (["--learning_rate=1e-3"], 300),
+    "lr 2e-2": (["--learning_rate=2e-2"], 150),
+    "2 vectors": (["--num_vectors_per_token=2"], 150),
+    "init cycle": (["--init_word=shape ring", "--num_vectors_per_token=3", "--init_word_mode=cycle"], 150),
+    "init spread": (["--init_word=shape ring", "--num_vectors_per_token=3", "--init_word_mode=spread"], 150),
+    "init mean": (["--init_word=shape ring", "--num_vectors_per_token=3", "--init_word_mode=mean"], 150),
+}
+
+
+def options_for(extra: list[str], steps: int, every: int, out: Path, data: Path) -> list[str]:
+    replaced = {o.split("=", 1)[0] for o in extra}
+    base = [o for o in TRAIN_OPTIONS if o.split("=", 1)[0] not in replaced | {"--max_train_steps", "--output_dir",
+                                                                              "--train_data_dir"}]  # fmt: skip
+    return [*base, *extra, f"--max_train_steps={steps}", f"--save_every_n_steps={every}", f"--output_dir={out}",
+            f"--train_data_dir={data}"]  # fmt: skip
+
+
+def run_variant(name: str, extra: list[str], steps: int, every: int, images: int, data: Path) -> dict:
+    out = WORK / re.sub(r"\W+", "-", name)
+    command = [sys.executable, "train_textual_inversion.py", *options_for(extra, steps, every, out, data)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.time()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.time() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{name}: the trainer failed:\n{result.stderr[-3000:]}")
+    stopped = re.search(r"early stopping at step (\d+)", result.stderr)
+    final_step = int(stopped.group(1)) if stopped else steps
+    saves = sorted(out.glob(f"{WORD}-step*.safetensors"))
+    rows = []
+    for path in [*saves, out / f"{WORD}.safetensors", out / f"{WORD}-best.safetensors"]:
+        if not path.is_file():
+            continue
+        report, _, _ = evaluate_embedding(SHAPES_MODEL, path, WORD, images=images)
+        step = int(re.search(r"step(\d+)", path.name).group(1)) if "-step" in path.name else final_step
+        rows.append({"file": path.name, "step": step, "concept": report.concept, "init_word": report.init_word,
+                     "color": report.color})  # fmt: skip
+        print(f"  {name}: {path.name}: {report.line(None)}", flush=True)
+    first = next((r for r in rows if r["file"].startswith(f"{WORD}-step") and r["concept"] >= TARGET), None)
+    return {
+        "name": name,
+        "options": extra,
+        "steps": steps,
+        "stopped_at": int(stopped.group(1)) if stopped else None,
+        "train_seconds": seconds,
+        "seconds_per_step": seconds / final_step,
+        "first_step_at_target": first["step"] if first else None,
+        "rows": rows,
+    }
+
+
+def markdown(results: list[dict], machine: dict, images: int) -> str:
+    lines = [
+        "# Quality on the small real model",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine['cpu']['model']} ({os.cpu_count()} cores; "
+        f"flags: {', '.join(machine['cpu']['flags']) or 'none of note'}), "
+        f"torch {machine['torch']}; {images} + {images} pictures judged per embedding "
+        "(`tools/concept_eval.py`). Training time includes the trainer's start-up and model load.",
+        "",
+        "| variant | options | stopped at | steps to 90 % concept | time to 90 % | last: concept / color | "
+        "best: step, concept / color |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        last = next((x for x in r["rows"] if x["file"] == f"{WORD}.safetensors"), None)
+        best = next((x for x in r["rows"] if x["file"] == f"{WORD}-best.safetensors"), None)
+        first = r["first_step_at_target"]
+        to_target = "—" if first is None else f"{first} ({first * r['seconds_per_step']:.0f} s)"
+        lines.append(
+            f"| {r['name']} | `{' '.join(r['options']) or 'demo settings'}` | {r['stopped_at'] or '—'} "
+            f"| {first or 'not reached'} | {to_target} "
+            f"| {_pct(last, 'concept')} / {_pct(last, 'color')} "
+            f"| {'—' if best is None else str(best['step']) + ', ' + _pct(best, 'concept') + ' / ' + _pct(best, 'color')} |"
+        )
+    lines += ["", "Concept accuracy by step (saves every few steps):", ""]
+    for r in results:
+        curve = ", ".join(
+            f"{x['step']}: {100 * x['concept']:.0f}%" for x in r["rows"] if "-step" in x["file"]
+        )
+        lines.append(f"- {r['name']}: {curve}")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(row: dict | None, key: str) -> str:
+    return "—" if row is None else f"{100 * row[key]:.0f}%"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
+    parser.add_argument("--every", type=int, default=10, help="save and judge every N steps")
+    parser.add_argument("--images", type=int, default=32, help="pictures per word and embedding")
+    args = parser.parse_args(argv)
+    data = WORK / "data"
+    draw_training_pictures(data / f"1_{WORD}")
+    results = []
+    for name in args.variants.split(","):
+        extra, steps = VARIANTS[name]
+        print(f"{name}: {' '.join(extra)} ({steps} steps)", flush=True)
+        results.append(run_variant(name, extra, steps, args.every, args.images, data))
+    machine = describe_machine()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"quality-{stamp}.json").write_text(
+        json.dumps({"machine": machine, "results": results}, indent=1)
+    )
+    QUALITY_MD.write_text(markdown(results, machine, args.images))
+    print(QUALITY_MD.read_text())
+
+
+if __name__ == "__main__":
+    main()
