@@ -123,20 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     freeze_and_cast(model, weight_dtype, vae_dtype, device)
     new_rows = splice_new_vectors(text_encoder, vectors.to(device))
     clip_skip = drop_unused_layers(text_encoder, args.clip_skip)  # the layers past --clip_skip never run
-    use_attention([unet], xformers=args.xformers, flag="--xformers", device=device)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(unet, text_encoder)
-    if args.torch_compile:
-        unet = torch.compile(unet, backend=args.dynamo_backend)
+    unet = configure_for_training(unet, text_encoder, args, device)
     if args.cache_latents or args.cache_latents_to_disk:
-        with torch.no_grad():
-            for part in (dataset, dataset.validation) if dataset.validation else (dataset,):
-                part.cache_latents(vae, args.vae_batch_size, args.cache_latents_to_disk, device, vae_dtype,
-                                   accelerator.process_index, accelerator.num_processes)  # fmt: skip
-        accelerator.wait_for_everyone()
-        if (
-            not settings.sampling.sample_prompts
-        ):  # every batch comes from the cache: the VAE's memory is freed
+        cache_latents(dataset, vae, args, accelerator, vae_dtype)
+        if not settings.sampling.sample_prompts:  # every batch comes from the cache: free the VAE's memory
             model.vae = vae = None
 
     # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
@@ -159,32 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         settings.noise.zero_terminal_snr, device), settings.noise, settings.loss, clip_skip, args.v_parameterization,
         weight_dtype, vae_dtype, seed, accelerator.autocast,
     )  # fmt: skip
-    saves = SaveCadence(args.save_every_n_steps, save_every_n_epochs(args, length.num_epochs), args.save_last_n_steps,
-                        args.save_last_n_epochs, args.save_last_n_steps_state, args.save_last_n_epochs_state,
-                        length.num_epochs)  # fmt: skip
-    saver = RunSaver(accelerator, output_dir, output_name, args.save_model_as or "pt", saves, args.save_state,
-                     new_rows.vectors, optimizer, lr_scheduler, progress,
-                     lambda: embedding_metadata(args, model, dataset, output_name), SAVE_DTYPES[args.save_precision],
-                     model.name)  # fmt: skip
-    samples = SampleSchedule.from_settings(settings.sampling, num_vectors)
-    guard = FiniteGuard(new_rows.vectors, lambda label, v, step: saver.embedding(f"{output_name}-{label}.{saver.extension}",
-                                                                                 v, step))  # fmt: skip
-    tracker = TrainLogger(accelerator, settings.tracking, vars(args), optimizer_name, optimizer_args)
-    saver.warn_if_final_exists()
-
-    def render_samples(epoch: int | None) -> None:
-        optimizer_eval_mode(optimizer)
-        sample_images(accelerator, samples, model, tokenizer, output_dir, output_name, step=progress.global_step,
-                      epoch=epoch, weight_dtype=weight_dtype, token_string=args.token_string, clip_skip=clip_skip,
-                      max_token_length=args.max_token_length)  # fmt: skip
-        optimizer_train_mode(optimizer)
-
-    validation_seed = seed if args.validation_seed is None else args.validation_seed
-    validation = make_validation(settings, dataset, diffusion_loss, progress, saver, tracker, validation_seed,
-                                 length)  # fmt: skip
-    events = RunEvents(accelerator, progress, length, new_rows.vectors, optimizer, lr_scheduler, guard, tracker, saver,
-                       saves, samples, render_samples, validation, settings.validation,
-                       new_rows.vectors.detach().clone())  # fmt: skip
+    events = make_run_events(
+        args, settings, accelerator, length, progress, new_rows.vectors, optimizer, lr_scheduler,
+        (optimizer_name, optimizer_args), model, tokenizer, dataset, diffusion_loss, output_dir, output_name,
+        clip_skip, weight_dtype, seed,
+    )  # fmt: skip
     start_norms = new_rows.vectors.detach().norm(dim=1)
 
     logger.info(
@@ -193,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.num_processes, mixed_precision,
     )  # fmt: skip
     if args.sample_at_first and progress.global_step == 0:
-        render_samples(epoch=0)
+        events.render_samples(0)
 
     # 5. The loop: an optimizer step every k batches (and at an epoch's end), until the run is finished.
     optimizer_train_mode(optimizer)
@@ -211,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
 
                 # one optimizer step on the gradient averaged over processes
-                guard.before_step(new_rows.vectors)
+                events.guard.before_step(new_rows.vectors)
                 new_rows.vectors.grad = accelerator.reduce(new_rows.vectors.grad, reduction="mean")
                 if args.max_grad_norm:
                     accelerator.clip_grad_norm_([new_rows.vectors], args.max_grad_norm)
@@ -271,6 +240,61 @@ def run_seed(args) -> int:
     return args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
 
 
+def configure_for_training(unet, text_encoder, args, device):
+    """Attention backend, gradient checkpointing and ``torch.compile`` as the options ask; returns the UNet."""
+    use_attention([unet], xformers=args.xformers, flag="--xformers", device=device)
+    if args.gradient_checkpointing:  # diffusers and transformers only checkpoint in training mode
+        unet.enable_gradient_checkpointing()
+        unet.train()  # neither model has dropout
+        text_encoder.gradient_checkpointing_enable()
+        text_encoder.train()
+    if args.torch_compile:
+        unet = torch.compile(unet, backend=args.dynamo_backend)
+    return unet
+
+
+def cache_latents(dataset, vae, args, accelerator, vae_dtype) -> None:
+    """Encode every training (and held-out) image once; each process takes its share, all wait."""
+    with torch.no_grad():
+        for part in (dataset, dataset.validation) if dataset.validation else (dataset,):
+            part.cache_latents(vae, args.vae_batch_size, args.cache_latents_to_disk, accelerator.device, vae_dtype,
+                               accelerator.process_index, accelerator.num_processes)  # fmt: skip
+    accelerator.wait_for_everyone()
+
+
+def make_run_events(
+    args, settings, accelerator, length: RunLength, progress: Progress, vectors, optimizer, lr_scheduler,
+    optimizer_label: tuple[str, str], model, tokenizer, dataset, diffusion_loss, output_dir: Path, output_name: str,
+    clip_skip: int | None, weight_dtype: torch.dtype, seed: int,
+) -> RunEvents:  # fmt: skip
+    """What happens around the optimizer steps: the NaN guard, logs, saves, samples and validation."""
+    saves = SaveCadence(args.save_every_n_steps, save_every_n_epochs(args, length.num_epochs), args.save_last_n_steps,
+                        args.save_last_n_epochs, args.save_last_n_steps_state, args.save_last_n_epochs_state,
+                        length.num_epochs)  # fmt: skip
+    saver = RunSaver(accelerator, output_dir, output_name, args.save_model_as or "pt", saves, args.save_state,
+                     vectors, optimizer, lr_scheduler, progress, lambda: embedding_metadata(args, model, dataset,
+                     output_name), SAVE_DTYPES[args.save_precision], model.name)  # fmt: skip
+    saver.warn_if_final_exists()
+    guard = FiniteGuard(vectors, lambda label, v, step: saver.embedding(f"{output_name}-{label}.{saver.extension}",
+                                                                        v, step))  # fmt: skip
+    tracker = TrainLogger(accelerator, settings.tracking, vars(args), *optimizer_label)
+    samples = SampleSchedule.from_settings(settings.sampling, vectors.shape[0])
+
+    def render_samples(epoch: int | None) -> None:
+        optimizer_eval_mode(optimizer)
+        sample_images(accelerator, samples, model, tokenizer, output_dir, output_name, step=progress.global_step,
+                      epoch=epoch, weight_dtype=weight_dtype, token_string=args.token_string, clip_skip=clip_skip,
+                      max_token_length=args.max_token_length)  # fmt: skip
+        optimizer_train_mode(optimizer)
+
+    validation_seed = seed if args.validation_seed is None else args.validation_seed
+    validation = make_validation(
+        settings, dataset, diffusion_loss, progress, saver, tracker, validation_seed, length
+    )
+    return RunEvents(accelerator, progress, length, vectors, optimizer, lr_scheduler, guard, tracker, saver, saves,
+                     samples, render_samples, validation, settings.validation, vectors.detach().clone())  # fmt: skip
+
+
 def make_validation(
     settings, dataset, diffusion_loss, progress, saver, tracker, seed: int, length: RunLength
 ) -> ValidationRun | None:
@@ -323,14 +347,6 @@ def epoch_batches(accelerator, loader, progress: Progress):
     epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
     epoch_loader.set_epoch(progress.epoch)
     return epoch_loader
-
-
-def enable_gradient_checkpointing(unet, text_encoder) -> None:
-    """diffusers and transformers only checkpoint in training mode; neither model has dropout."""
-    unet.enable_gradient_checkpointing()
-    unet.train()
-    text_encoder.gradient_checkpointing_enable()
-    text_encoder.train()
 
 
 def save_every_n_epochs(args, num_epochs: int) -> int | None:
