@@ -137,7 +137,9 @@ def test_an_ancestral_sampler_draws_its_noise_as_kohyas_generator_does(sd1, gene
     from diffusers import EulerAncestralDiscreteScheduler
 
     seed, steps, size = 647892279, 4, {"width": 64, "height": 64}
-    ours = generator.generate(GenerationRequest("a cat", seeds=[seed], sampler="euler_a", steps=steps, **size))[0]
+    ours = generator.generate(
+        GenerationRequest("a cat", seeds=[seed], sampler="euler_a", steps=steps, **size)
+    )[0]
     pipe = generator.txt2img
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(make_scheduler("euler_a", sd1.scheduler_config,
                                                                                 False).config)  # fmt: skip

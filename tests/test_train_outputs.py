@@ -52,19 +52,28 @@ def test_files_are_named_after_the_token_string_without_output_name(data, tiny_s
     assert metadata["modelspec.implementation_version"] == IMPLEMENTATION
 
 
-def test_a_phrase_init_word_is_cycled_over_the_vectors_as_kohya_does(data, tiny_sd1, tmp_path):
+@pytest.mark.parametrize("mode", [None, "spread", "mean"])
+def test_a_phrase_init_word_is_laid_over_the_vectors_as_the_mode_says(data, tiny_sd1, tmp_path, mode):
+    """Without --init_word_mode the phrase is cycled as kohya does; spread keeps it in order; mean averages it."""
     out = tmp_path / "o"
     result = run_train(
         *common(data, out, tiny_sd1 / "model.safetensors"),
         "--token_string=mychar4", "--init_word=hello world", "--num_vectors_per_token=3",
         "--max_train_steps=1", "--learning_rate=0", "--save_model_as=safetensors",
+        *([f"--init_word_mode={mode}"] if mode else []),
     )  # fmt: skip
-    assert "init words are repeated" in result.stderr
     model = load_sd_model(tiny_sd1 / "model.safetensors")
     hello, world = model.tokenizer("hello world", add_special_tokens=False).input_ids
     table = model.text_encoder.get_input_embeddings().weight
     vectors = load_file(str(out / "mychar4.safetensors"))["emb_params"]
-    assert torch.equal(vectors, table[[hello, world, hello]])
+    if mode is None:
+        assert "init words are repeated" in result.stderr
+        assert torch.equal(vectors, table[[hello, world, hello]])
+    elif mode == "spread":
+        assert torch.equal(vectors, table[[hello, hello, world]])
+    else:
+        expected = table[[hello, world]].mean(dim=0).expand(3, -1)
+        torch.testing.assert_close(vectors, expected.to(vectors.dtype))
 
 
 def test_save_model_as_ckpt_writes_name_ckpt(data, tiny_sd1, tmp_path, monkeypatch):
