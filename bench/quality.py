@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from bench.machine import describe_machine
 from tools.concept_eval import SHAPES_MODEL, evaluate_embedding
 from tools.demo import TRAIN_OPTIONS, WORD, draw_training_pictures
@@ -37,6 +40,7 @@ TARGET = 0.9
 VARIANTS: dict[str, tuple[list[str], int]] = {
     "default": ([], 150),
     "early stopping": (["--early_stopping", "--early_stopping_window=40"], 300),
+    "300 steps": ([], 300),
     "preserve norm": (["--preserve_embedding_norm"], 150),
     "lr 1e-3": (["--learning_rate=1e-3"], 300),
     "lr 2e-2": (["--learning_rate=2e-2"], 150),
@@ -55,6 +59,25 @@ def options_for(extra: list[str], steps: int, every: int, out: Path, data: Path)
             f"--train_data_dir={data}"]  # fmt: skip
 
 
+def init_word_of(extra: list[str]) -> str:
+    """The variant's init word (the demo's unless it sets its own): the baseline to judge against."""
+    given = [o.split("=", 1)[1] for o in [*TRAIN_OPTIONS, *extra] if o.startswith("--init_word=")]
+    return given[-1]
+
+
+def saved_step(path: Path, final_step: int) -> int:
+    """The step a save holds: in its name, in the best file's metadata, else the run's last."""
+    if "-step" in path.name:
+        return int(re.search(r"step(\d+)", path.name).group(1))
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {}).get("ti_trainer.step", final_step))
+
+
+def max_norm(path: Path) -> float:
+    """The largest vector norm in an embedding file (editability: far above a token's, the word drowns the rest)."""
+    return float(load_file(str(path))["emb_params"].float().norm(dim=1).max())
+
+
 def run_variant(name: str, extra: list[str], steps: int, every: int, images: int, data: Path) -> dict:
     out = WORK / re.sub(r"\W+", "-", name)
     command = [sys.executable, "train_textual_inversion.py", *options_for(extra, steps, every, out, data)]
@@ -68,13 +91,15 @@ def run_variant(name: str, extra: list[str], steps: int, every: int, images: int
     final_step = int(stopped.group(1)) if stopped else steps
     saves = sorted(out.glob(f"{WORD}-step*.safetensors"))
     rows = []
+    baseline = None  # the init word's score, the same for every save of the run
     for path in [*saves, out / f"{WORD}.safetensors", out / f"{WORD}-best.safetensors"]:
         if not path.is_file():
             continue
-        report, _, _ = evaluate_embedding(SHAPES_MODEL, path, WORD, images=images)
-        step = int(re.search(r"step(\d+)", path.name).group(1)) if "-step" in path.name else final_step
-        rows.append({"file": path.name, "step": step, "concept": report.concept, "init_word": report.init_word,
-                     "color": report.color})  # fmt: skip
+        report, _, _ = evaluate_embedding(SHAPES_MODEL, path, WORD, init_word=init_word_of(extra), images=images,
+                                          init_baseline=baseline)  # fmt: skip
+        baseline = report.init_word
+        rows.append({"file": path.name, "step": saved_step(path, final_step), "concept": report.concept,
+                     "init_word": report.init_word, "color": report.color, "max_norm": max_norm(path)})  # fmt: skip
         print(f"  {name}: {path.name}: {report.line(None)}", flush=True)
     first = next((r for r in rows if r["file"].startswith(f"{WORD}-step") and r["concept"] >= TARGET), None)
     return {
@@ -89,16 +114,28 @@ def run_variant(name: str, extra: list[str], steps: int, every: int, images: int
     }
 
 
-def markdown(results: list[dict], machine: dict, images: int) -> str:
+def token_norms() -> tuple[float, float]:
+    """The init word's norm and the vocabulary's mean row norm in the shapes model: what a vector's norm compares to."""
+    from library.models import load_sd_model
+    from tools.shapes import GENERIC_WORD
+
+    model = load_sd_model(SHAPES_MODEL)
+    table = model.text_encoder.get_input_embeddings().weight.detach().float()
+    (word_id,) = model.tokenizer(GENERIC_WORD, add_special_tokens=False).input_ids
+    return float(table[word_id].norm()), float(table.norm(dim=1).mean())
+
+
+def markdown(results: list[dict], machine: dict, images: int, norms: tuple[float, float]) -> str:
     lines = [
         "# Quality on the small real model",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {machine['cpu']['model']} ({os.cpu_count()} cores; "
         f"flags: {', '.join(machine['cpu']['flags']) or 'none of note'}), "
         f"torch {machine['torch']}; {images} + {images} pictures judged per embedding "
-        "(`tools/concept_eval.py`). Training time includes the trainer's start-up and model load.",
+        "(`tools/concept_eval.py`). Training time includes the trainer's start-up and model load. "
+        f"Norms: the init word `shape` {norms[0]:.2f}, the vocabulary's mean row {norms[1]:.2f}.",
         "",
-        "| variant | options | stopped at | steps to 90 % concept | time to 90 % | last: concept / color | "
+        "| variant | options | stopped at | steps to 90 % concept | time to 90 % | last: concept / color / max norm | "
         "best: step, concept / color |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -110,7 +147,7 @@ def markdown(results: list[dict], machine: dict, images: int) -> str:
         lines.append(
             f"| {r['name']} | `{' '.join(r['options']) or 'demo settings'}` | {r['stopped_at'] or '—'} "
             f"| {first or 'not reached'} | {to_target} "
-            f"| {_pct(last, 'concept')} / {_pct(last, 'color')} "
+            f"| {_pct(last, 'concept')} / {_pct(last, 'color')} / {_norm(last)} "
             f"| {'—' if best is None else str(best['step']) + ', ' + _pct(best, 'concept') + ' / ' + _pct(best, 'color')} |"
         )
     lines += ["", "Concept accuracy by step (saves every few steps):", ""]
@@ -122,6 +159,10 @@ def markdown(results: list[dict], machine: dict, images: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _norm(row: dict | None) -> str:
+    return "—" if row is None else f"{row['max_norm']:.2f}"
+
+
 def _pct(row: dict | None, key: str) -> str:
     return "—" if row is None else f"{100 * row[key]:.0f}%"
 
@@ -129,7 +170,7 @@ def _pct(row: dict | None, key: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
-    parser.add_argument("--every", type=int, default=10, help="save and judge every N steps")
+    parser.add_argument("--every", type=int, default=25, help="save and judge every N steps")
     parser.add_argument("--images", type=int, default=32, help="pictures per word and embedding")
     args = parser.parse_args(argv)
     data = WORK / "data"
@@ -145,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     (RESULTS / f"quality-{stamp}.json").write_text(
         json.dumps({"machine": machine, "results": results}, indent=1)
     )
-    QUALITY_MD.write_text(markdown(results, machine, args.images))
+    QUALITY_MD.write_text(markdown(results, machine, args.images, token_norms()))
     print(QUALITY_MD.read_text())
 
 

@@ -178,18 +178,24 @@ def evaluate_embedding(
     word: str,
     init_word: str = shapes.GENERIC_WORD,
     images: int = 48,
+    init_baseline: float | None = None,
 ) -> tuple[ConceptReport, list[Image.Image], list[Image.Image]]:
-    """Judge ``embedding`` (typed as ``word``) against ``init_word``; also returns both picture sets."""
+    """Judge ``embedding`` (typed as ``word``) against ``init_word``; also returns both picture sets.
+
+    The init word's pictures do not depend on the embedding: a caller judging many embeddings
+    passes the baseline it already has as ``init_baseline`` (no init pictures are then drawn).
+    """
     model = load_sd_model(model_path)
     seeds = [FIRST_SEED + i for i in range(images)]
     init_prompts, asked = concept_prompts(init_word, images)
-    init_images = generate(model, init_prompts, seeds)
+    init_images = generate(model, init_prompts, seeds) if init_baseline is None else []
     installed = install_embeddings(model, [embedding], [word])
     word_prompts, _ = concept_prompts(word, images)
     word_images = generate(model, word_prompts, seeds, installed)
-    init_concept, _ = _scores([shapes.judge(i) for i in init_images], asked)
+    if init_baseline is None:
+        init_baseline, _ = _scores([shapes.judge(i) for i in init_images], asked)
     concept, color = _scores([shapes.judge(i) for i in word_images], asked)
-    return ConceptReport(concept, init_concept, color), init_images, word_images
+    return ConceptReport(concept, init_baseline, color), init_images, word_images
 
 
 def main(argv: list[str] | None = None) -> None:
