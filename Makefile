@@ -26,7 +26,7 @@ format: setup
 	$(PY) -m ruff format .
 
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers: the CLI tests run one thread each
 
 demo: setup
 	$(PY) -m tools.demo

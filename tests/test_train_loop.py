@@ -33,7 +33,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def learning_rates(stderr: str) -> dict[int, float]:
-    return {int(s): float(lr) for s, lr in re.findall(r"step (\d+): loss \S+, lr (\S+)", stderr)}
+    return {int(s): float(lr) for s, lr in re.findall(r"step (\d+): loss [^,]+, lr ([^,\s]+)", stderr)}
 
 
 def final_vectors(folder: Path):
