@@ -439,8 +439,6 @@ def main(argv: list[str] | None = None) -> int:
     from library.sampling import ImageGenerator
 
     device, dtype = choose_device_and_dtype(args)
-    if device.type == "cpu":
-        keep_freed_memory_in_process()  # reuse freed activations instead of faulting them in each step
     model = load_sd_model(
         resolve_checkpoint(args.ckpt),
         v2=args.v2,
@@ -478,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         vae_batch_size=vae_batch_size,
         progress_bar=True,
     )
+    if device.type == "cpu":  # the load's temporaries are returned; the steps' activations are then reused
+        keep_freed_memory_in_process()
     run = Run(settings, generator, model, embeddings)
     run.init_images, run.mask_images = init_images, mask_images
     written = run.run(prompt_list, args.interactive)

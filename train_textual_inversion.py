@@ -81,8 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     if not accelerator.is_local_main_process and log_level(args.console_log_level) > logging.DEBUG:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress messages
     device = accelerator.device
-    if device.type == "cpu":
-        keep_freed_memory_in_process()  # reuse freed activations instead of faulting them in each step
     seed = run_seed(args)
     output_dir = Path(args.output_dir or "debug_dataset")
     output_name = args.output_name or args.token_string  # kohya: files are named after the word
@@ -165,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         events.render_samples(0)
 
     # 5. The loop: an optimizer step every k batches (and at an epoch's end), until the run is finished.
+    if device.type == "cpu":  # the load's temporaries are returned; the steps' activations are then reused
+        keep_freed_memory_in_process()
     optimizer_train_mode(optimizer)
     with tqdm(total=length.max_train_steps, initial=progress.global_step, desc="steps", smoothing=0.1,
               disable=not accelerator.is_local_main_process) as bar:  # fmt: skip

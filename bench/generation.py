@@ -39,14 +39,13 @@ def run_generation(spec: GenerationSpec, log=print) -> dict:
     from library.models import load_sd_model
     from library.sampling import GenerationRequest, ImageGenerator
 
-    if spec.device == "cpu":  # as gen_img_diffusers.py does; both pipelines below share it
-        keep_freed_memory_in_process()
-
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.dtype]
     model = load_sd_model(spec.checkpoint)
     for module in (model.unet, model.vae, model.text_encoder):
         module.requires_grad_(False)
     model.text_encoder.to(spec.device)
+    if spec.device == "cpu":  # as gen_img_diffusers.py does, after loading; both pipelines below share it
+        keep_freed_memory_in_process()
     generator = ImageGenerator(model, device=spec.device, dtype=dtype)
     bare = StableDiffusionPipeline(
         vae=model.vae,

@@ -30,8 +30,20 @@ def current_rss_bytes() -> int:
         return process_peak_rss_bytes()
 
 
+_STATUS = Path("/proc/self/status")
+
+
 def process_peak_rss_bytes() -> int:
-    """The process's peak RSS so far (``ru_maxrss`` is in KiB on Linux, bytes on macOS)."""
+    """The process's peak RSS so far: ``VmHWM`` on Linux, else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: a child started with fork + exec reports at least its parent's
+    resident size at the fork, so every worker of a bench that had built the 2 GB checkpoint
+    showed the same 5.8 GB. ``VmHWM`` belongs to the process's own address space.
+    """
+    if _STATUS.is_file():
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

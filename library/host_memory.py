@@ -6,7 +6,14 @@ CPU allocates and frees hundreds of activations of that size, so each step the k
 faults in the same gigabytes again: on the benchmark machine about 600 thousand page faults and
 1.9 s of kernel time in a 5.6 s step (docs/benchmarks.md). Raising the mmap threshold and never
 trimming the heap lets freed blocks be reused. The resident memory stays near its peak until
-the process ends instead of shrinking between steps (the benchmark's peak RSS did not change).
+the process ends instead of shrinking between steps.
+
+When: after the model has loaded (and latents are cached), never before. Loading frees large
+temporaries (the file's fp16 tensors once cast, converted copies, the VAE after caching); with
+freed memory kept, each of them stayed resident for the whole run (a full-size SD 1.5 under
+``--mixed_precision bf16`` held 3.4 GB after loading where the model needs 2.2). So the switch
+first hands everything freed so far back to the kernel (``malloc_trim``), then keeps what the
+steps free from then on.
 
 That trade is right for a CPU run, where the same memory is needed again at once. On a GPU the
 host only holds the model while it loads, and keeping that memory would waste RAM, so callers
@@ -55,7 +62,10 @@ def user_allocator_settings(environ: dict[str, str] | None = None) -> str | None
 
 
 def keep_freed_memory_in_process() -> bool:
-    """Tune glibc malloc for a CPU run (see the module docstring). True if the settings were applied."""
+    """Tune glibc malloc for a CPU run, once the model is loaded (see the module docstring).
+
+    True if the settings were applied.
+    """
     if not sys.platform.startswith("linux") or glibc_version() is None:
         return False
     own = user_allocator_settings()
@@ -64,6 +74,7 @@ def keep_freed_memory_in_process() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)  # the load's freed temporaries go back to the kernel first
         applied = libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO) == 1
         applied = libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1 and applied
     except (OSError, AttributeError):

@@ -63,3 +63,33 @@ def test_left_alone_when_the_user_sets_malloc_tunables():
     untouched = probe("tune", GLIBC_TUNABLES="glibc.malloc.perturb=0")
     assert untouched["applied"] is False
     assert untouched["faults"] > 100_000
+
+
+# Fills the heap with 64 KB blocks (below glibc's mmap threshold), frees 7 in 8 of them so the
+# holes cannot be trimmed from the top, and reports the resident size before and after the switch.
+LOAD_LEFTOVERS_PROBE = """
+import json, sys, torch
+from library.host_memory import keep_freed_memory_in_process
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+blocks = [torch.ones(16_000) for _ in range(6_000)]
+kept = blocks[::8]
+del blocks
+before = rss()
+applied = keep_freed_memory_in_process()
+print(json.dumps({"applied": applied, "before": before, "after": rss()}))
+"""
+
+
+@pytest.mark.skipif(glibc_version() is None, reason="glibc only")
+def test_what_loading_freed_goes_back_before_freed_memory_is_kept():
+    """Switched on after the model loads, the switch first returns the load's freed temporaries."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_LEFTOVERS_PROBE],
+        capture_output=True, text=True, cwd=ROOT, env={**clean, "OMP_NUM_THREADS": "1"}, check=True,
+    )  # fmt: skip
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["applied"] is True
+    freed = 6_000 * 7 / 8 * 64_000  # about 336 MB in holes between live blocks
+    assert measured["before"] - measured["after"] > freed * 0.8
