@@ -2,6 +2,7 @@
 
     python -m bench.quality                     # every variant below, ~25 min on 2 CPU cores
     python -m bench.quality --variants default  # the default settings only, ~4 min
+    python -m bench.quality --from-json A.json B.json  # QUALITY.md from runs made side by side
 
 Each variant trains the demo's concept (8 pictures of the heart the model knows only as ``dax``,
 captioned ``a <colour> myshape``) with the real CLI, saving every ``--every`` steps, and judges
@@ -172,7 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
     parser.add_argument("--every", type=int, default=25, help="save and judge every N steps")
     parser.add_argument("--images", type=int, default=32, help="pictures per word and embedding")
+    parser.add_argument("--from-json", nargs="+", type=Path, metavar="FILE",
+                        help="write bench/QUALITY.md from these earlier results (e.g. two runs of different "
+                             "--variants side by side, one core each) instead of training")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.from_json:
+        runs = [json.loads(path.read_text()) for path in args.from_json]
+        results = [r for run in runs for r in run["results"]]
+        QUALITY_MD.write_text(
+            markdown(results, runs[0]["machine"], runs[0].get("images", args.images), token_norms())
+        )
+        print(QUALITY_MD.read_text())
+        return
     data = WORK / "data"
     draw_training_pictures(data / f"1_{WORD}")
     results = []
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"quality-{stamp}.json").write_text(
-        json.dumps({"machine": machine, "results": results}, indent=1)
+        json.dumps({"machine": machine, "images": args.images, "results": results}, indent=1)
     )
     QUALITY_MD.write_text(markdown(results, machine, args.images, token_norms()))
     print(QUALITY_MD.read_text())

@@ -11,7 +11,7 @@ the process ends instead of shrinking between steps.
 When: after the model has loaded (and latents are cached), never before. Loading frees large
 temporaries (the file's fp16 tensors once cast, converted copies, the VAE after caching); with
 freed memory kept, each of them stayed resident for the whole run (a full-size SD 1.5 under
-``--mixed_precision bf16`` held 3.4 GB after loading where the model needs 2.2). So the switch
+``--mixed_precision bf16`` held 3.4 GB after loading, 2.5 GB once they are returned). So the switch
 first hands everything freed so far back to the kernel (``malloc_trim``), then keeps what the
 steps free from then on.
 
