@@ -28,9 +28,13 @@ def test_the_judge_is_right_on_fresh_renders():
 
 
 def test_the_base_model_draws_each_named_shape_in_each_colour():
-    """Guards loading, text encoding and sampling: a silent regression in any of them breaks the drawings."""
-    report = base_model_accuracy(load_sd_model(SHAPES_MODEL), images_per_cell=1)
-    assert report.both() >= 0.8, report.table()
+    """Guards loading, text encoding and sampling: a silent regression in any of them breaks the drawings.
+
+    2 pictures per cell give 87 % both right with the committed model (91 % with 8 per cell,
+    models/README.md); chance is 1 in 42. The margin absorbs other CPUs' rounding.
+    """
+    report = base_model_accuracy(load_sd_model(SHAPES_MODEL), images_per_cell=2)
+    assert report.both() >= 0.75, report.table()
 
 
 def test_the_model_converts_to_a_diffusers_folder(tmp_path):

@@ -1,6 +1,6 @@
 """Build the project's small real model: a Stable Diffusion 1.x-layout model that draws shapes.
 
-    python -m tools.build_shapes_model              # the committed model: about 45 min, 2 CPU cores
+    python -m tools.build_shapes_model              # the committed model: about 55 min, 2 CPU cores
     python -m tools.build_shapes_model --quick      # a few minutes and a poor model: checks the script
 
 The pictures and captions are those of ``tools/shapes.py``. Three stages, each a small, plain
@@ -56,12 +56,12 @@ SCALING_FACTOR = base_config("sd1")["vae"]["scaling_factor"]  # 0.18215, what ev
 class BuildConfig:
     seed: int = 0
     pictures: int = 12_000
-    vae_steps: int = 1000
+    vae_steps: int = 800
     vae_batch: int = 32
     vae_crop: int = 32  # the VAE is convolutional: it learns on crops, 4x cheaper than whole pictures
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    steps: int = 2500  # text encoder + UNet
+    steps: int = 3200  # text encoder + UNet
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 100
