@@ -5,7 +5,8 @@
     python -m bench.quality --from-json A.json B.json  # QUALITY.md from runs made side by side
 
 Each variant trains the demo's concept (8 pictures of the heart the model knows only as ``dax``,
-captioned ``a <colour> myshape``) with the real CLI, saving every ``--every`` steps, and judges
+captioned ``a <colour> myshape``) with the real CLI, saving every ``--early-every`` steps up to
+``--early-until`` (where learning happens on this model) and every ``--every`` steps after, and judges
 each save with the concept evaluation (``tools/concept_eval.py``): concept and colour accuracy,
 and for the default settings the first step that reaches 90 % concept accuracy and the time to
 it. Variants with validation also report where early stopping ended the run and how the best
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -79,8 +81,14 @@ def max_norm(path: Path) -> float:
     return float(load_file(str(path))["emb_params"].float().norm(dim=1).max())
 
 
-def run_variant(name: str, extra: list[str], steps: int, every: int, images: int, data: Path) -> dict:
+def judged_steps(steps: int, every: int, early_every: int, early_until: int) -> set[int]:
+    """Dense where learning happens (the first ``early_until`` steps), sparse after."""
+    return {s for s in range(1, steps + 1) if (s <= early_until and s % early_every == 0) or s % every == 0}
+
+
+def run_variant(name: str, extra: list[str], steps: int, judged: set[int], images: int, data: Path) -> dict:
     out = WORK / re.sub(r"\W+", "-", name)
+    every = math.gcd(*judged) if judged else steps
     command = [sys.executable, "train_textual_inversion.py", *options_for(extra, steps, every, out, data)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.time()
@@ -90,7 +98,7 @@ def run_variant(name: str, extra: list[str], steps: int, every: int, images: int
         raise RuntimeError(f"{name}: the trainer failed:\n{result.stderr[-3000:]}")
     stopped = re.search(r"early stopping at step (\d+)", result.stderr)
     final_step = int(stopped.group(1)) if stopped else steps
-    saves = sorted(out.glob(f"{WORD}-step*.safetensors"))
+    saves = [p for p in sorted(out.glob(f"{WORD}-step*.safetensors")) if saved_step(p, final_step) in judged]
     rows = []
     baseline = None  # the init word's score, the same for every save of the run
     for path in [*saves, out / f"{WORD}.safetensors", out / f"{WORD}-best.safetensors"]:
@@ -103,6 +111,8 @@ def run_variant(name: str, extra: list[str], steps: int, every: int, images: int
                      "init_word": report.init_word, "color": report.color, "max_norm": max_norm(path)})  # fmt: skip
         print(f"  {name}: {path.name}: {report.line(None)}", flush=True)
     first = next((r for r in rows if r["file"].startswith(f"{WORD}-step") and r["concept"] >= TARGET), None)
+    # the save's own write time: start-up and model load included, as a user waits for it
+    to_target = (out / first["file"]).stat().st_mtime - started if first else None
     return {
         "name": name,
         "options": extra,
@@ -111,6 +121,7 @@ def run_variant(name: str, extra: list[str], steps: int, every: int, images: int
         "train_seconds": seconds,
         "seconds_per_step": seconds / final_step,
         "first_step_at_target": first["step"] if first else None,
+        "seconds_to_target": to_target,
         "rows": rows,
     }
 
@@ -133,7 +144,8 @@ def markdown(results: list[dict], machine: dict, images: int, norms: tuple[float
         f"Measured {time.strftime('%Y-%m-%d')} on {machine['cpu']['model']} ({os.cpu_count()} cores; "
         f"flags: {', '.join(machine['cpu']['flags']) or 'none of note'}), "
         f"torch {machine['torch']}; {images} + {images} pictures judged per embedding "
-        "(`tools/concept_eval.py`). Training time includes the trainer's start-up and model load. "
+        "(`tools/concept_eval.py`). Time to 90 %: from the trainer's start (model load included) to "
+        "the save that first reached it. "
         f"Norms: the init word `shape` {norms[0]:.2f}, the vocabulary's mean row {norms[1]:.2f}.",
         "",
         "| variant | options | stopped at | steps to 90 % concept | time to 90 % | last: concept / color / max norm | "
@@ -144,7 +156,10 @@ def markdown(results: list[dict], machine: dict, images: int, norms: tuple[float
         last = next((x for x in r["rows"] if x["file"] == f"{WORD}.safetensors"), None)
         best = next((x for x in r["rows"] if x["file"] == f"{WORD}-best.safetensors"), None)
         first = r["first_step_at_target"]
-        to_target = "—" if first is None else f"{first} ({first * r['seconds_per_step']:.0f} s)"
+        seconds = r.get("seconds_to_target")
+        if seconds is None and first is not None:  # older results: the run's average pace
+            seconds = first * r["seconds_per_step"]
+        to_target = "—" if first is None else f"{seconds:.0f} s"
         lines.append(
             f"| {r['name']} | `{' '.join(r['options']) or 'demo settings'}` | {r['stopped_at'] or '—'} "
             f"| {first or 'not reached'} | {to_target} "
@@ -171,7 +186,9 @@ def _pct(row: dict | None, key: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
-    parser.add_argument("--every", type=int, default=25, help="save and judge every N steps")
+    parser.add_argument("--every", type=int, default=25, help="judge a save every N steps")
+    parser.add_argument("--early-every", type=int, default=5, help="... but every N steps at the start")
+    parser.add_argument("--early-until", type=int, default=50, help="the start: up to this step")
     parser.add_argument("--images", type=int, default=32, help="pictures per word and embedding")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="FILE",
                         help="write bench/QUALITY.md from these earlier results (e.g. two runs of different "
@@ -179,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.from_json:
         runs = [json.loads(path.read_text()) for path in args.from_json]
-        results = [r for run in runs for r in run["results"]]
+        by_name = {}  # a later run of the same variant replaces the earlier one
+        for run in runs:
+            by_name.update({r["name"]: r for r in run["results"]})
+        results = list(by_name.values())
         QUALITY_MD.write_text(
             markdown(results, runs[0]["machine"], runs[0].get("images", args.images), token_norms())
         )
@@ -191,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.variants.split(","):
         extra, steps = VARIANTS[name]
         print(f"{name}: {' '.join(extra)} ({steps} steps)", flush=True)
-        results.append(run_variant(name, extra, steps, args.every, args.images, data))
+        judged = judged_steps(steps, args.every, args.early_every, args.early_until)
+        results.append(run_variant(name, extra, steps, judged, args.images, data))
     machine = describe_machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
