@@ -1,7 +1,7 @@
 """How fast and how well Textual Inversion learns, measured on the small real model in models/.
 
     python -m bench.quality                     # every variant below, ~25 min on 2 CPU cores
-    python -m bench.quality --variants default  # the default settings only, ~4 min
+    python -m bench.quality --variants default  # the default settings only, ~2 min
     python -m bench.quality --from-json A.json B.json  # QUALITY.md from runs made side by side
 
 Each variant trains the demo's concept (8 pictures of the heart the model knows only as ``dax``,
