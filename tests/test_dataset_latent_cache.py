@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,23 @@ def test_memory_cache_is_the_same_for_any_vae_batch_size(tmp_path, vae):
     record = next(r for r in one.records if r.key == batch["keys"][0])
     expected = record.latents_flipped if batch["flipped"][0] else record.latents
     assert torch.equal(batch["latents"][0], expected)
+
+
+def test_the_cache_is_the_same_wherever_the_dataset_lives(tmp_path, vae):
+    """The latent sample's seed comes from folder and file name, not the whole path: a dataset
+    copied elsewhere (another checkout, another disk) trains to the same vectors."""
+    here = make_dreambooth(tmp_path / "here", {"1_sks": [(64, 64)] * 2})
+    there = tmp_path / "somewhere" / "else"
+    shutil.copytree(here, there)
+    cached = []
+    for root in (here, there):
+        args = make_args("--train_data_dir", str(root), "--resolution", "64", "--cache_latents")
+        dataset = build_train_dataset(args, tokenizer_with(), None, seed=0)
+        _cache(dataset, vae, to_disk=False)
+        cached.append([r.latents for r in dataset.records])
+    assert all(torch.equal(a, b) for a, b in zip(*cached))
+    first, second = cached[0]
+    assert not torch.equal(first, second)  # but each image has its own draw
 
 
 @pytest.mark.parametrize("to_disk", [False, True])

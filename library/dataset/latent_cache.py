@@ -10,8 +10,10 @@ Unlike kohya, a file is only reused when it still matches the current settings: 
 than the file. Anything else is recomputed (kohya reuses any file that has the right keys).
 ``--skip_cache_check`` trusts existing files, as in kohya.
 
-The VAE's latent distribution is sampled with one generator per image seeded from the image
-path, so a cache is the same whatever ``vae_batch_size`` or process split produced it.
+The VAE's latent distribution is sampled with one generator per image seeded from the image's
+folder and file name, so a cache is the same whatever ``vae_batch_size`` or process split
+produced it, and wherever the dataset lives (a seed from the whole path made a run's result
+depend on the folder the data was copied to).
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def load_cache(path: Path) -> CachedLatents:
 
 
 def image_seed(image_path: Path) -> int:
-    """A stable per-image seed for sampling the VAE's latent distribution."""
-    return zlib.crc32(str(image_path).encode("utf-8"))
+    """A stable per-image seed for sampling the VAE's latent distribution: its folder and file
+    name (``1_mychar/00.png``), not the whole path, so moving a dataset changes nothing."""
+    return zlib.crc32(f"{image_path.parent.name}/{image_path.name}".encode())
 
 
 @torch.no_grad()
