@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         (optimizer_name, optimizer_args), model, tokenizer, dataset, diffusion_loss, output_dir, output_name,
         clip_skip, weight_dtype, seed,
     )  # fmt: skip
-    start_norms = new_rows.vectors.detach().norm(dim=1)
+    start_norms = events.start_vectors.norm(dim=1)  # what --preserve_embedding_norm holds each vector to
 
     logger.info(
         "training %d vectors of dimension %d for %d steps (%d epochs, %d steps each) on %s x%d process(es), %s",

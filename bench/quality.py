@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from bench.machine import describe_machine
+from library.embeddings import load_embedding_file
 from tools.concept_eval import SHAPES_MODEL, evaluate_embedding
 from tools.demo import TRAIN_OPTIONS, WORD, draw_training_pictures
 
@@ -78,7 +78,7 @@ def saved_step(path: Path, final_step: int) -> int:
 
 def max_norm(path: Path) -> float:
     """The largest vector norm in an embedding file (editability: far above a token's, the word drowns the rest)."""
-    return float(load_file(str(path))["emb_params"].float().norm(dim=1).max())
+    return float(load_embedding_file(path).vectors.float().norm(dim=1).max())
 
 
 def judged_steps(steps: int, every: int, early_every: int, early_until: int) -> set[int]:
