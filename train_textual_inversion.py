@@ -28,8 +28,8 @@ from library.dataset import TokenCaptionRule, build_train_dataset, make_train_da
 from library.embeddings import load_embedding_file, sai_model_spec_metadata
 from library.errors import UserError, run_cli
 from library.files import ensure_writable_folder, remove_interrupted_saves
-from library.host_memory import keep_freed_memory_in_process
-from library.models import load_sd_model
+from library.host_memory import hand_back_freed_memory, keep_freed_memory_in_process
+from library.models import load_sd_model, load_sd_vae
 from library.noise import make_training_schedule
 from library.optimizers import (
     create_lr_scheduler,
@@ -108,24 +108,29 @@ def main(argv: list[str] | None = None) -> None:
     dataset.set_run_length(length.max_train_steps, length.steps_per_epoch, k, accelerator.num_processes)
 
     # 3. The model, frozen and cast as it loads, with the new vectors spliced into its token lookup.
+    #    When every batch will come from cached latents and nothing renders samples, the VAE is read
+    #    alone first, encodes the images and is freed: it never shares memory with the UNet.
     weight_dtype = torch_dtype(mixed_precision)
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
+    caching = args.cache_latents or args.cache_latents_to_disk
+    vae_only_for_caching = caching and not settings.sampling.sample_prompts
+    if vae_only_for_caching:
+        latent_scale = cache_latents_with_vae_alone(dataset, args, accelerator, vae_dtype)
     model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
                           vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=weight_dtype,
-                          vae_dtype=vae_dtype)  # fmt: skip
+                          vae_dtype=vae_dtype, with_vae=not vae_only_for_caching)  # fmt: skip
     set_family_padding(tokenizer, model.family)
     text_encoder, unet, vae = model.text_encoder, model.unet, model.vae
-    latent_scale = vae.config.scaling_factor
+    if vae is not None:
+        latent_scale = vae.config.scaling_factor
     token_table = text_encoder.get_input_embeddings().weight.detach()
     vectors = initial_vectors(args, tokenizer, token_table, num_vectors, seed, model.family)
     freeze_and_cast(model, weight_dtype, vae_dtype, device)
     new_rows = splice_new_vectors(text_encoder, vectors.to(device))
     clip_skip = drop_unused_layers(text_encoder, args.clip_skip)  # the layers past --clip_skip never run
     unet = configure_for_training(unet, text_encoder, args, device)
-    if args.cache_latents or args.cache_latents_to_disk:
+    if caching and not vae_only_for_caching:  # the VAE stays: samples are decoded with it
         cache_latents(dataset, vae, args, accelerator, vae_dtype)
-        if not settings.sampling.sample_prompts:  # every batch comes from the cache: free the VAE's memory
-            model.vae = vae = None
 
     # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
     optimizer_name, optimizer_args, optimizer = create_optimizer([new_rows.vectors], settings.optimizer)
@@ -260,6 +265,21 @@ def cache_latents(dataset, vae, args, accelerator, vae_dtype) -> None:
             part.cache_latents(vae, args.vae_batch_size, args.cache_latents_to_disk, accelerator.device, vae_dtype,
                                accelerator.process_index, accelerator.num_processes)  # fmt: skip
     accelerator.wait_for_everyone()
+
+
+def cache_latents_with_vae_alone(dataset, args, accelerator, vae_dtype) -> float:
+    """Read only the VAE, cache every image's latents with it, free it; returns its latent scale.
+
+    Called before the text encoder and the UNet are read, so the peak memory of loading is the
+    larger of the two, not their sum (on CPU the VAE's freed memory is handed back at once).
+    """
+    vae = load_sd_vae(args.pretrained_model_name_or_path, args.vae, vae_dtype)
+    vae.requires_grad_(False).to(accelerator.device)
+    cache_latents(dataset, vae, args, accelerator, vae_dtype)
+    latent_scale = vae.config.scaling_factor
+    del vae
+    hand_back_freed_memory()
+    return latent_scale
 
 
 def make_run_events(

@@ -61,6 +61,22 @@ def user_allocator_settings(environ: dict[str, str] | None = None) -> str | None
     return None
 
 
+def hand_back_freed_memory() -> bool:
+    """Return the freed parts of the heap to the kernel now (glibc ``malloc_trim``); True if done.
+
+    glibc only shrinks the heap from its top, so memory freed below a live block stays resident
+    until asked for: after a large model part is dropped (the VAE once latents are cached), this
+    makes room for the next part instead of leaving it to grow the process.
+    """
+    if not sys.platform.startswith("linux") or glibc_version() is None:
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def keep_freed_memory_in_process() -> bool:
     """Tune glibc malloc for a CPU run, once the model is loaded (see the module docstring).
 
@@ -72,9 +88,9 @@ def keep_freed_memory_in_process() -> bool:
     if own is not None:
         logger.debug("allocator left as set by %s", own)
         return False
+    hand_back_freed_memory()  # the load's freed temporaries go back to the kernel first
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)  # the load's freed temporaries go back to the kernel first
         applied = libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO) == 1
         applied = libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1 and applied
     except (OSError, AttributeError):

@@ -284,6 +284,7 @@ def load_sd_model(
     tokenizer_cache_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
+    with_vae: bool = True,
 ) -> SDModel:
     """Load tokenizer, text encoder, VAE and UNet (eval mode) from a file or a diffusers folder.
 
@@ -292,21 +293,53 @@ def load_sd_model(
     so the flag (or a diffusers folder's scheduler config) decides it. The weights are cast to
     ``dtype`` (the VAE to ``vae_dtype``, by default the same) as they are read, so a copy in
     another precision never exists; ``vae`` (``--vae``) replaces the model's VAE, which is then
-    not read at all.
+    not read at all. ``with_vae=False`` reads no VAE (``SDModel.vae`` is None): for a caller that
+    already has one from ``load_sd_vae``.
     """
     vae_dtype = dtype if vae_dtype is None else vae_dtype
+    path = _existing_model_path(path)
+    load = _load_diffusers_folder if path.is_dir() else _load_single_file
+    model = load(path, v_parameterization, tokenizer_cache_dir, dtype, vae_dtype,
+                 with_vae=with_vae and vae is None)  # fmt: skip
+    _warn_on_v2_mismatch(path, v2, model.family)
+    if with_vae and vae is not None:
+        model.vae = load_vae(vae, model.family, vae_dtype)
+    return model
+
+
+def load_sd_vae(
+    path: str | Path, vae: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> AutoencoderKL:
+    """The VAE alone: the model's (``path``), or ``vae`` (``--vae``) when given; eval mode.
+
+    The trainer encodes its latents with this before the text encoder and the UNet are read, and
+    frees it afterwards, so the VAE and the UNet never take memory at the same time. Only the
+    VAE's tensors are read from the checkpoint; the file is checked as ``load_sd_model`` checks it.
+    """
+    path = _existing_model_path(path)
+    if path.is_dir():
+        family = _folder_family(path)
+        if vae is None:
+            return _read_folder_vae(path, dtype)
+    else:
+        checkpoint = Checkpoint(path)
+        keys = checkpoint.keys()
+        family = _single_file_family(path, keys)
+        if vae is None:
+            return load_vae_weights(
+                checkpoint.read(k for k in keys if k.startswith(VAE_PREFIX)), family, path, dtype
+            )
+    return load_vae(vae, family, dtype)
+
+
+def _existing_model_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(
             f"{path}: not found; pass the path of a .safetensors/.ckpt checkpoint or a diffusers folder "
             "(models are never downloaded)"
         )
-    load = _load_diffusers_folder if path.is_dir() else _load_single_file
-    model = load(path, v_parameterization, tokenizer_cache_dir, dtype, vae_dtype, with_vae=vae is None)
-    _warn_on_v2_mismatch(path, v2, model.family)
-    if vae is not None:
-        model.vae = load_vae(vae, model.family, vae_dtype)
-    return model
+    return path
 
 
 def _warn_on_v2_mismatch(path: Path, v2: bool | None, family: str) -> None:
@@ -333,12 +366,7 @@ def _load_single_file(
     """One component at a time: its tensors read, converted to diffusers names and cast into the model."""
     checkpoint = Checkpoint(path)
     keys = checkpoint.keys()
-    problem = describe_non_sd_file(keys)
-    if problem:
-        raise UserError(f"{path}: {problem}")
-    family = text_family(keys)
-    if family == "sd1" and not any(k.startswith(SD1_TEXT_PREFIX) for k in keys):
-        raise UserError(f"{path}: no text encoder weights (cond_stage_model.*) in this checkpoint")
+    family = _single_file_family(path, keys)
     text_prefix = SD2_TEXT_PREFIX if family == "sd2" else SD1_TEXT_PREFIX
     text_state = checkpoint.read(k for k in keys if k.startswith(text_prefix))
     text_sd = _sd2_text_weights(text_state, path) if family == "sd2" else _sd1_text_weights(text_state)
@@ -372,10 +400,18 @@ def _load_single_file(
     )
 
 
-def _load_diffusers_folder(
-    path: Path, v_parameterization: bool, tokenizer_cache_dir, dtype: torch.dtype, vae_dtype: torch.dtype,
-    with_vae: bool = True,
-) -> SDModel:  # fmt: skip
+def _single_file_family(path: Path, keys: list[str]) -> str:
+    """``sd1`` or ``sd2`` for a single-file checkpoint, after checking that it is a whole SD model."""
+    problem = describe_non_sd_file(keys)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    family = text_family(keys)
+    if family == "sd1" and not any(k.startswith(SD1_TEXT_PREFIX) for k in keys):
+        raise UserError(f"{path}: no text encoder weights (cond_stage_model.*) in this checkpoint")
+    return family
+
+
+def _check_diffusers_folder(path: Path) -> None:
     if (path / "text_encoder_2").is_dir():
         raise UserError(
             f"{path}: an SDXL diffusers folder; SDXL is not supported yet (use an SD 1.x or 2.x model)"
@@ -384,21 +420,42 @@ def _load_diffusers_folder(
         raise UserError(
             f"{path}: not a diffusers model folder (no unet/config.json); pass a checkpoint or a folder"
         )
+
+
+def _folder_family(path: Path) -> str:
+    """``sd2`` when the text encoder is OpenCLIP's (gelu) or the UNet uses linear projections."""
+    _check_diffusers_folder(path)
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        text = json.loads((path / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read this diffusers folder ({exc})") from exc
+    return "sd2" if text.get("hidden_act") == "gelu" or unet.get("use_linear_projection") else "sd1"
+
+
+def _read_folder_vae(path: Path, dtype: torch.dtype) -> AutoencoderKL:
+    try:  # diffusers builds on the meta device and casts each tensor as it reads it
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: cannot read this diffusers folder ({exc})") from exc
+    return vae.to(dtype).eval()
+
+
+def _load_diffusers_folder(
+    path: Path, v_parameterization: bool, tokenizer_cache_dir, dtype: torch.dtype, vae_dtype: torch.dtype,
+    with_vae: bool = True,
+) -> SDModel:  # fmt: skip
+    family = _folder_family(path)
     try:
         # diffusers and transformers build on the meta device and cast each tensor as they read it
         unet = UNet2DConditionModel.from_pretrained(
             path, subfolder="unet", local_files_only=True, torch_dtype=dtype
         )
-        vae = None
-        if with_vae:
-            vae = AutoencoderKL.from_pretrained(
-                path, subfolder="vae", local_files_only=True, torch_dtype=vae_dtype
-            )
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
                                                      torch_dtype=dtype)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: cannot read this diffusers folder ({exc})") from exc
-    family = "sd2" if text_encoder.config.hidden_act == "gelu" or unet.config.use_linear_projection else "sd1"
+    vae = _read_folder_vae(path, vae_dtype) if with_vae else None
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
         prediction = json.loads(scheduler_file.read_text()).get("prediction_type", "epsilon")
@@ -412,7 +469,7 @@ def _load_diffusers_folder(
     return SDModel(
         tokenizer=load_tokenizer(family == "sd2", model_dir=path, tokenizer_cache_dir=tokenizer_cache_dir),
         text_encoder=text_encoder.to(dtype).eval(),
-        vae=None if vae is None else vae.to(vae_dtype).eval(),
+        vae=vae,
         unet=unet.to(dtype).eval(),
         scheduler_config=_scheduler_config(family, v_parameterization),
         family=family,

@@ -72,10 +72,15 @@ def _require_wandb(api_key: str | None) -> None:
 
 
 def freeze_and_cast(model, weight_dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device) -> None:
-    """Freeze every original weight and move the models to ``device`` in their run dtype."""
+    """Freeze every original weight and move the models to ``device`` in their run dtype.
+
+    ``model.vae`` may be None (latents were cached with a VAE loaded alone and already freed).
+    """
     for module in (model.unet, model.text_encoder, model.vae):
-        module.requires_grad_(False)
-        module.eval()
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
     model.unet.to(device=device, dtype=weight_dtype)
     model.text_encoder.to(device=device, dtype=weight_dtype)
-    model.vae.to(device=device, dtype=vae_dtype)
+    if model.vae is not None:
+        model.vae.to(device=device, dtype=vae_dtype)

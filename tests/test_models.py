@@ -24,6 +24,7 @@ from library.models import (
     infer_unet_config,
     infer_vae_config,
     load_sd_model,
+    load_sd_vae,
     text_family,
 )
 
@@ -302,6 +303,68 @@ def test_a_vae_given_apart_is_the_only_vae_read(tiny_sd1, monkeypatch):
                         lambda self, keys: original(self, [read.append(k) or k for k in keys]))  # fmt: skip
     load_sd_model(tiny_sd1 / "model.safetensors", vae=tiny_sd1 / "diffusers")
     assert read and not any(key.startswith("first_stage_model.") for key in read)
+
+
+@pytest.mark.parametrize("layout", ["model.safetensors", "model.ckpt", "diffusers"])
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_the_vae_read_alone_is_the_models_vae(request, family, layout):
+    """``load_sd_vae`` (the trainer caches latents with it before the UNet is read) gives the
+    whole model's VAE bit for bit, in every layout, cast as asked."""
+    root = request.getfixturevalue(f"tiny_{family}")
+    for dtype in (torch.float32, torch.bfloat16):
+        whole = load_sd_model(root / layout, dtype=dtype).vae.state_dict()
+        alone = load_sd_vae(root / layout, dtype=dtype)
+        assert not alone.training
+        alone = alone.state_dict()
+        assert alone.keys() == whole.keys()
+        assert all(alone[k].dtype == dtype and torch.equal(alone[k], whole[k]) for k in whole), (
+            layout,
+            dtype,
+        )
+
+
+def _record_reads(monkeypatch) -> list[str]:
+    from library import checkpoint_io
+
+    read: list[str] = []
+    original = checkpoint_io.Checkpoint.read
+    monkeypatch.setattr(checkpoint_io.Checkpoint, "read",
+                        lambda self, keys: original(self, [read.append(k) or k for k in keys]))  # fmt: skip
+    return read
+
+
+def test_the_vae_alone_reads_only_vae_weights_and_honours_vae(tiny_sd1, monkeypatch):
+    read = _record_reads(monkeypatch)
+    load_sd_vae(tiny_sd1 / "model.safetensors")
+    assert read and all(key.startswith("first_stage_model.") for key in read)
+    read.clear()
+    given = load_sd_vae(tiny_sd1 / "model.safetensors", vae=tiny_sd1 / "diffusers").state_dict()
+    assert not read  # the checkpoint's keys are looked at (its family), none of its tensors
+    expected = load_sd_model(tiny_sd1 / "model.safetensors", vae=tiny_sd1 / "diffusers").vae.state_dict()
+    assert all(torch.equal(given[k], expected[k]) for k in expected)
+
+
+def test_a_model_without_its_vae_reads_no_vae_weights(tiny_sd1, monkeypatch):
+    read = _record_reads(monkeypatch)
+    model = load_sd_model(tiny_sd1 / "model.safetensors", with_vae=False)
+    assert model.vae is None and model.unet is not None
+    assert read and not any(key.startswith("first_stage_model.") for key in read)
+    assert load_sd_model(tiny_sd1 / "diffusers", with_vae=False).vae is None
+    assert (
+        load_sd_model(tiny_sd1 / "model.safetensors", vae=tiny_sd1 / "diffusers", with_vae=False).vae is None
+    )
+
+
+def test_the_vae_alone_refuses_what_the_whole_load_refuses(tmp_path):
+    lora = tmp_path / "lora.safetensors"
+    save_file(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, str(lora)
+    )
+    (tmp_path / "folder").mkdir()
+    for path in (lora, tmp_path / "folder", tmp_path / "nope.safetensors"):
+        with pytest.raises(UserError) as info:
+            load_sd_vae(path)
+        assert str(info.value) == _error(path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
