@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo bench bench-memory clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.bench
+
+bench-memory: setup  # the trainer's peak RSS alone, on the issue-15 command
+	$(PY) -m bench.trainer_memory
 
 clean:
 	rm -rf .cache demo_output bench/results
