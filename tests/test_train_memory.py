@@ -14,7 +14,7 @@ from test_train_cli import ROOT, common, make_images, run_train
 # Runs the trainer in a fresh process, recording each model load and whether the VAE read alone
 # is still alive when the rest of the model is read.
 LOAD_ORDER = """
-import gc, json, sys, weakref
+import json, sys, weakref
 import train_textual_inversion as trainer
 
 events, vaes = [], []
