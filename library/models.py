@@ -39,6 +39,12 @@ from library.checkpoint_io import (
     strip_prefix,
 )
 from library.errors import UserError
+from library.exact_half_weights import (
+    exact_storage_dtype,
+    half_storable_layers,
+    store_weights_in_exact_half,
+    use_stored_half_weight,
+)
 from library.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -173,12 +179,17 @@ def infer_text_config(text_sd: dict[str, torch.Tensor], family: str) -> CLIPText
 # Building modules from converted weights
 
 
-def _build(model_cls, config, state: dict[str, torch.Tensor], what: str, path: Path, dtype: torch.dtype):
+def _build(
+    model_cls, config, state: dict[str, torch.Tensor], what: str, path: Path, dtype: torch.dtype,
+    exact_half_storage: bool = False,
+):  # fmt: skip
     """Instantiate without memory (meta device) and move ``state``'s tensors in, cast to ``dtype``.
 
     The tensors are taken out of ``state`` one by one as they are cast, so the file's copy of a
     weight is freed as soon as its cast copy exists: the peak is the model plus what is left of
     ``state`` plus one tensor, not both whole (an fp16 file loaded for fp32 used to hold both).
+    With ``exact_half_storage`` a frozen layer's weight that is exact in half precision stays in
+    it (``library.exact_half_weights``): an fp16 file's fp32 copy never exists.
     """
     with init_empty_weights(include_buffers=False):
         model = model_cls(config) if isinstance(config, CLIPTextConfig) else model_cls(**config)
@@ -193,12 +204,21 @@ def _build(model_cls, config, state: dict[str, torch.Tensor], what: str, path: P
         )
     for key in [k for k in state if k not in expected]:
         del state[key]
+    narrowable = half_storable_layers(model, dtype) if exact_half_storage else {}
     for key in list(state):
-        _assign(model, key, state.pop(key).to(dtype), path)
+        tensor = state.pop(key)
+        owner, _, name = key.rpartition(".")
+        layer = narrowable.get(owner) if name == "weight" else None
+        narrow = exact_storage_dtype(tensor) if layer is not None else None
+        _assign(model, key, tensor.to(narrow or dtype), path, trainable=narrow is None)
+        if narrow is not None:
+            use_stored_half_weight(layer)
     return model.eval()
 
 
-def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor, path: Path) -> None:
+def _assign(
+    model: torch.nn.Module, key: str, tensor: torch.Tensor, path: Path, trainable: bool = True
+) -> None:
     """Put ``tensor`` in place of the (meta) parameter or buffer ``key`` of ``model``."""
     owner_name, _, name = key.rpartition(".")
     owner = model.get_submodule(owner_name)
@@ -211,7 +231,9 @@ def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor, path: Path) 
             "the file is damaged or of an unsupported architecture"
         )
     if name in owner._parameters:
-        owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=current.requires_grad)
+        owner._parameters[name] = torch.nn.Parameter(
+            tensor, requires_grad=current.requires_grad and trainable
+        )
     else:
         owner._buffers[name] = tensor
 
@@ -243,8 +265,9 @@ def text_family(keys: Iterable[str]) -> str:
 
 
 def load_vae_weights(
-    vae_sd: dict[str, torch.Tensor], family: str, path: Path, dtype: torch.dtype = torch.float32
-) -> AutoencoderKL:
+    vae_sd: dict[str, torch.Tensor], family: str, path: Path, dtype: torch.dtype = torch.float32,
+    exact_half_storage: bool = False,
+) -> AutoencoderKL:  # fmt: skip
     """An ``AutoencoderKL`` from LDM-named or diffusers-named VAE weights, cast to ``dtype``."""
     if any(k.startswith(VAE_PREFIX) for k in vae_sd):
         vae_sd = strip_prefix(vae_sd, VAE_PREFIX)
@@ -263,13 +286,13 @@ def load_vae_weights(
                 {k.split(".")[4] for k in vae_sd if k.startswith("encoder.down_blocks.0.resnets.")}
             ),
         )
-        return _build(AutoencoderKL, config, vae_sd, "VAE", path, dtype)
+        return _build(AutoencoderKL, config, vae_sd, "VAE", path, dtype, exact_half_storage)
     if "encoder.conv_in.weight" not in vae_sd:
         raise UserError(f"{path}: no VAE weights found (expected encoder.* / decoder.* tensors)")
     config = infer_vae_config(vae_sd, family)
     converted = convert_ldm_vae_checkpoint(vae_sd, config)
     vae_sd.clear()
-    return _build(AutoencoderKL, config, converted, "VAE", path, dtype)
+    return _build(AutoencoderKL, config, converted, "VAE", path, dtype, exact_half_storage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +308,7 @@ def load_sd_model(
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
     with_vae: bool = True,
+    exact_half_storage: bool = False,
 ) -> SDModel:
     """Load tokenizer, text encoder, VAE and UNet (eval mode) from a file or a diffusers folder.
 
@@ -294,16 +318,18 @@ def load_sd_model(
     ``dtype`` (the VAE to ``vae_dtype``, by default the same) as they are read, so a copy in
     another precision never exists; ``vae`` (``--vae``) replaces the model's VAE, which is then
     not read at all. ``with_vae=False`` reads no VAE (``SDModel.vae`` is None): for a caller that
-    already has one from ``load_sd_vae``.
+    already has one from ``load_sd_vae``. ``exact_half_storage`` (for frozen fp32 models) keeps
+    the layer weights in half precision where that is exact (``library.exact_half_weights``); the
+    models must then stay frozen and in their dtype.
     """
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     path = _existing_model_path(path)
     load = _load_diffusers_folder if path.is_dir() else _load_single_file
     model = load(path, v_parameterization, tokenizer_cache_dir, dtype, vae_dtype,
-                 with_vae=with_vae and vae is None)  # fmt: skip
+                 with_vae=with_vae and vae is None, exact_half_storage=exact_half_storage)  # fmt: skip
     _warn_on_v2_mismatch(path, v2, model.family)
     if with_vae and vae is not None:
-        model.vae = load_vae(vae, model.family, vae_dtype)
+        model.vae = load_vae(vae, model.family, vae_dtype, exact_half_storage)
     return model
 
 
@@ -361,7 +387,7 @@ def _scheduler_config(family: str, v_parameterization: bool) -> dict:
 
 def _load_single_file(
     path: Path, v_parameterization: bool, tokenizer_cache_dir, dtype: torch.dtype, vae_dtype: torch.dtype,
-    with_vae: bool = True,
+    with_vae: bool = True, exact_half_storage: bool = False,
 ) -> SDModel:  # fmt: skip
     """One component at a time: its tensors read, converted to diffusers names and cast into the model."""
     checkpoint = Checkpoint(path)
@@ -371,9 +397,8 @@ def _load_single_file(
     text_state = checkpoint.read(k for k in keys if k.startswith(text_prefix))
     text_sd = _sd2_text_weights(text_state, path) if family == "sd2" else _sd1_text_weights(text_state)
     text_state.clear()
-    text_encoder = _build(
-        CLIPTextModel, infer_text_config(text_sd, family), text_sd, "text encoder", path, dtype
-    )
+    text_encoder = _build(CLIPTextModel, infer_text_config(text_sd, family), text_sd, "text encoder", path, dtype,
+                          exact_half_storage)  # fmt: skip
 
     unet_state = checkpoint.read(k for k in keys if k.startswith(UNET_PREFIX))
     unet_config = infer_unet_config(strip_prefix(unet_state, UNET_PREFIX), family)
@@ -381,13 +406,12 @@ def _load_single_file(
         unet_config["sample_size"] = 96
     unet_sd = convert_ldm_unet_checkpoint(unet_state, unet_config)
     unet_state.clear()
-    unet = _build(UNet2DConditionModel, unet_config, unet_sd, "UNet", path, dtype)
+    unet = _build(UNet2DConditionModel, unet_config, unet_sd, "UNet", path, dtype, exact_half_storage)
 
     vae = None
     if with_vae:
-        vae = load_vae_weights(
-            checkpoint.read(k for k in keys if k.startswith(VAE_PREFIX)), family, path, vae_dtype
-        )
+        vae = load_vae_weights(checkpoint.read(k for k in keys if k.startswith(VAE_PREFIX)), family, path,
+                               vae_dtype, exact_half_storage)  # fmt: skip
     return SDModel(
         tokenizer=load_tokenizer(family == "sd2", tokenizer_cache_dir=tokenizer_cache_dir),
         text_encoder=text_encoder,
@@ -433,17 +457,24 @@ def _folder_family(path: Path) -> str:
     return "sd2" if text.get("hidden_act") == "gelu" or unet.get("use_linear_projection") else "sd1"
 
 
-def _read_folder_vae(path: Path, dtype: torch.dtype) -> AutoencoderKL:
+def _read_folder_vae(path: Path, dtype: torch.dtype, exact_half_storage: bool = False) -> AutoencoderKL:
     try:  # diffusers builds on the meta device and casts each tensor as it reads it
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: cannot read this diffusers folder ({exc})") from exc
-    return vae.to(dtype).eval()
+    return _narrowed_if(exact_half_storage, vae.to(dtype), dtype).eval()
+
+
+def _narrowed_if(exact_half_storage: bool, model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A model built whole by diffusers or transformers, narrowed afterwards when asked."""
+    if exact_half_storage:
+        store_weights_in_exact_half(model, dtype)
+    return model
 
 
 def _load_diffusers_folder(
     path: Path, v_parameterization: bool, tokenizer_cache_dir, dtype: torch.dtype, vae_dtype: torch.dtype,
-    with_vae: bool = True,
+    with_vae: bool = True, exact_half_storage: bool = False,
 ) -> SDModel:  # fmt: skip
     family = _folder_family(path)
     try:
@@ -455,7 +486,9 @@ def _load_diffusers_folder(
                                                      torch_dtype=dtype)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: cannot read this diffusers folder ({exc})") from exc
-    vae = _read_folder_vae(path, vae_dtype) if with_vae else None
+    unet = _narrowed_if(exact_half_storage, unet.to(dtype), dtype)
+    text_encoder = _narrowed_if(exact_half_storage, text_encoder.to(dtype), dtype)
+    vae = _read_folder_vae(path, vae_dtype, exact_half_storage) if with_vae else None
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
         prediction = json.loads(scheduler_file.read_text()).get("prediction_type", "epsilon")
@@ -468,9 +501,9 @@ def _load_diffusers_folder(
             )
     return SDModel(
         tokenizer=load_tokenizer(family == "sd2", model_dir=path, tokenizer_cache_dir=tokenizer_cache_dir),
-        text_encoder=text_encoder.to(dtype).eval(),
+        text_encoder=text_encoder.eval(),
         vae=vae,
-        unet=unet.to(dtype).eval(),
+        unet=unet.eval(),
         scheduler_config=_scheduler_config(family, v_parameterization),
         family=family,
         v_parameterization=v_parameterization,
@@ -478,7 +511,9 @@ def _load_diffusers_folder(
     )
 
 
-def load_vae(path: str | Path, family: str, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+def load_vae(
+    path: str | Path, family: str, dtype: torch.dtype = torch.float32, exact_half_storage: bool = False
+) -> AutoencoderKL:
     """``--vae``: a file (LDM or diffusers names), a VAE folder, or a pipeline folder with ``vae/``."""
     path = Path(path)
     if not path.exists():
@@ -488,12 +523,9 @@ def load_vae(path: str | Path, family: str, dtype: torch.dtype = torch.float32) 
         if not (folder / "config.json").is_file():
             raise UserError(f"--vae {path}: a folder without config.json (nor vae/config.json)")
         try:
-            return (
-                AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
-                .to(dtype)
-                .eval()
-            )
+            vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+            return _narrowed_if(exact_half_storage, vae.to(dtype), dtype).eval()
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"--vae {path}: cannot read this VAE folder ({exc})") from exc
     checkpoint = Checkpoint(path)
-    return load_vae_weights(checkpoint.read(checkpoint.keys()), family, path, dtype)
+    return load_vae_weights(checkpoint.read(checkpoint.keys()), family, path, dtype, exact_half_storage)

@@ -401,9 +401,9 @@ def test_the_load_never_holds_more_than_the_model_and_one_tensor(tiny_sd1, tmp_p
 
     original_assign = models._assign
 
-    def assign(model, key, tensor, path):
+    def assign(model, key, tensor, path, **kwargs):
         nonlocal peak
-        original_assign(model, key, tensor, path)
+        original_assign(model, key, tensor, path, **kwargs)
         if model not in built:
             built.append(model)
         held = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
