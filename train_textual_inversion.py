@@ -57,7 +57,7 @@ from library.train_logging import TrainLogger
 from library.train_sampling import SampleSchedule, sample_images
 from library.train_state import Progress, RunSaver, load_training_state, saved_seed
 from library.training_setup import (
-    freeze_and_cast,
+    freeze_and_move,
     make_accelerator,
     resolve_mixed_precision,
 )
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset.set_run_length(length.max_train_steps, length.steps_per_epoch, k, accelerator.num_processes)
 
     # 3. The model, frozen and cast as it loads, with the new vectors spliced into its token lookup.
+    #    Frozen fp32 layers keep the file's exact fp16 weights and widen them as they run (the same
+    #    numbers in half the memory), unless --highvram asks for speed or torch.compile traces them.
     #    When every batch will come from cached latents and nothing renders samples, the VAE is read
     #    alone first, encodes the images and is freed: it never shares memory with the UNet.
     weight_dtype = torch_dtype(mixed_precision)
@@ -118,14 +120,15 @@ def main(argv: list[str] | None = None) -> None:
         latent_scale = cache_latents_with_vae_alone(dataset, args, accelerator, vae_dtype)
     model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
                           vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=weight_dtype,
-                          vae_dtype=vae_dtype, with_vae=not vae_only_for_caching)  # fmt: skip
+                          vae_dtype=vae_dtype, with_vae=not vae_only_for_caching,
+                          exact_half_storage=not (args.highvram or args.torch_compile))  # fmt: skip
     set_family_padding(tokenizer, model.family)
     text_encoder, unet, vae = model.text_encoder, model.unet, model.vae
     if vae is not None:
         latent_scale = vae.config.scaling_factor
     token_table = text_encoder.get_input_embeddings().weight.detach()
     vectors = initial_vectors(args, tokenizer, token_table, num_vectors, seed, model.family)
-    freeze_and_cast(model, weight_dtype, vae_dtype, device)
+    freeze_and_move(model, device)
     new_rows = splice_new_vectors(text_encoder, vectors.to(device))
     clip_skip = drop_unused_layers(text_encoder, args.clip_skip)  # the layers past --clip_skip never run
     unet = configure_for_training(unet, text_encoder, args, device)

@@ -48,7 +48,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="kohya-style tokenizer cache folder")
     g.add_argument("--fp8_base", action="store_true", help="refused: needs fp8 CUDA kernels")
     g.add_argument("--lowram", action="store_true", help="kohya memory hint; no effect here (logged)")
-    g.add_argument("--highvram", action="store_true", help="kohya memory hint; no effect here (logged)")
+    g.add_argument("--highvram", action="store_true",
+                   help="memory is plentiful: keep the frozen weights in fp32, not the file's exact fp16 "
+                   "(faster small fp32 steps on a CPU, +1.9 GB for SD 1.5)")  # fmt: skip
 
 
 def _textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -330,7 +332,7 @@ REFUSED_OPTIONS = {  # name: (default, why)
         ("huggingface_token", None), ("huggingface_repo_visibility", None), ("save_state_to_huggingface", False),
         ("resume_from_huggingface", False), ("async_upload", False))},
 }  # fmt: skip
-NO_EFFECT_OPTIONS = ("lowram", "highvram", "ddp_gradient_as_bucket_view", "ddp_static_graph")
+NO_EFFECT_OPTIONS = ("lowram", "ddp_gradient_as_bucket_view", "ddp_static_graph")
 
 
 def refuse_unsupported(args: argparse.Namespace) -> None:

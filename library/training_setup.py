@@ -71,16 +71,15 @@ def _require_wandb(api_key: str | None) -> None:
         wandb.login(key=api_key)
 
 
-def freeze_and_cast(model, weight_dtype: torch.dtype, vae_dtype: torch.dtype, device: torch.device) -> None:
-    """Freeze every original weight and move the models to ``device`` in their run dtype.
+def freeze_and_move(model, device: torch.device) -> None:
+    """Freeze every original weight and move the models to ``device``.
 
-    ``model.vae`` may be None (latents were cached with a VAE loaded alone and already freed).
+    The loader already gave each model its run dtype; a cast here would also widen the weights
+    it keeps in exact half precision. ``model.vae`` may be None (latents were cached with a VAE
+    loaded alone and already freed).
     """
     for module in (model.unet, model.text_encoder, model.vae):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
-    model.unet.to(device=device, dtype=weight_dtype)
-    model.text_encoder.to(device=device, dtype=weight_dtype)
-    if model.vae is not None:
-        model.vae.to(device=device, dtype=vae_dtype)
+            module.to(device)
