@@ -39,6 +39,7 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 RUNS = {  # TrainSpec fields of each run; the rest is the main benchmark's plain kohya command line
     "fp32": {},
     "fp32 --gradient_checkpointing": {"gradient_checkpointing": True},
+    "fp32 --highvram": {"extra_args": ["--highvram"]},  # frozen weights kept in fp32: speed over memory
     "--mixed_precision bf16": {"dtype": "bf16"},
 }
 
