@@ -367,12 +367,17 @@ def test_the_vae_alone_refuses_what_the_whole_load_refuses(tmp_path):
         assert str(info.value) == _error(path)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_load_never_holds_more_than_the_model_and_one_tensor(tiny_sd1, tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize(
+    "dtype, narrow", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+)
+def test_the_load_never_holds_more_than_the_model_and_one_tensor(
+    tiny_sd1, tmp_path, monkeypatch, dtype, narrow
+):
     """Counted on the tensors themselves: every tensor the file reader hands out and every weight the
     model holds, by storage, at each step of the load. The peak must stay under the final model's
     size plus its largest tensor (reading the whole file first used to hold file and model at once).
-    The file is fp16, as SD checkpoints are, so file and model copies are distinct."""
+    The file is fp16, as SD checkpoints are, so file and model copies are distinct. Narrowed
+    (exact half storage), the model is smaller and the bound is the smaller model's."""
     import weakref
 
     from safetensors.torch import load_file
@@ -412,7 +417,8 @@ def test_the_load_never_holds_more_than_the_model_and_one_tensor(tiny_sd1, tmp_p
 
     monkeypatch.setattr(checkpoint_io.Checkpoint, "read", read)
     monkeypatch.setattr(models, "_assign", assign)
-    model = load_sd_model(fp16_file, dtype=dtype)
+    model = load_sd_model(fp16_file, dtype=dtype, exact_half_storage=narrow)
     weights = [t for part in (model.unet, model.text_encoder, model.vae) for t in part.state_dict().values()]
+    assert any(t.dtype == torch.float16 for t in weights) == narrow
     model_bytes = sum(t.nbytes for t in weights)
     assert peak <= model_bytes + largest, (peak, model_bytes, largest)
