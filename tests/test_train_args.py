@@ -71,6 +71,16 @@ def test_unsupported_options_are_refused(argv):
     assert argv[0].split("=")[0] in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "flag, why",
+    [("--deepspeed", "DeepSpeed"), ("--huggingface_repo_id=a/b", "offline"), ("--fp8_base", "fp8")],
+)
+def test_a_refusal_says_why(flag, why):
+    with pytest.raises(UserError) as info:
+        refuse_unsupported(parse_args([flag]))
+    assert why in str(info.value)
+
+
 def test_the_lowram_hint_is_accepted_and_logged(caplog):
     """--lowram has nothing to act on (the low-memory load is the default); --highvram does act
     (test_train_memory), so it is not called a no-op."""

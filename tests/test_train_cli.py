@@ -188,14 +188,11 @@ def test_token_already_in_vocabulary_is_refused_with_a_suggestion(char_data, tin
     assert "'toy' already exists" in line and "--token_string toyx" in line
 
 
-@pytest.mark.parametrize(
-    "flag,words",
-    [("--deepspeed", "DeepSpeed"), ("--huggingface_repo_id=a/b", "offline"), ("--fp8_base", "fp8")],
-)
-def test_unsupported_options_are_refused(flag, words, char_data, tiny_sd1, tmp_path):
+def test_an_unsupported_option_is_refused_in_one_line(char_data, tiny_sd1, tmp_path):
+    """Through the CLI once; every refused option's message is checked in test_train_args."""
     result = run_train(*common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
-                       "--token_string=mychar4", flag, check=False)  # fmt: skip
-    assert words in _error_line(result)
+                       "--token_string=mychar4", "--deepspeed", check=False)  # fmt: skip
+    assert "DeepSpeed" in _error_line(result)
 
 
 def test_missing_model_is_one_line(char_data, tmp_path):
