@@ -175,6 +175,11 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention (the default)")
     add("--diffusers_xformers", action="store_true", help="same as --xformers")
     add("--opt_channels_last", action="store_true", help="channels-last memory format for the UNet and VAE")
+    add(
+        "--highvram",
+        action="store_true",
+        help="(ours, as the trainer's) memory is plentiful: keep fp32 weights, not the file's exact fp16",
+    )
     add("--network_module", type=str, default=None, nargs="*", help="not supported yet")
     add("--network_weights", type=str, default=None, nargs="*", help="not supported yet")
     add("--network_mul", type=float, default=None, nargs="*", help="not supported yet")
@@ -446,9 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         vae=args.vae,
         tokenizer_cache_dir=args.tokenizer_cache_dir,
         dtype=dtype,  # cast as it loads: no full-precision copy
+        exact_half_storage=not args.highvram,  # in fp32, the file's fp16 weights stay fp16 (same pixels)
     )
     embeddings = install_embeddings(model, args.textual_inversion_embeddings or [])
-    model.text_encoder.to(device=device, dtype=dtype)
+    model.text_encoder.to(device)  # already in dtype; a cast would widen the half-stored weights
     setup_attention(args, model, device)
     if args.opt_channels_last:
         import torch

@@ -241,6 +241,15 @@ class _NegativeScaleUNet(torch.nn.Module):
         return (torch.cat([first, pred_text]),)
 
 
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """``module.to(device)``, and to ``dtype`` only when that is a change: a cast to the same dtype
+    would still widen the weights a model keeps in exact half precision (library.exact_half_weights)."""
+    if dtype is None:
+        module.to(device)
+    else:
+        module.to(device=device, dtype=dtype)
+
+
 class ImageGenerator:
     """Generate images from a Stable Diffusion model's modules with kohya's prompt semantics.
 
@@ -314,12 +323,12 @@ class ImageGenerator:
             new_dtype = dtype if (cast and dtype is not None) else old_dtype
             if new_device != old_device or new_dtype != old_dtype:
                 self._restore.append((module, old_device, old_dtype))
-                module.to(device=new_device, dtype=new_dtype)
+                _move(module, new_device, new_dtype if new_dtype != old_dtype else None)
 
     def close(self) -> None:
         """Move the modules back to the device and dtype they had before this generator."""
         for module, device, dtype in reversed(self._restore):
-            module.to(device=device, dtype=dtype)
+            _move(module, device, dtype if dtype != module.dtype else None)
         self._restore.clear()
 
     def __enter__(self) -> ImageGenerator:

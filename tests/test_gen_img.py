@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -353,6 +354,34 @@ def test_speed_and_memory_options_run_with_clear_fallbacks(tmp_path, run_main, t
     assert "--vae_slices 4: decoding with diffusers' VAE tiling" in caplog.text
     assert (tmp_path / "tokenizer" / "openai_clip-vit-large-patch14").is_dir()
     assert "--v_parameterization without --v2" in caplog.text
+
+
+def test_fp32_generation_keeps_an_fp16_files_weights_in_half_and_draws_the_same_pixels(
+    tmp_path, run_main, tiny_sd1, caplog
+):
+    """The trainer's memory rule: in fp32, frozen layers keep the file's exact fp16 weights (logged);
+    --highvram keeps fp32 weights. txt2img, img2img (VAE encode) and the highres fix draw the same
+    pixels either way."""
+    from safetensors.torch import load_file, save_file
+
+    fp16 = tmp_path / "fp16.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(tiny_sd1 / "model.safetensors")).items()}, str(fp16))
+    source = tmp_path / "source.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(source)
+    caplog.set_level("INFO")
+    images = {}
+    for run, extra in (("half", []), ("fp32", ["--highvram"])):
+        caplog.clear()
+        out = tmp_path / run
+        run_main("--ckpt", fp16, "--prompt", "a cat", *FAST, "--seed", "3", "--outdir", out / "t2i", *extra)
+        run_main("--ckpt", fp16, "--prompt", "a cat", *FAST, "--seed", "3", "--image_path", source,
+                 "--strength", "0.5", "--outdir", out / "i2i", *extra)  # fmt: skip
+        run_main("--ckpt", fp16, "--prompt", "a cat", "--W", "128", "--H", "128", "--steps", "2", "--seed", "3",
+                 "--highres_fix_scale", "0.5", "--outdir", out / "hr", *extra)  # fmt: skip
+        assert ("frozen layers keep their exact half-precision weights" in caplog.text) == (run == "half")
+        images[run] = [np.asarray(Image.open(p)) for part in ("t2i", "i2i", "hr") for p in pngs(out / part)]
+    assert len(images["half"]) == len(images["fp32"]) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(images["half"], images["fp32"], strict=True))
 
 
 # --- options ----------------------------------------------------------------------------------
