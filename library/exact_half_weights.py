@@ -6,7 +6,7 @@ as fp16: half of that memory holds zeros that the upcast appended. Here each fro
 ``Linear`` whose weight is exactly representable in fp16 (or bf16) keeps it in that narrower type,
 and casts it back to fp32 into one shared scratch buffer when the layer runs, forward and
 backward. The numbers the layer computes with are the same fp32 numbers as before, so the results
-are bit-identical; only the storage is narrower (SD 1.5: 1.7 GB less).
+are bit-identical; only the storage is narrower (SD 1.5: 1.9 GB less).
 
 The layers also save nothing for backward: a frozen layer's input gradient needs the weight, not
 the input (PyTorch's convolution keeps its input all the same). The cast costs a copy of each
