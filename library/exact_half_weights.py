@@ -27,6 +27,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 STORAGE_DTYPES = (torch.float16, torch.bfloat16)  # tried in this order; the first exact one is kept
+# Smaller weights stay fp32: the custom autograd call costs a fixed few microseconds per layer,
+# which on a small model (the 16 MB shapes demo) made a step 1.27x slower to save 10 MB. From
+# 2^18 elements (0.5 MiB saved per layer) SD 1.5 keeps 99 % of its saving.
+MIN_NARROWED_ELEMENTS = 1 << 18
 
 
 class _Scratch:
@@ -111,9 +115,10 @@ _STORED_CLASS = {nn.Conv2d: HalfStoredConv2d, nn.Linear: HalfStoredLinear}
 def half_storable_layers(model: nn.Module, compute_dtype: torch.dtype) -> dict[str, nn.Module]:
     """The frozen ``Conv2d``/``Linear`` layers of ``model`` (by name) that may store a half weight.
 
-    Only for fp32 compute (a half weight is no saving in a half-precision run), and never the
-    model's first parameter: diffusers and transformers read a model's dtype from it. The caller
-    promises the layers stay frozen (the stored layers refuse to run with a trainable weight).
+    Only for fp32 compute (a half weight is no saving in a half-precision run), only weights of
+    at least ``MIN_NARROWED_ELEMENTS``, and never the model's first parameter: diffusers and
+    transformers read a model's dtype from it. The caller promises the layers stay frozen (the
+    stored layers refuse to run with a trainable weight).
     """
     if compute_dtype != torch.float32:
         return {}
@@ -124,7 +129,7 @@ def half_storable_layers(model: nn.Module, compute_dtype: torch.dtype) -> dict[s
             continue
         if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             continue
-        if module.weight is not first_weight:
+        if module.weight is not first_weight and module.weight.numel() >= MIN_NARROWED_ELEMENTS:
             layers[name] = module
     return layers
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from library import exact_half_weights
 from library.exact_half_weights import (
     HalfStoredConv2d,
     HalfStoredLinear,
@@ -19,6 +20,12 @@ from library.exact_half_weights import (
 )
 from library.models import load_sd_model
 from library.placeholder_embedding import splice_new_vectors
+
+
+@pytest.fixture(autouse=True)
+def narrow_small_layers_too(monkeypatch):
+    """The tiny test models' layers are all below the size worth narrowing; narrow them anyway."""
+    monkeypatch.setattr(exact_half_weights, "MIN_NARROWED_ELEMENTS", 0)
 
 
 def _half_exact(module: nn.Module) -> nn.Module:
@@ -88,6 +95,13 @@ def test_only_exact_weights_are_narrowed():
     assert isinstance(model[1], HalfStoredLinear) and saved == 16 * 2
     assert type(model[2]) is nn.Linear and model[2].weight.equal(before)  # random fp32: not exact
     assert store_weights_in_exact_half(model, torch.bfloat16) == 0  # a half-precision run: no saving
+
+
+def test_small_layers_stay_fp32_where_the_call_would_cost_more_than_the_memory(monkeypatch):
+    monkeypatch.setattr(exact_half_weights, "MIN_NARROWED_ELEMENTS", 1 << 18)
+    model = nn.Sequential(nn.Linear(4, 4), _half_exact(nn.Linear(512, 511)), _half_exact(nn.Linear(512, 512)))
+    assert store_weights_in_exact_half(model.requires_grad_(False)) == 512 * 512 * 2
+    assert type(model[1]) is nn.Linear and isinstance(model[2], HalfStoredLinear)
 
 
 def test_a_half_stored_weight_cannot_be_trained_silently():
