@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from library.models import canonical_text_keys
+
+LDM_EMBEDDINGS = {"time_embedding": "time_embed", "add_embedding": "label_emb.0"}
 
 
 def _resnet_to_ldm(name: str) -> str:
@@ -36,9 +38,9 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in unet.state_dict().items():
         parts = key.split(".")
-        if parts[0] == "time_embedding":
-            ldm = key.replace("time_embedding.linear_1", "time_embed.0").replace(
-                "time_embedding.linear_2", "time_embed.2"
+        if parts[0] in ("time_embedding", "add_embedding"):  # add_embedding: SDXL's pooled text + sizes
+            ldm = key.replace(f"{parts[0]}.linear_1", LDM_EMBEDDINGS[parts[0]] + ".0").replace(
+                f"{parts[0]}.linear_2", LDM_EMBEDDINGS[parts[0]] + ".2"
             )
         elif parts[0] == "conv_in":
             ldm = key.replace("conv_in", "input_blocks.0.0")
@@ -155,6 +157,53 @@ def sd2_text_to_ldm(text_encoder: CLIPTextModel, seed: int = 1) -> dict[str, tor
             for p in ("weight", "bias"):
                 out[dst + f"{theirs}.{p}"] = get(f"{ours}.{p}")
     return out
+
+
+def openclip_text_to_ldm(text_encoder: CLIPTextModelWithProjection, prefix: str) -> dict[str, torch.Tensor]:
+    """OpenCLIP names (SDXL's second encoder) for every layer, the final norm and the projection."""
+    sd = canonical_text_keys(text_encoder.state_dict())
+    out = {
+        prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": sd["final_layer_norm.weight"],
+        prefix + "ln_final.bias": sd["final_layer_norm.bias"],
+        prefix + "text_projection": sd["text_projection.weight"].T,  # OpenCLIP multiplies x @ projection
+        prefix + "logit_scale": torch.tensor(4.6052),
+    }
+    for i in range(text_encoder.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{p}"] = torch.cat([sd[f"{src}self_attn.{q}_proj.{p}"] for q in "qkv"])
+            for ours, theirs in OPENCLIP_LAYER_NAMES:
+                out[dst + f"{theirs}.{p}"] = sd[f"{src}{ours}.{p}"]
+    return out
+
+
+OPENCLIP_LAYER_NAMES = (
+    ("self_attn.out_proj", "attn.out_proj"),
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+)
+
+
+def sdxl_checkpoint(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection,
+) -> dict:
+    """All tensors of an SDXL single-file checkpoint in the SAI layout (``conditioner.embedders.0``:
+    CLIP ViT-L in transformers names, ``.1``: OpenCLIP ViT-bigG in OpenCLIP names)."""
+    text = canonical_text_keys(text_encoder.state_dict())
+    ldm = {
+        **unet_to_ldm(unet),
+        **vae_to_ldm(vae),
+        **{"conditioner.embedders.0.transformer.text_model." + k: v for k, v in text.items()},
+        **openclip_text_to_ldm(text_encoder_2, "conditioner.embedders.1.model."),
+    }
+    return {k: v.detach().contiguous().clone() for k, v in ldm.items()}
 
 
 def sd1_checkpoint(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> dict:

@@ -1,7 +1,8 @@
 """Build the project's small real model: a Stable Diffusion 1.x-layout model that draws shapes.
 
-    python -m tools.build_shapes_model              # the committed model: about 55 min, 2 CPU cores
-    python -m tools.build_shapes_model --quick      # a few minutes and a poor model: checks the script
+    python -m tools.build_shapes_model                  # models/shapes-sd1.safetensors: about 55 min, 2 cores
+    python -m tools.build_shapes_model --family sdxl    # models/shapes-sdxl.safetensors, SDXL's layout
+    python -m tools.build_shapes_model --quick          # a few minutes and a poor model: checks the script
 
 The pictures and captions are those of ``tools/shapes.py``. Three stages, each a small, plain
 diffusion training loop (no tricks beyond the ones named):
@@ -39,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from library.ldm_export import sd1_checkpoint
+from library.ldm_export import sd1_checkpoint, sdxl_checkpoint
 from library.models import SDModel, base_config, load_sd_model
 from library.tokenizer import shipped_tokenizer
 from tools import shapes
@@ -49,11 +50,17 @@ from tools.concept_eval import base_model_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "models" / "shapes-sd1.safetensors"
-SCALING_FACTOR = base_config("sd1")["vae"]["scaling_factor"]  # 0.18215, what every SD tool assumes
+DEFAULT_OUTPUTS = {"sd1": DEFAULT_OUTPUT, "sdxl": ROOT / "models" / "shapes-sdxl.safetensors"}
+
+
+def scaling_factor(family: str) -> float:
+    """The latent scale every tool assumes for the family: SD 1.x 0.18215, SDXL 0.13025."""
+    return base_config(family)["vae"]["scaling_factor"]
 
 
 @dataclass(frozen=True)
 class BuildConfig:
+    family: str = "sd1"  # or "sdxl": two text encoders, pooled text and size conditioning
     seed: int = 0
     pictures: int = 12_000
     vae_steps: int = 800
@@ -70,6 +77,8 @@ class BuildConfig:
     ema_decay: float = 0.999
     text_width: int = 64
     text_layers: int = 3
+    sdxl_text_widths: tuple[int, int] = (32, 64)  # CLIP-L's and bigG's stand-ins: different, like 768/1280
+    sdxl_time_embed_dim: int = 32  # each of the six size numbers (SDXL: 256)
     unet_channels: tuple[int, ...] = (64, 64, 128)
     vae_channels: tuple[int, ...] = (64, 64, 64)
     eval_images: int = 8  # per shape x colour
@@ -123,7 +132,7 @@ def make_vae(config: BuildConfig) -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=32,
         sample_size=shapes.SIZE,
-        scaling_factor=SCALING_FACTOR,
+        scaling_factor=scaling_factor(config.family),
     )
 
 
@@ -210,6 +219,8 @@ def make_unet(config: BuildConfig) -> UNet2DConditionModel:
     """Cross-attention at 8 x 8 (and in the 4 x 4 middle block): enough for a global attribute like
     a shape or a colour, and the 16 x 16 attention it leaves out would cost as much as the rest.
     64 channels at the first level for the same GroupNorm reason as the VAE's."""
+    if config.family == "sdxl":
+        return make_sdxl_unet(config)
     return UNet2DConditionModel(
         sample_size=shapes.SIZE // 4,
         in_channels=4,
@@ -224,11 +235,55 @@ def make_unet(config: BuildConfig) -> UNet2DConditionModel:
     )
 
 
-class CaptionTokens:
-    """Token ids of captions, padded to SD's 77 with end-of-text (SD 1.x); each caption once."""
+def make_sdxl_unet(config: BuildConfig) -> UNet2DConditionModel:
+    """SDXL's UNet at the SD 1.x model's size: the same levels and attention, with SDXL's linear
+    projections, 64-channel heads, the two encoders' joined width as context, and the added
+    conditioning (encoder 2's pooled output and the six size numbers, embedded)."""
+    width_l, width_g = config.sdxl_text_widths
+    return UNet2DConditionModel(
+        sample_size=shapes.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=config.unet_channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width_l + width_g,
+        attention_head_dim=[max(1, ch // 64) for ch in config.unet_channels],  # SDXL: 64-channel heads
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=config.sdxl_time_embed_dim,
+        projection_class_embeddings_input_dim=width_g + 6 * config.sdxl_time_embed_dim,
+        norm_num_groups=32,
+    )
 
-    def __init__(self):
-        self.tokenizer = shipped_tokenizer(v2=False)
+
+def make_sdxl_text_encoders(config: BuildConfig) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """CLIP ViT-L's and OpenCLIP bigG's stand-ins: SDXL's activations, different widths, a projection
+    on the second (its pooled output conditions the UNet)."""
+    encoders = []
+    for name, width, model_cls in (
+        ("text_encoder", config.sdxl_text_widths[0], CLIPTextModel),
+        ("text_encoder_2", config.sdxl_text_widths[1], CLIPTextModelWithProjection),
+    ):
+        text_config = dict(base_config("sdxl")[name])
+        text_config.update(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=max(1, width // 64),
+            projection_dim=width,
+        )
+        encoders.append(model_cls(CLIPTextConfig(**text_config)))
+    return encoders[0], encoders[1]
+
+
+class CaptionTokens:
+    """Token ids of captions, padded to SD's 77 (with end-of-text, or with ``!`` for SD 2.x's and
+    SDXL's second tokenizer); each caption tokenized once."""
+
+    def __init__(self, v2: bool = False):
+        self.tokenizer = shipped_tokenizer(v2=v2)
         self.cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
@@ -240,11 +295,50 @@ class CaptionTokens:
         return torch.stack([self.cache[text] for text in captions])
 
 
-def as_sd_model(vae, text_encoder, unet) -> SDModel:
-    """The modules as the loader would return them, to judge the model while it trains."""
+class SD1Conditioning:
+    """SD 1.x's conditioning of the UNet: the text encoder's last hidden states."""
+
+    def __init__(self, config: BuildConfig):
+        self.text_encoder = make_text_encoder(config)
+        self.tokens = CaptionTokens()
+        self.encoders = [self.text_encoder]
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, dict | None]:
+        return self.text_encoder(self.tokens(captions)).last_hidden_state, None
+
+
+class SDXLConditioning:
+    """SDXL's: both encoders' penultimate hidden states side by side, and as added conditioning the
+    second encoder's pooled (projected) output with the six size numbers (original size, crop
+    corner, target size: always the whole 64 x 64 picture here)."""
+
+    def __init__(self, config: BuildConfig):
+        self.text_encoder, self.text_encoder_2 = make_sdxl_text_encoders(config)
+        self.tokens, self.tokens_2 = CaptionTokens(), CaptionTokens(v2=True)
+        self.encoders = [self.text_encoder, self.text_encoder_2]
+        self.time_ids = torch.tensor(
+            [shapes.SIZE, shapes.SIZE, 0, 0, shapes.SIZE, shapes.SIZE], dtype=torch.float32
+        )
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, dict | None]:
+        hidden = self.text_encoder(self.tokens(captions), output_hidden_states=True).hidden_states[-2]
+        second = self.text_encoder_2(self.tokens_2(captions), output_hidden_states=True)
+        context = torch.cat([hidden, second.hidden_states[-2]], dim=-1)
+        added = {"text_embeds": second.text_embeds, "time_ids": self.time_ids.repeat(len(captions), 1)}
+        return context, added
+
+
+def make_conditioning(config: BuildConfig) -> SD1Conditioning | SDXLConditioning:
+    return SDXLConditioning(config) if config.family == "sdxl" else SD1Conditioning(config)
+
+
+def as_sd_model(vae, conditioning, unet) -> SDModel | None:
+    """The modules as the loader would return them, to judge the model while it trains (SD 1.x)."""
+    if not isinstance(conditioning, SD1Conditioning):
+        return None
     return SDModel(
         tokenizer=shipped_tokenizer(v2=False),
-        text_encoder=text_encoder,
+        text_encoder=conditioning.text_encoder,
         vae=vae,
         unet=unet,
         scheduler_config=base_config("sd1")["scheduler"],
@@ -267,6 +361,11 @@ def swapped_in(params: list[torch.nn.Parameter], replacement: list[torch.Tensor]
             torch._foreach_copy_([p.data for p in params], saved)
 
 
+def set_mode(modules: list[torch.nn.Module], train: bool) -> None:
+    for module in modules:
+        module.train(train)
+
+
 def train_text_and_unet(
     vae: AutoencoderKL,
     scenes: list[shapes.Scene],
@@ -274,9 +373,12 @@ def train_text_and_unet(
     config: BuildConfig,
     rng: np.random.Generator,
     generator: torch.Generator,
-) -> tuple[CLIPTextModel, UNet2DConditionModel]:
-    text_encoder, unet = make_text_encoder(config).train(), make_unet(config).train()
-    params = list(text_encoder.parameters()) + list(unet.parameters())
+) -> tuple[SD1Conditioning | SDXLConditioning, UNet2DConditionModel]:
+    conditioning = make_conditioning(config)
+    unet = make_unet(config)
+    modules = [*conditioning.encoders, unet]
+    set_mode(modules, train=True)
+    params = [p for module in modules for p in module.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -285,8 +387,7 @@ def train_text_and_unet(
     scheduler_config = {k: v for k, v in base_config("sd1")["scheduler"].items() if k != "set_alpha_to_one"}
     noise_schedule = DDPMScheduler(**scheduler_config)
     alphas = noise_schedule.alphas_cumprod.float()
-    tokens = CaptionTokens()
-    latents = latents * SCALING_FACTOR
+    latents = latents * scaling_factor(config.family)
     start = time.time()
     for step in range(config.steps):
         index = rng.integers(len(scenes), size=config.batch)
@@ -298,8 +399,8 @@ def train_text_and_unet(
         timesteps = torch.randint(0, len(alphas), (config.batch,), generator=generator)
         alpha = alphas[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
-        hidden = text_encoder(tokens(captions)).last_hidden_state
-        prediction = unet(noisy, timesteps, hidden).sample
+        context, added = conditioning(captions)
+        prediction = unet(noisy, timesteps, context, added_cond_kwargs=added).sample
         snr = alphas[timesteps] / (1 - alphas[timesteps])
         weight = snr.clamp(max=config.min_snr_gamma) / snr  # min-SNR weighting for epsilon targets
         loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -314,39 +415,98 @@ def train_text_and_unet(
             log(f"unet step {step}: loss {loss.item():.4f} ({rate:.2f} s/step)")
         if (step + 1) % config.progress_every == 0 and step + 1 < config.steps:
             with swapped_in(params, ema):
-                report = base_model_accuracy(as_sd_model(vae, text_encoder.eval(), unet.eval()), 1)
-            text_encoder.train(), unet.train()
-            log(f"after {step + 1} steps, averaged weights: {report.summary()}")
+                set_mode(modules, train=False)
+                model = as_sd_model(vae, conditioning, unet)
+                if model is not None:
+                    log(
+                        f"after {step + 1} steps, averaged weights: {base_model_accuracy(model, 1).summary()}"
+                    )
+            set_mode(modules, train=True)
     with torch.no_grad():
         for param, average in zip(params, ema):
             param.copy_(average)
-    return text_encoder.eval(), unet.eval()
+    set_mode(modules, train=False)
+    return conditioning, unet
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. export and check
 
 
-def export(vae, text_encoder, unet, path: Path) -> str:
-    """The fp16 single file (LDM layout); returns its sha256."""
-    state = {k: v.half() for k, v in sd1_checkpoint(unet, vae, text_encoder).items()}
+def export(vae, conditioning, unet, path: Path) -> str:
+    """The fp16 single file (LDM layout; SDXL's SAI layout); returns its sha256."""
+    if isinstance(conditioning, SDXLConditioning):
+        tensors = sdxl_checkpoint(unet, vae, conditioning.text_encoder, conditioning.text_encoder_2)
+    else:
+        tensors = sd1_checkpoint(unet, vae, conditioning.text_encoder)
+    state = {k: v.half() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "pt"})
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def save_modules(path: Path, vae, conditioning, unet) -> None:
+    """The trained modules in fp32 and diffusers names, to export again without training."""
+    named = {"vae": vae, "unet": unet, **{f"encoder{i}": e for i, e in enumerate(conditioning.encoders)}}
+    tensors = {
+        f"{name}.{k}": v.detach().contiguous() for name, m in named.items() for k, v in m.state_dict().items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def load_modules(path: Path, config: BuildConfig):
+    """The modules ``save_modules`` wrote, for a build config of the same architecture."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    vae, conditioning, unet = make_vae(config), make_conditioning(config), make_unet(config)
+    named = {"vae": vae, "unet": unet, **{f"encoder{i}": e for i, e in enumerate(conditioning.encoders)}}
+    for name, module in named.items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        module.eval()
+    return vae, conditioning, unet
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--family", choices=["sd1", "sdxl"], default="sd1", help="the model's layout")
+    parser.add_argument("--output", type=Path, default=None, help="default: models/shapes-FAMILY.safetensors")
     parser.add_argument("--seed", type=int, default=BuildConfig.seed)
     parser.add_argument("--quick", action="store_true", help="tiny budget: checks that the script runs")
+    parser.add_argument(
+        "--modules", type=Path, default=None,
+        help="also keep the trained modules here (fp32); with --export-only, read them instead of training",
+    )  # fmt: skip
+    parser.add_argument("--export-only", action="store_true", help="export and judge --modules; no training")
     args = parser.parse_args(argv)
-    config = replace(QUICK if args.quick else BuildConfig(), seed=args.seed)
-    log(f"building {args.output} with {config}")
+    config = replace(QUICK if args.quick else BuildConfig(), seed=args.seed, family=args.family)
+    output = args.output or DEFAULT_OUTPUTS[config.family]
+    began = time.time()
+    if args.export_only:
+        vae, conditioning, unet = load_modules(args.modules, config)
+    else:
+        vae, conditioning, unet = build(config, output)
+        if args.modules:
+            save_modules(args.modules, vae, conditioning, unet)
+
+    digest = export(vae, conditioning, unet, output)
+    size = output.stat().st_size / 1e6
+    log(f"wrote {output} ({size:.1f} MB), sha256 {digest}, built in {time.time() - began:.0f} s")
+
+    model = load_sd_model(output)  # the trainer's own loader: the path any downloaded file takes
+    report = base_model_accuracy(model, images_per_cell=config.eval_images)
+    print(report.table(), flush=True)
+    log(f"base model: {report.summary()}")
+
+
+def build(config: BuildConfig, output: Path):
+    """Render the pictures, train the VAE, then the text encoder(s) and the UNet; the trained modules."""
+    log(f"building {output} with {config}")
     torch.manual_seed(config.seed)  # module initialisation draws from the global generator
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    began = time.time()
 
     scenes, pixels = render_pictures(config.pictures, rng)
     held_out_scenes, held_out = render_pictures(500, np.random.default_rng(config.seed + 1))
@@ -354,24 +514,16 @@ def main(argv: list[str] | None = None) -> None:
 
     vae = train_vae(pixels, config, generator)
     spread = float(encode_means(vae, pixels[:2000]).std())
-    rescale_latents(vae, 1.0 / (SCALING_FACTOR * spread))
+    rescale_latents(vae, 1.0 / (scaling_factor(config.family) * spread))
     shape_ok, color_ok = reconstruction_accuracy(vae, held_out_scenes, held_out)
     log(
         f"vae: latent std was {spread:.3f}; reconstructions judged {shape_ok:.1%} shape, {color_ok:.1%} colour"
     )
 
     latents = encode_means(vae, pixels)
-    log(f"latents x scaling factor: std {float((latents * SCALING_FACTOR).std()):.3f}")
-    text_encoder, unet = train_text_and_unet(vae, scenes, latents, config, rng, generator)
-
-    digest = export(vae, text_encoder, unet, args.output)
-    size = args.output.stat().st_size / 1e6
-    log(f"wrote {args.output} ({size:.1f} MB), sha256 {digest}, built in {time.time() - began:.0f} s")
-
-    model = load_sd_model(args.output)  # the trainer's own loader: the path any SD 1.x file takes
-    report = base_model_accuracy(model, images_per_cell=config.eval_images)
-    print(report.table(), flush=True)
-    log(f"base model: {report.summary()}")
+    log(f"latents x scaling factor: std {float((latents * scaling_factor(config.family)).std()):.3f}")
+    conditioning, unet = train_text_and_unet(vae, scenes, latents, config, rng, generator)
+    return vae, conditioning, unet
 
 
 if __name__ == "__main__":
