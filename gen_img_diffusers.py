@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import UserError, run_cli
-from library.generation_run import (
+from library.generation.run import (
     GenerationSettings,
     Run,
     load_images,
@@ -25,6 +25,7 @@ from library.generation_run import (
     read_prompt_file,
     resized,
 )
+from library.generation.samplers import SAMPLER_NAMES
 from library.options import default_of, settings_from
 from library.runtime import (
     log_level,
@@ -34,7 +35,6 @@ from library.runtime import (
     usable_precision,
     use_attention,
 )
-from library.sampler_names import SAMPLER_NAMES
 
 logger = logging.getLogger("gen_img")
 
@@ -438,10 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         init_images = [resized(image, size) for image in init_images]
         mask_images = [resized(image, size) for image in mask_images] if mask_images else None
 
-    from library.embedding_install import install_embeddings
+    from library.embeddings.install import install_embeddings
+    from library.generation.generator import ImageGenerator
     from library.host_memory import keep_freed_memory_in_process
-    from library.models import load_sd_model
-    from library.sampling import ImageGenerator
+    from library.models.loading import load_sd_model
 
     device, dtype = choose_device_and_dtype(args)
     model = load_sd_model(

@@ -23,46 +23,46 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from library.cadence import RunLength, SaveCadence
-from library.dataset import TokenCaptionRule, build_train_dataset, make_train_dataloader
-from library.embeddings import load_embedding_file, sai_model_spec_metadata
+from library.embeddings.formats import load_embedding_file, sai_model_spec_metadata
 from library.errors import UserError, run_cli
 from library.files import ensure_writable_folder, remove_interrupted_saves
 from library.host_memory import hand_back_freed_memory, keep_freed_memory_in_process
-from library.models import load_sd_model, load_sd_vae
-from library.noise import make_training_schedule
-from library.optimizers import (
-    create_lr_scheduler,
-    create_optimizer,
-    optimizer_eval_mode,
-    optimizer_train_mode,
+from library.models.loading import load_sd_model, load_sd_vae
+from library.runtime import log_level, setup_console_logging, torch_dtype, use_attention
+from library.text.encoding import drop_unused_layers
+from library.text.tokenizer import load_tokenizer, set_family_padding
+from library.training.accelerator import (
+    freeze_and_move,
+    make_accelerator,
+    resolve_mixed_precision,
 )
-from library.placeholder_embedding import (
+from library.training.args import check_training_arguments, parse_args, refuse_unsupported, run_settings
+from library.training.cadence import RunLength, SaveCadence
+from library.training.checks import (
+    FiniteGuard,
+    warn_if_resume_is_done,
+)
+from library.training.dataset import TokenCaptionRule, build_train_dataset, make_train_dataloader
+from library.training.events import RunEvents
+from library.training.new_word import (
     add_placeholder_tokens,
     init_word_vectors,
     random_vectors,
     rescale_to_norms,
     splice_new_vectors,
 )
-from library.run_events import RunEvents
-from library.runtime import log_level, setup_console_logging, torch_dtype, use_attention
-from library.text_encoding import drop_unused_layers
-from library.tokenizer import load_tokenizer, set_family_padding
-from library.train_args import check_training_arguments, parse_args, refuse_unsupported, run_settings
-from library.train_checks import (
-    FiniteGuard,
-    warn_if_resume_is_done,
+from library.training.noise import make_training_schedule
+from library.training.optimizers import (
+    create_lr_scheduler,
+    create_optimizer,
+    optimizer_eval_mode,
+    optimizer_train_mode,
 )
-from library.train_logging import TrainLogger
-from library.train_sampling import SampleSchedule, sample_images
-from library.train_state import Progress, RunSaver, load_training_state, saved_seed
-from library.training_setup import (
-    freeze_and_move,
-    make_accelerator,
-    resolve_mixed_precision,
-)
-from library.training_step import DiffusionLoss
-from library.validation import ValidationRun, Validator, validation_timesteps
+from library.training.samples import SampleSchedule, sample_images
+from library.training.state import Progress, RunSaver, load_training_state, saved_seed
+from library.training.step import DiffusionLoss
+from library.training.tracking import TrainLogger
+from library.training.validation import ValidationRun, Validator, validation_timesteps
 
 logger = logging.getLogger("train_textual_inversion")
 

@@ -9,7 +9,7 @@ architecture (random weights, built once into ``.cache/bench/``):
   the ratio step / floor; the text encoder's share separately;
 * peak memory and the optimizer state's bytes vs N x dim x slots x 4;
 * the model load time of the single-file checkpoint;
-* generation s/image: ``library.sampling`` vs a bare diffusers pipeline;
+* generation s/image: ``library.generation.generator`` vs a bare diffusers pipeline;
 * with ``--profile``: a torch.profiler breakdown of what a step adds beyond the floor.
 
 Every configuration runs in its own process (``bench/worker.py``). Results go to

@@ -41,8 +41,8 @@ def random_sd15_state_dict() -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from library.ldm_export import sd1_text_to_ldm, unet_to_ldm, vae_to_ldm
-    from library.models import base_config
+    from library.models.ldm_export import sd1_text_to_ldm, unet_to_ldm, vae_to_ldm
+    from library.models.loading import base_config
 
     torch.manual_seed(0)
     config = base_config("sd1")

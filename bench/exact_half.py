@@ -1,7 +1,7 @@
 """What keeping frozen weights in exact half precision costs in time: ``python -m bench.exact_half``.
 
 The trainer keeps the frozen layers' fp16 weights and widens them to fp32 as each layer runs
-(``library.exact_half_weights``). This times a TI step's two model passes (the UNet forward +
+(``library.models.exact_half_weights``). This times a TI step's two model passes (the UNet forward +
 backward to the text conditioning, and the text encoder forward + backward to new vectors)
 with the plain fp32 models and the half-stored ones, loaded from the same full-size SD 1.5 file,
 in one process and alternating A B / B A, so a drifting machine hits both alike. Reported: the
@@ -20,8 +20,8 @@ import torch
 from bench.checkpoint import ensure_checkpoint
 from bench.machine import describe_machine
 from library.host_memory import keep_freed_memory_in_process
-from library.models import load_sd_model
-from library.placeholder_embedding import splice_new_vectors
+from library.models.loading import load_sd_model
+from library.training.new_word import splice_new_vectors
 
 
 def model_pass(model, size: int, batch: int):

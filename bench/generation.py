@@ -1,4 +1,4 @@
-"""Generation overhead: ``library.sampling.ImageGenerator`` vs a bare diffusers pipeline.
+"""Generation overhead: ``library.generation.generator.ImageGenerator`` vs a bare diffusers pipeline.
 
 Both render the same prompt with the same modules, DDIM scheduler config, steps, size, guidance
 scale and seed, alternating (A B, B A, ...) so that load changes from other processes hit both
@@ -35,9 +35,9 @@ class GenerationSpec:
 def run_generation(spec: GenerationSpec, log=print) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from library.generation.generator import GenerationRequest, ImageGenerator
     from library.host_memory import keep_freed_memory_in_process
-    from library.models import load_sd_model
-    from library.sampling import GenerationRequest, ImageGenerator
+    from library.models.loading import load_sd_model
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.dtype]
     model = load_sd_model(spec.checkpoint)
@@ -85,23 +85,23 @@ def run_generation(spec: GenerationSpec, log=print) -> dict:
 
     result: dict = {"spec": asdict(spec), "load_average_before": load_average()}
     ours(1), theirs(1)  # warm-up: kernels for the CFG batch of 2 at this size, VAE decoder
-    seconds: dict[str, list[float]] = {"library.sampling": [], "diffusers": []}
-    cpu_seconds: dict[str, list[float]] = {"library.sampling": [], "diffusers": []}
+    seconds: dict[str, list[float]] = {"library.generation.generator": [], "diffusers": []}
+    cpu_seconds: dict[str, list[float]] = {"library.generation.generator": [], "diffusers": []}
     images = {}
     for i in range(spec.rounds):
-        order = [("library.sampling", ours), ("diffusers", theirs)]
+        order = [("library.generation.generator", ours), ("diffusers", theirs)]
         for name, fn in order if i % 2 == 0 else reversed(order):
             started, cpu_started = time.perf_counter(), time.process_time()
             images[name] = fn(spec.steps)
             seconds[name].append(time.perf_counter() - started)
             cpu_seconds[name].append(time.process_time() - cpu_started)
             log(f"    {name}: {seconds[name][-1]:.2f} s/image ({cpu_seconds[name][-1]:.2f} CPU s)")
-    ours_median = statistics.median(seconds["library.sampling"])
+    ours_median = statistics.median(seconds["library.generation.generator"])
     theirs_median = statistics.median(seconds["diffusers"])
-    ours_cpu = statistics.median(cpu_seconds["library.sampling"])
+    ours_cpu = statistics.median(cpu_seconds["library.generation.generator"])
     theirs_cpu = statistics.median(cpu_seconds["diffusers"])
     difference = np.abs(
-        np.asarray(images["library.sampling"], dtype=np.int16)
+        np.asarray(images["library.generation.generator"], dtype=np.int16)
         - np.asarray(images["diffusers"], dtype=np.int16)
     )
     result.update(
@@ -111,7 +111,7 @@ def run_generation(spec: GenerationSpec, log=print) -> dict:
         overhead=ours_median / theirs_median - 1.0,
         # each round ran both pipelines back to back: their ratio cancels slow drift of the machine
         overhead_paired=statistics.median(
-            a / b for a, b in zip(seconds["library.sampling"], seconds["diffusers"])
+            a / b for a, b in zip(seconds["library.generation.generator"], seconds["diffusers"])
         )
         - 1.0,
         cpu_seconds=cpu_seconds,

@@ -29,7 +29,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from bench.machine import describe_machine
-from library.embeddings import load_embedding_file
+from library.embeddings.formats import load_embedding_file
 from tools.concept_eval import SHAPES_MODEL, evaluate_embedding
 from tools.demo import TRAIN_OPTIONS, WORD, draw_training_pictures
 
@@ -128,7 +128,7 @@ def run_variant(name: str, extra: list[str], steps: int, judged: set[int], image
 
 def token_norms() -> tuple[float, float]:
     """The init word's norm and the vocabulary's mean row norm in the shapes model: what a vector's norm compares to."""
-    from library.models import load_sd_model
+    from library.models.loading import load_sd_model
     from tools.shapes import GENERIC_WORD
 
     model = load_sd_model(SHAPES_MODEL)

@@ -296,8 +296,8 @@ def markdown(results: dict) -> str:
                 "",
                 "| pipeline | s/image (median) | all |",
                 "|---|---|---|",
-                f"| library.sampling.ImageGenerator | {generation['ours_median']:.2f} | "
-                f"{', '.join(f'{s:.2f}' for s in generation['seconds']['library.sampling'])} |",
+                f"| library.generation.generator.ImageGenerator | {generation['ours_median']:.2f} | "
+                f"{', '.join(f'{s:.2f}' for s in generation['seconds']['library.generation.generator'])} |",
                 f"| bare diffusers StableDiffusionPipeline | {generation['diffusers_median']:.2f} | "
                 f"{', '.join(f'{s:.2f}' for s in generation['seconds']['diffusers'])} |",
                 "",

@@ -439,7 +439,7 @@ def time_model_load(checkpoint: str, repeats: int = 2, log=print) -> dict:
     """``load_sd_model`` of the single file, ``repeats`` times in this fresh process."""
     import gc
 
-    from library.models import load_sd_model
+    from library.models.loading import load_sd_model
 
     seconds = []
     for _ in range(repeats):

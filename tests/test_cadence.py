@@ -1,8 +1,8 @@
-"""kohya's save cadence and rotation rules (``library/cadence.py``), checked without running a trainer."""
+"""kohya's save cadence and rotation rules (``library/training/cadence.py``), checked without running a trainer."""
 
 from __future__ import annotations
 
-from library.cadence import SaveCadence
+from library.training.cadence import SaveCadence
 
 
 def simulate_step_saves(cadence: SaveCadence, steps: int, *, state: bool) -> list[int]:

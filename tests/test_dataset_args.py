@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from library.dataset import add_dataset_arguments
-from library.dataset.args import parse_face_crop_range, parse_resolution
 from library.errors import UserError
+from library.training.dataset import add_dataset_arguments
+from library.training.dataset.args import parse_face_crop_range, parse_resolution
 
 ROOT = Path(__file__).resolve().parent.parent
 TSV = Path(__file__).resolve().parent / "data" / "kohya-ti-options.tsv"

@@ -8,8 +8,13 @@ import torch
 from PIL import Image
 from test_dataset_helpers import SMALL_BUCKETS, make_args, make_dreambooth, make_image, tokenizer_with
 
-from library.dataset import TokenCaptionRule, build_train_dataset, collate_batch, make_train_dataloader
-from library.dataset.augment import color_aug, shift_hue
+from library.training.dataset import (
+    TokenCaptionRule,
+    build_train_dataset,
+    collate_batch,
+    make_train_dataloader,
+)
+from library.training.dataset.augment import color_aug, shift_hue
 
 
 def _build(*cli, seed=0, rule=None, **values):

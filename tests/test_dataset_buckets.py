@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from test_dataset_helpers import SMALL_BUCKETS, make_args, make_dreambooth, tokenizer_with
 
-from library.dataset import build_train_dataset
-from library.dataset.buckets import BucketSelector, kohya_crop_ltrb, make_bucket_resolutions
 from library.errors import UserError
+from library.training.dataset import build_train_dataset
+from library.training.dataset.buckets import BucketSelector, kohya_crop_ltrb, make_bucket_resolutions
 
 
 def _build(*cli, seed=0, **values):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from test_dataset_helpers import make_args, make_dreambooth, tokenizer_with
 
-from library.dataset import OBJECT_TEMPLATES, STYLE_TEMPLATES, TokenCaptionRule, build_train_dataset
-from library.dataset.captions import CaptionSettings, process_caption, read_caption_file
 from library.errors import UserError
+from library.training.dataset import OBJECT_TEMPLATES, STYLE_TEMPLATES, TokenCaptionRule, build_train_dataset
+from library.training.dataset.captions import CaptionSettings, process_caption, read_caption_file
 
 
 def _process(caption, seed=0, **settings):

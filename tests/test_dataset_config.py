@@ -8,9 +8,9 @@ import logging
 import pytest
 from test_dataset_helpers import make_args, make_dreambooth, tokenizer_with
 
-from library.dataset import build_train_dataset
-from library.dataset.config import datasets_from_args, datasets_from_config, load_user_config
 from library.errors import UserError
+from library.training.dataset import build_train_dataset
+from library.training.dataset.config import datasets_from_args, datasets_from_config, load_user_config
 
 # the first example of kohya's docs/config_README-en.md, as-is
 KOHYA_DOC_EXAMPLE = r"""

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from test_dataset_helpers import SMALL_BUCKETS, make_args, make_dreambooth, make_image, tokenizer_with
 
-from library.dataset import TokenCaptionRule, build_train_dataset
+from library.training.dataset import TokenCaptionRule, build_train_dataset
 
 
 @pytest.fixture

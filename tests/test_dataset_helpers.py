@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from library.dataset import add_dataset_arguments
-from library.dataset.args import DataOptions
 from library.options import settings_from
-from library.tokenizer import shipped_tokenizer
-from library.tokens import placeholder_names
+from library.text.tokenizer import shipped_tokenizer
+from library.text.tokens import placeholder_names
+from library.training.dataset import add_dataset_arguments
+from library.training.dataset.args import DataOptions
 
 _PARSER = argparse.ArgumentParser()
 add_dataset_arguments(_PARSER)

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from test_dataset_helpers import make_args, make_dreambooth, make_image, tokenizer_with
 
-from library.dataset import build_train_dataset
-from library.dataset.images import IMAGE_EXTENSIONS, list_images, load_image, read_image_size
 from library.errors import UserError
+from library.training.dataset import build_train_dataset
+from library.training.dataset.images import IMAGE_EXTENSIONS, list_images, load_image, read_image_size
 
 
 def _build(*cli, **values):

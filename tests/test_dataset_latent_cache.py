@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_dataset_helpers import make_args, make_dreambooth, make_image, tiny_vae, tokenizer_with
 
-from library.dataset import build_train_dataset, latent_cache, make_train_dataloader
-from library.dataset.buckets import kohya_crop_ltrb
 from library.errors import UserError
+from library.training.dataset import build_train_dataset, latent_cache, make_train_dataloader
+from library.training.dataset.buckets import kohya_crop_ltrb
 
 
 @pytest.fixture(scope="module")

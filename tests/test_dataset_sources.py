@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 from test_dataset_helpers import make_args, make_dreambooth, make_image, tokenizer_with
 
-from library.dataset import build_train_dataset
 from library.errors import UserError
+from library.training.dataset import build_train_dataset
 
 
 def _build(*cli, **values):

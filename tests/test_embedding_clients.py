@@ -1,6 +1,6 @@
 """Every embedding file the trainer can write, read the way each of seven clients reads it.
 
-The trainer writes through ``library.embeddings.save_embedding`` with the dtype of
+The trainer writes through ``library.embeddings.formats.save_embedding`` with the dtype of
 ``--save_precision``; here every combination of extension (``--save_model_as``), precision,
 model family width and vector count goes through the same writer, then through each client's
 loading rules (``client_rules.py``). A client that skips the extension must skip it (the WebUI
@@ -14,7 +14,7 @@ import pytest
 import torch
 from client_rules import CLIENTS, READS_EXTENSION, NotLoaded, load_diffusers
 
-from library.embeddings import sai_model_spec_metadata, save_embedding
+from library.embeddings.formats import sai_model_spec_metadata, save_embedding
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -17,8 +17,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from webui_rules import WebUIRejected, assert_webui_loadable
 
-from library import embeddings
-from library.embeddings import (
+from library.embeddings import formats as embeddings
+from library.embeddings.formats import (
     LoadedEmbedding,
     check_embedding_fits,
     load_embedding_file,
@@ -26,7 +26,7 @@ from library.embeddings import (
     save_embedding,
 )
 from library.errors import UserError
-from library.tokenizer import shipped_tokenizer
+from library.text.tokenizer import shipped_tokenizer
 
 DIM = 8
 

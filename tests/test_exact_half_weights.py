@@ -11,15 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from library import exact_half_weights
-from library.exact_half_weights import (
+from library.models import exact_half_weights
+from library.models.exact_half_weights import (
     HalfStoredConv2d,
     HalfStoredLinear,
     exact_storage_dtype,
     store_weights_in_exact_half,
 )
-from library.models import load_sd_model
-from library.placeholder_embedding import splice_new_vectors
+from library.models.loading import load_sd_model
+from library.training.new_word import splice_new_vectors
 
 
 @pytest.fixture(autouse=True)

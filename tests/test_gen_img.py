@@ -25,10 +25,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import gen_img_diffusers as gen_img
-from library.embedding_install import install_embeddings
-from library.embeddings import save_embedding
+from library.embeddings.formats import save_embedding
+from library.embeddings.install import install_embeddings
 from library.errors import UserError, run_cli
-from library.models import load_sd_model
+from library.models.loading import load_sd_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS_TABLE = Path(__file__).resolve().parent / "data" / "kohya-gen-img-options.tsv"
@@ -204,7 +204,7 @@ def test_every_embedding_layout_is_installed_under_its_file_stem(
     names = [stem] + [f"{stem}{i}" for i in range(1, count)]
     ids = model.tokenizer.convert_tokens_to_ids(names)
     rows = model.text_encoder.get_input_embeddings().weight[ids]
-    from library.embeddings import load_embedding_file
+    from library.embeddings.formats import load_embedding_file
 
     torch.testing.assert_close(rows, load_embedding_file(embeddings_sd1[layout]).vectors)
     assert model.tokenizer(f"a {stem}").input_ids[2] == ids[0]
@@ -365,7 +365,7 @@ def test_fp32_generation_keeps_an_fp16_files_weights_in_half_and_draws_the_same_
     from safetensors.torch import load_file, save_file
 
     monkeypatch.setattr(
-        "library.exact_half_weights.MIN_NARROWED_ELEMENTS", 0
+        "library.models.exact_half_weights.MIN_NARROWED_ELEMENTS", 0
     )  # the tiny model's layers are small
     fp16 = tmp_path / "fp16.safetensors"
     save_file({k: v.half() for k, v in load_file(str(tiny_sd1 / "model.safetensors")).items()}, str(fp16))

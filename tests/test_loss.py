@@ -1,4 +1,4 @@
-"""Tests for library/loss.py: kohya's loss formulas, weighting options and their order."""
+"""Tests for library/training/loss.py: kohya's loss formulas, weighting options and their order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.loss import (
+from library.options import settings_from
+from library.training.loss import (
     LossSettings,
     add_loss_arguments,
     apply_mask,
@@ -19,8 +20,7 @@ from library.loss import (
     huber_c_for_timesteps,
     mask_from_conditioning_image,
 )
-from library.noise import make_training_schedule
-from library.options import settings_from
+from library.training.noise import make_training_schedule
 
 TIMESTEPS = torch.tensor([0, 250, 999])
 

@@ -13,10 +13,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library.checkpoint_io import strip_prefix
 from library.errors import UserError
-from library.ldm_export import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
-from library.models import (
+from library.models.checkpoint_io import strip_prefix
+from library.models.ldm_export import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
+from library.models.loading import (
     _sd1_text_weights,
     _sd2_text_weights,
     base_config,
@@ -295,7 +295,7 @@ def test_the_single_file_loader_matches_diffusers_conversion_of_the_whole_file(t
 
 
 def test_a_vae_given_apart_is_the_only_vae_read(tiny_sd1, monkeypatch):
-    from library import checkpoint_io
+    from library.models import checkpoint_io
 
     read: list[str] = []
     original = checkpoint_io.Checkpoint.read
@@ -324,7 +324,7 @@ def test_the_vae_read_alone_is_the_models_vae(request, family, layout):
 
 
 def _record_reads(monkeypatch) -> list[str]:
-    from library import checkpoint_io
+    from library.models import checkpoint_io
 
     read: list[str] = []
     original = checkpoint_io.Checkpoint.read
@@ -382,7 +382,8 @@ def test_the_load_never_holds_more_than_the_model_and_one_tensor(
 
     from safetensors.torch import load_file
 
-    from library import checkpoint_io, models
+    from library.models import checkpoint_io
+    from library.models import loading as models
 
     fp16_file = tmp_path / "fp16.safetensors"
     file_tensors = {k: v.half() for k, v in load_file(str(tiny_sd1 / "model.safetensors")).items()}
@@ -418,7 +419,7 @@ def test_the_load_never_holds_more_than_the_model_and_one_tensor(
     monkeypatch.setattr(checkpoint_io.Checkpoint, "read", read)
     monkeypatch.setattr(models, "_assign", assign)
     monkeypatch.setattr(
-        "library.exact_half_weights.MIN_NARROWED_ELEMENTS", 0
+        "library.models.exact_half_weights.MIN_NARROWED_ELEMENTS", 0
     )  # the tiny model's layers are small
     model = load_sd_model(fp16_file, dtype=dtype, exact_half_storage=narrow)
     weights = [t for part in (model.unet, model.text_encoder, model.vae) for t in part.state_dict().values()]

@@ -1,4 +1,4 @@
-"""Tests for library/noise.py: kohya's noise schedule, noise options, timesteps and targets."""
+"""Tests for library/training/noise.py: kohya's noise schedule, noise options, timesteps and targets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.noise import (
+from library.options import settings_from
+from library.training.noise import (
     NoiseSettings,
     add_noise,
     add_noise_arguments,
@@ -19,7 +20,6 @@ from library.noise import (
     snr_of,
     training_target,
 )
-from library.options import settings_from
 
 SHAPE = (2, 4, 8, 8)
 

@@ -1,4 +1,4 @@
-"""Tests for library/optimizers.py: kohya's optimizer choice and learning-rate schedules."""
+"""Tests for library/training/optimizers.py: kohya's optimizer choice and learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.optimizers import (
+from library.options import settings_from
+from library.training.optimizers import (
     OptimizerSettings,
     add_optimizer_arguments,
     create_lr_scheduler,
@@ -22,7 +23,6 @@ from library.optimizers import (
     optimizer_train_mode,
     resolve_step_count,
 )
-from library.options import settings_from
 
 LR = 1e-2
 

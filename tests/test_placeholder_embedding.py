@@ -9,13 +9,13 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.errors import UserError
-from library.placeholder_embedding import (
+from library.text.tokenizer import shipped_tokenizer
+from library.training.new_word import (
     add_placeholder_tokens,
     init_word_vectors,
     random_vectors,
     splice_new_vectors,
 )
-from library.tokenizer import shipped_tokenizer
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from library.prompt_parsing import (
+from library.generation.prompts import (
     BREAK_PIECE,
     PromptSpec,
     apply_token_weights,
@@ -17,8 +17,8 @@ from library.prompt_parsing import (
     parse_prompt_options,
     weighted_token_chunks,
 )
-from library.text_encoding import tokenize_prompts
-from library.tokenizer import shipped_tokenizer
+from library.text.encoding import tokenize_prompts
+from library.text.tokenizer import shipped_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from library import runtime
 from library.errors import UserError
 from library.runtime import cpu_flags, cpu_has_native_bf16
-from library.training_setup import resolve_mixed_precision
+from library.training.accelerator import resolve_mixed_precision
 
 X86_AVX512_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni\n"
 X86_SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

@@ -1,4 +1,4 @@
-"""library.sampling: kohya's samplers, prompt embeddings, seeds, img2img/inpaint/highres, negative scale."""
+"""library.generation.generator: kohya's samplers, prompt embeddings, seeds, img2img/inpaint/highres, negative scale."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
-from library.models import load_sd_model
-from library.prompt_parsing import SAMPLERS as PROMPT_SAMPLERS
-from library.prompt_parsing import PromptSpec
-from library.sampling import (
+from library.generation.generator import (
     SAMPLERS,
     GenerationRequest,
     HighresFix,
@@ -19,6 +16,9 @@ from library.sampling import (
     _NegativeScaleUNet,
     make_scheduler,
 )
+from library.generation.prompts import SAMPLERS as PROMPT_SAMPLERS
+from library.generation.prompts import PromptSpec
+from library.models.loading import load_sd_model
 
 SIZE = {"width": 64, "height": 64, "steps": 2}
 

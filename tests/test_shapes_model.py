@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_train_cli import run_train
 
-from library.models import load_sd_model
+from library.models.loading import load_sd_model
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, base_model_accuracy, evaluate_embedding
 from tools.demo import WORD, draw_training_pictures

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.models import load_sd_model
-from library.text_encoding import encode_prompts, tokenize_prompts
-from library.tokenizer import KOHYA_CACHE_NAMES, load_tokenizer, shipped_tokenizer
+from library.models.loading import load_sd_model
+from library.text.encoding import encode_prompts, tokenize_prompts
+from library.text.tokenizer import KOHYA_CACHE_NAMES, load_tokenizer, shipped_tokenizer
 
 
 def test_shipped_tokenizer_matches_clip_ids():
@@ -107,7 +107,7 @@ def _encoder_batch_sizes(text_encoder) -> list[int]:
 
 
 def test_repeated_captions_are_encoded_once_with_the_same_states_and_gradient(tiny_sd1_safetensors):
-    from library.placeholder_embedding import add_placeholder_tokens, splice_new_vectors
+    from library.training.new_word import add_placeholder_tokens, splice_new_vectors
 
     model = load_sd_model(tiny_sd1_safetensors)
     encoder, tokenizer = model.text_encoder.requires_grad_(False), model.tokenizer
@@ -148,7 +148,7 @@ def test_empty_long_prompt_windows_are_encoded_once(tiny_sd1_safetensors):
 
 
 def test_dropping_the_layers_clip_skip_never_reads_gives_the_same_states(tiny_sd1_safetensors):
-    from library.text_encoding import drop_unused_layers
+    from library.text.encoding import drop_unused_layers
 
     model = load_sd_model(tiny_sd1_safetensors)
     ids = tokenize_prompts(model.tokenizer, ["a photo of a cat", "a dog"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from library.errors import UserError
-from library.train_args import build_parser, parse_args, refuse_unsupported
+from library.training.args import build_parser, parse_args, refuse_unsupported
 
 OPTIONS_TABLE = Path(__file__).resolve().parent / "data" / "kohya-ti-options.tsv"
 

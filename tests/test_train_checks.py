@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.train_checks import FiniteGuard
+from library.training.checks import FiniteGuard
 
 
 class Run:

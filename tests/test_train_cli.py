@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from webui_rules import assert_webui_loadable
 
-from library.embeddings import load_embedding_file, save_embedding
+from library.embeddings.formats import load_embedding_file, save_embedding
 from library.host_memory import glibc_version
 
 ROOT = Path(__file__).resolve().parent.parent

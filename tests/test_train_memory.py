@@ -93,8 +93,8 @@ def test_the_vae_read_first_caches_the_same_latents_and_learns_the_same_vectors(
 HALF_STORAGE = """
 import json, sys
 import train_textual_inversion as trainer
-from library import exact_half_weights
-from library.exact_half_weights import HalfStoredConv2d, HalfStoredLinear
+from library.models import exact_half_weights
+from library.models.exact_half_weights import HalfStoredConv2d, HalfStoredLinear
 
 exact_half_weights.MIN_NARROWED_ELEMENTS = 0  # the tiny model's layers are below the useful size
 loaded = []

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_train_cli import ROOT, common, make_images, run_train
 
 from library import IMPLEMENTATION
-from library.models import load_sd_model
+from library.models.loading import load_sd_model
 
 pytestmark = pytest.mark.slow
 

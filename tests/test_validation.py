@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from test_train_cli import common, make_images, run_train
 
 from library.errors import UserError
-from library.models import load_sd_model
-from library.validation import EarlyStopping, ValidationSettings, validation_timesteps
+from library.models.loading import load_sd_model
+from library.training.validation import EarlyStopping, ValidationSettings, validation_timesteps
 
 # --- rules ---------------------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ def test_hostile_validation_options_are_refused_by_name(flag, words, tmp_path):
     (``--validation_split`` is checked with the dataset, which also reads it from a TOML: below.)
     """
     from library.errors import UserError
-    from library.train_args import parse_args, run_settings
+    from library.training.args import parse_args, run_settings
 
     args = parse_args(["--pretrained_model_name_or_path=m", f"--train_data_dir={tmp_path}", "--output_dir=o",
                        "--token_string=mychar4", flag])  # fmt: skip

@@ -6,7 +6,7 @@ a diffusers folder (``diffusers/``), and single-file LDM checkpoints ``model.saf
 text encoder whose last layer the loaders drop, 64-channel heads, linear projections) so that
 the real loading code paths run; the sizes are small enough to train on a CPU in seconds.
 
-The single files are written with ``library.ldm_export`` (our diffusers -> LDM mapping; the
+The single files are written with ``library.models.ldm_export`` (our diffusers -> LDM mapping; the
 loader uses diffusers' LDM -> diffusers conversion, so a round trip checks each against the other).
 """
 
@@ -21,9 +21,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from library.ldm_export import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
-from library.models import base_config, unet_heads
-from library.tokenizer import shipped_tokenizer
+from library.models.ldm_export import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
+from library.models.loading import base_config, unet_heads
+from library.text.tokenizer import shipped_tokenizer
 
 # bump when the fixture layout changes, so cached copies are rebuilt
 FIXTURE_VERSION = 3

@@ -42,9 +42,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from library.ldm_export import sd1_checkpoint, sdxl_checkpoint
-from library.models import SDModel, base_config, load_sd_model
-from library.tokenizer import shipped_tokenizer
+from library.models.ldm_export import sd1_checkpoint, sdxl_checkpoint
+from library.models.loading import SDModel, base_config, load_sd_model
+from library.text.tokenizer import shipped_tokenizer
 from tools import shapes
 from tools.concept_eval import base_model_accuracy
 

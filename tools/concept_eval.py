@@ -2,8 +2,8 @@
 
     python -m tools.concept_eval --embedding out/hrt.safetensors [--word hrt] [--images 48]
 
-Generates pictures with fixed seeds through the generator's own code (``library.sampling`` and
-``library.embedding_install``, as ``gen_img_diffusers.py`` does) for prompts in the caption
+Generates pictures with fixed seeds through the generator's own code (``library.generation.generator`` and
+``library.embeddings.install``, as ``gen_img_diffusers.py`` does) for prompts in the caption
 templates the model knows, and judges them with ``tools.shapes.judge``:
 
 * **concept**: of the pictures for ``a WORD``-style and ``a COLOUR WORD`` prompts, the share the
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from library.embedding_install import install_embeddings
+from library.embeddings.install import install_embeddings
 from library.errors import run_cli
-from library.models import load_sd_model
-from library.sampling import GenerationRequest, ImageGenerator
+from library.generation.generator import GenerationRequest, ImageGenerator
+from library.models.loading import load_sd_model
 from tools import shapes
 
 ROOT = Path(__file__).resolve().parent.parent

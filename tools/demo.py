@@ -93,8 +93,8 @@ def main() -> None:
     seconds = train()
     embedding = OUT / "ti" / f"{WORD}.safetensors"
 
-    from library.embedding_install import install_embeddings
-    from library.models import load_sd_model
+    from library.embeddings.install import install_embeddings
+    from library.models.loading import load_sd_model
 
     model = load_sd_model(SHAPES_MODEL)
     installed = install_embeddings(model, [embedding])

@@ -1,4 +1,4 @@
-"""Derive the CLIP tokenizer files shipped in ``library/clip_tokenizer/``.
+"""Derive the CLIP tokenizer files shipped in ``library/text/clip_tokenizer/``.
 
 The openai CLIP BPE table ``bpe_simple_vocab_16e6.txt.gz`` is public and ships inside PyPI
 packages such as ``clip-anytorch`` (in ``clip/``). We turn it into the ``vocab.json`` +

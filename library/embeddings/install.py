@@ -1,0 +1,87 @@
+"""Putting trained embeddings into a loaded model, so that prompts can use their words.
+
+The generator, the concept evaluation and the trainer's sample images all do it the same way:
+the word gets ``N`` tokens (``word word1 ... word{N-1}``, ``library.text.tokens``), the text encoder's
+token table grows by ``N`` rows, and those rows receive the file's vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from library.embeddings.formats import check_embedding_fits, load_embedding_file
+from library.errors import UserError
+from library.text.tokens import add_word_tokens, placeholder_names, taken_names
+
+logger = logging.getLogger(__name__)
+
+
+def install_embeddings(
+    model, paths: list[str | os.PathLike], words: list[str] | None = None
+) -> dict[str, int]:
+    """Add each embedding's words to ``model.tokenizer`` and its vectors to ``model.text_encoder``.
+
+    The word is the file stem (kohya, WebUI, ComfyUI) unless ``words`` names it. Returns
+    ``{word: N}`` for the prompt expansion. A word that already means something to the tokenizer
+    would silently change meaning, so it is an error, as in kohya.
+    """
+    tokenizer, text_encoder = model.tokenizer, model.text_encoder
+    words = words or [Path(path).stem for path in paths]
+    loaded: list[tuple[list[int], torch.Tensor]] = []
+    installed: dict[str, int] = {}
+    for path, word in zip(paths, words):
+        embedding = load_embedding_file(path)
+        check_embedding_fits(embedding, model.text_dim, model.family, path)
+        if embedding.word != word:
+            logger.warning(
+                "%s: the image carries the name '%s', but the word to use in prompts is '%s'",
+                path,
+                embedding.word,
+                word,
+            )
+        names = placeholder_names(word, embedding.num_vectors)
+        taken = taken_names(tokenizer, names)
+        if taken:
+            raise UserError(f"{path}: the word '{taken[0]}' (from the file name) is already a token of the "
+                            f"tokenizer or of another embedding; {_rename_advice(path, embedding)}")  # fmt: skip
+        token_ids = add_word_tokens(tokenizer, names)
+        if token_ids is None:
+            raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
+        loaded.append((token_ids, embedding.vectors))
+        installed[word] = embedding.num_vectors
+        logger.info("embedding %s: word '%s', %d vector(s) (%s layout)", path, word, embedding.num_vectors,
+                    embedding.layout)  # fmt: skip
+    typical_norm = float(text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
+    for (_, vectors), path in zip(loaded, paths):
+        _warn_if_oversized(path, vectors, typical_norm)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set below
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token_ids, vectors in loaded:
+            table[token_ids] = vectors.to(device=table.device, dtype=table.dtype)
+    return installed
+
+
+def _rename_advice(path, embedding) -> str:
+    """What to rename the file to: the word it records, when that word is free (usually the token string)."""
+    stored = embedding.stored_name
+    if stored and stored != Path(path).stem:
+        return f"the file records the word '{stored}': rename it to {stored}{Path(path).suffix}"
+    return "rename the file to a word that is not in the vocabulary"
+
+
+OVERSIZED_NORM_RATIO = 100  # vectors this many times the vocabulary's norm drown (or overflow) a prompt
+
+
+def _warn_if_oversized(path, vectors: torch.Tensor, typical_norm: float) -> None:
+    largest = float(vectors.float().norm(dim=1).max())
+    if largest > OVERSIZED_NORM_RATIO * typical_norm:
+        logger.warning(
+            "%s: a vector's norm is %.3g, %.0f times the vocabulary's typical %.3g; the word will drown the rest "
+            "of the prompt or overflow to black images (a diverged training run?)",
+            path, largest, largest / typical_norm, typical_norm,
+        )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Image generation shared by the generator and the trainer's samples: pipelines, samplers, prompt files."""

@@ -1,0 +1,404 @@
+"""The prompt language of kohya's ``gen_img_diffusers.py`` and the WebUI, in three layers.
+
+1. **Dynamic prompts** (kohya): ``{a|b|c}`` picks one variant at random, ``{e$$a|b}`` expands
+   into one prompt per variant, ``{2$$a|b|c}`` / ``{1-3$$a|b|c}`` pick several distinct
+   variants joined by ``", "`` (or by a custom separator: ``{2$$ and $$a|b|c}``).
+2. **In-prompt options** (kohya): ``a cat --n blurry --w 768 --h 512 --s 30 --d 1,2 --l 7
+   --nl 4 --ss euler_a``: the line is split on ``" --"``.
+3. **Attention weights** (WebUI / kohya "lpw"): ``(word)`` x1.1, ``((word))`` x1.21,
+   ``[word]`` /1.1, ``(word:1.3)``, escapes ``\\(`` ``\\)`` ``\\[`` ``\\]``, and ``BREAK``, which
+   starts a new 75-token chunk.
+
+kohya applies them in that order: dynamic variants first (so ``--n {a|b}`` varies too), then
+the options, then the weights of the remaining prompt text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+
+from library.generation.samplers import SAMPLER_NAMES
+from library.text.tokenizer import CHUNK_TOKENS, MODEL_MAX_LENGTH
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Dynamic prompts
+
+# {[e$$][count$$][separator$$]variant|variant|...}: the three optional prefixes end in "$$".
+_DYNAMIC = re.compile(
+    r"\{"
+    r"(?P<enumerate>[eE]\$\$)?"
+    r"(?:(?P<count>[\d\-]+)\$\$)?"
+    r"(?:(?P<separator>[^|}]+?)\$\$)?"
+    r"(?P<variants>.+?(?:\|.+?)*?)"
+    r"\}"
+)
+DEFAULT_SEPARATOR = ", "
+
+
+@dataclass(frozen=True)
+class _Variants:
+    """One ``{...}`` group: which variants, how many to pick, how to join them."""
+
+    variants: list[str]
+    low: int
+    high: int
+    separator: str
+    enumerate_all: bool
+
+    def all_choices(self) -> list[str]:
+        return [
+            self.separator.join(combination)
+            for count in range(self.low, self.high + 1)
+            for combination in itertools.combinations(self.variants, count)
+        ]
+
+    def random_choice(self, rng: random.Random) -> str:
+        # randint then sample, in this order, so a seeded rng gives the same picks as kohya's
+        count = rng.randint(self.low, self.high)
+        return self.separator.join(rng.sample(self.variants, count))
+
+
+def _count_range(text: str | None, num_variants: int, group: str) -> tuple[int, int]:
+    """``"2"`` -> (2, 2), ``"1-3"`` -> (1, 3); clamped to what the variants allow."""
+    if text is None:
+        return 1, 1
+    parts = text.split("-")
+    if len(parts) > 2 or not all(part.isdigit() for part in parts):
+        logger.warning("invalid count '%s' in %s; choosing one variant", text, group)
+        return 1, 1
+    low, high = int(parts[0]), int(parts[-1])
+    low, high = min(low, high), max(low, high)
+    high = min(high, num_variants)
+    return min(low, high), high
+
+
+def _parse_group(match: re.Match[str]) -> _Variants:
+    variants = match.group("variants").split("|")
+    low, high = _count_range(match.group("count"), len(variants), match.group(0))
+    separator = match.group("separator")
+    return _Variants(
+        variants=variants,
+        low=low,
+        high=high,
+        separator=DEFAULT_SEPARATOR if separator is None else separator,
+        enumerate_all=match.group("enumerate") is not None,
+    )
+
+
+def expand_dynamic_prompt(prompt: str, rng: random.Random, *, repeat_count: int = 1) -> list[str]:
+    """Expand kohya's ``{...}`` variants into concrete prompts.
+
+    Mirrors kohya's ``handle_dynamic_prompt_variants``: a prompt without groups comes back as
+    ``[prompt]`` (the caller repeats it); with only random groups, ``repeat_count`` independently
+    drawn prompts (kohya passes ``--images_per_prompt``); with any ``e$$`` group, one prompt per
+    combination of the enumerated groups, each with its own random picks for the other groups.
+    Random draws use ``rng`` in kohya's order, so a seeded ``random.Random`` is reproducible.
+    """
+    matches = list(_DYNAMIC.finditer(prompt))
+    if not matches:
+        return [prompt]
+    groups = [_parse_group(m) for m in matches]
+    # the text around the groups: literal[0] group[0] literal[1] group[1] ... literal[-1]
+    bounds = [0, *itertools.chain.from_iterable(m.span() for m in matches), len(prompt)]
+    literals = [prompt[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
+
+    def assemble(choices: list[str]) -> str:
+        return "".join(itertools.chain.from_iterable(zip(literals, [*choices, ""])))
+
+    if not any(group.enumerate_all for group in groups):
+        return [assemble([group.random_choice(rng) for group in groups]) for _ in range(repeat_count)]
+
+    picks: list[list[str | None]] = [[None] * len(groups)]
+    for index, group in enumerate(groups):
+        if group.enumerate_all:
+            picks = [[*p[:index], choice, *p[index + 1 :]] for p in picks for choice in group.all_choices()]
+    for index, group in enumerate(groups):  # kohya draws group by group, prompt by prompt
+        if not group.enumerate_all:
+            for p in picks:
+                p[index] = group.random_choice(rng)
+    return [assemble(p) for p in picks]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. In-prompt options
+
+SAMPLERS = SAMPLER_NAMES
+
+# options kohya's scripts understand but this project does not implement
+UNSUPPORTED_OPTIONS = {
+    "t": "img2img strength",
+    "c": "CLIP guidance prompt",
+    "am": "network multipliers",
+    "dsd1": "Deep Shrink",
+    "dst1": "Deep Shrink",
+    "dsd2": "Deep Shrink",
+    "dst2": "Deep Shrink",
+    "dsr": "Deep Shrink",
+    "glt": "gradual latent",
+    "glr": "gradual latent",
+    "gle": "gradual latent",
+    "gls": "gradual latent",
+    "glsn": "gradual latent",
+    "glus": "gradual latent",
+    "ow": "SDXL original size",
+    "oh": "SDXL original size",
+    "nw": "SDXL negative original size",
+    "nh": "SDXL negative original size",
+    "ct": "SDXL crop",
+    "cl": "SDXL crop",
+    "f": "frame count / file name",
+    "g": "distilled guidance scale",
+    "cn": "ControlNet image",
+    "i": "inpainting image",
+}
+
+_UNSIGNED_INT = re.compile(r"\d+")
+_UNSIGNED_FLOAT = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_SEED_LIST = re.compile(r"\d+(?:\s*,\s*\d+)*")
+
+
+@dataclass
+class PromptSpec:
+    """One prompt line with its in-prompt options; ``None`` means "not given, use the default".
+
+    ``negative_scale_off`` is ``--nl none``: switch the negative scale off for this prompt even
+    when ``--negative_scale`` is set on the command line.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    seeds: list[int] | None = None
+    scale: float | None = None
+    negative_scale: float | None = None
+    sampler: str | None = None
+    negative_scale_off: bool = False
+
+
+def _ignored_value(key: str, value: str, expected: str) -> None:
+    logger.warning("prompt option --%s: '%s' is not %s; option ignored", key, value, expected)
+
+
+def _apply_option(spec: PromptSpec, key: str, value: str) -> None:
+    """Set one ``--key value`` on ``spec``; bad values and unknown keys are warned about, as kohya
+    does not stop a batch of prompts for one typo."""
+    if key == "n":
+        spec.negative_prompt = value
+    elif key in ("w", "h"):
+        if not _UNSIGNED_INT.fullmatch(value):
+            return _ignored_value(key, value, "a whole number of pixels")
+        setattr(spec, "width" if key == "w" else "height", int(value))
+    elif key == "s":
+        if not _UNSIGNED_INT.fullmatch(value):
+            return _ignored_value(key, value, "a whole number of steps")
+        spec.steps = max(1, min(1000, int(value)))  # kohya's clamp
+    elif key == "d":
+        if not _SEED_LIST.fullmatch(value):
+            return _ignored_value(key, value, "a seed or a comma-separated list of seeds")
+        spec.seeds = [int(seed) for seed in value.split(",")]
+    elif key in ("l", "nl"):
+        if key == "nl" and value.lower() == "none":
+            spec.negative_scale, spec.negative_scale_off = None, True
+        elif not _UNSIGNED_FLOAT.fullmatch(value):
+            return _ignored_value(key, value, "a number" + (" or 'none'" if key == "nl" else ""))
+        elif key == "l":
+            spec.scale = float(value)
+        else:
+            spec.negative_scale, spec.negative_scale_off = float(value), False
+    elif key == "ss":
+        if value.lower() not in SAMPLERS:
+            return _ignored_value(key, value, "a sampler (one of " + ", ".join(SAMPLERS) + ")")
+        spec.sampler = value.lower()
+    elif key in UNSUPPORTED_OPTIONS:
+        logger.warning(
+            "prompt option --%s (%s) is not supported here; ignored", key, UNSUPPORTED_OPTIONS[key]
+        )
+    else:
+        logger.warning("unknown prompt option --%s; ignored", key)
+
+
+def parse_prompt_options(line: str) -> PromptSpec:
+    """Split a prompt line on ``" --"`` into the prompt and kohya's in-prompt options.
+
+    Option names are case-insensitive (``--W`` = ``--w``); a later option overrides an earlier
+    one. The prompt keeps everything before the first ``" --"``.
+    """
+    head, *options = line.strip().split(" --")
+    spec = PromptSpec(prompt=head.strip())
+    for option in options:
+        key, _, value = option.strip().partition(" ")
+        if not key:
+            logger.warning("empty prompt option '--' in '%s'; ignored", line.strip())
+            continue
+        _apply_option(spec, key.lower(), value.strip())
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Attention weights
+
+ROUND_MULTIPLIER = 1.1
+SQUARE_MULTIPLIER = 1 / 1.1
+BREAK = "BREAK"
+BREAK_PIECE = (BREAK, -1.0)  # how parse_prompt_attention marks a BREAK (as the WebUI does)
+
+_ATTENTION_TOKENS = re.compile(
+    r"""
+      \\[()\[\]\\]                  # escaped bracket or backslash: the character itself
+    | \\                            # any other backslash is dropped
+    | \( | \[                       # opening brackets
+    | :\s*(?P<weight>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)   # ':1.3)' closes '(' with that weight
+    | \) | \]                       # closing brackets
+    | [^\\()\[\]:]+                 # plain text
+    | :                             # a colon that does not start a weight
+    """,
+    re.VERBOSE,
+)
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into ``(text, weight)`` pieces, the WebUI way.
+
+    Weights multiply through nesting: ``((a))`` is 1.21, ``[(a)]`` is 1.0; an unclosed bracket
+    applies to the rest of the prompt; a closing bracket without its opener is plain text.
+    Adjacent pieces of equal weight are merged (so ``(a)(b)`` is one piece ``ab``). Each
+    whole-word ``BREAK`` becomes ``BREAK_PIECE`` (``("BREAK", -1.0)``) at any nesting depth.
+    """
+    pieces: list[list] = []  # [text, weight] pairs, mutable so brackets can scale them
+    breaks: set[int] = set()  # indexes of BREAK markers, which brackets never scale
+    open_round: list[int] = []
+    open_square: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for index in range(start, len(pieces)):
+            if index not in breaks:
+                pieces[index][1] *= factor
+
+    def add_text(chunk: str) -> None:
+        for i, part in enumerate(_BREAK_WORD.split(chunk)):
+            if i > 0:
+                breaks.add(len(pieces))
+                pieces.append(list(BREAK_PIECE))
+            pieces.append([part, 1.0])
+
+    for match in _ATTENTION_TOKENS.finditer(text):
+        token, weight = match.group(0), match.group("weight")
+        if token.startswith("\\"):
+            pieces.append([token[1:], 1.0])
+        elif token == "(":
+            open_round.append(len(pieces))
+        elif token == "[":
+            open_square.append(len(pieces))
+        elif weight is not None and open_round:
+            scale_from(open_round.pop(), float(weight))
+        elif token == ")" and open_round:
+            scale_from(open_round.pop(), ROUND_MULTIPLIER)
+        elif token == "]" and open_square:
+            scale_from(open_square.pop(), SQUARE_MULTIPLIER)
+        else:
+            add_text(token)
+    for start in open_round:
+        scale_from(start, ROUND_MULTIPLIER)
+    for start in open_square:
+        scale_from(start, SQUARE_MULTIPLIER)
+
+    merged: list[tuple[str, float]] = []
+    for index, (piece, weight) in enumerate(pieces):
+        is_break = index in breaks
+        if not is_break and merged and merged[-1] != BREAK_PIECE and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + piece, weight)
+        else:
+            merged.append(BREAK_PIECE if is_break else (piece, weight))
+    result = [piece for piece in merged if piece == BREAK_PIECE or piece[0]]
+    return result or [("", 1.0)]
+
+
+def weighted_token_chunks(
+    tokenizer, prompt: str, max_chunks: int, *, min_chunks: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and per-token weights of a weighted prompt, as 77-token windows.
+
+    Returns ``(ids [chunks, 77] long, weights [chunks, 77] float)``. Each window is
+    ``BOS + up to 75 tokens + EOS``, then the tokenizer's pad token (for SD 1.x that is EOS
+    again; SD 2.x pads with ``!``), like kohya's long-prompt encoder. BOS, EOS and padding weigh
+    1.0. ``BREAK`` closes the current window (padding it) as the WebUI does. Windows beyond
+    ``max_chunks`` are dropped with a warning; ``min_chunks`` pads with empty windows so that a
+    prompt and its negative prompt can be given the same length.
+    """
+    if max_chunks < 1 or min_chunks < 1 or min_chunks > max_chunks:
+        raise ValueError(f"need 1 <= min_chunks <= max_chunks, got {min_chunks} and {max_chunks}")
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+
+    def close_chunk() -> None:
+        chunks.append((ids.copy(), weights.copy()))
+        ids.clear()
+        weights.clear()
+
+    for text, weight in parse_prompt_attention(prompt):
+        if (text, weight) == BREAK_PIECE:
+            close_chunk()
+            continue
+        for token_id in tokenizer(text, add_special_tokens=False, verbose=False).input_ids:
+            if len(ids) == CHUNK_TOKENS:
+                close_chunk()
+            ids.append(token_id)
+            weights.append(weight)
+    if ids or not chunks:
+        close_chunk()
+
+    if len(chunks) > max_chunks:
+        dropped = sum(len(chunk_ids) for chunk_ids, _ in chunks[max_chunks:])
+        logger.warning(
+            "prompt needs %d chunks of %d tokens but at most %d are allowed; the last %d tokens are "
+            "ignored (shorten the prompt or allow more chunks): %s",
+            len(chunks),
+            CHUNK_TOKENS,
+            max_chunks,
+            dropped,
+            prompt,
+        )
+        chunks = chunks[:max_chunks]
+    chunks += [([], [])] * (min_chunks - len(chunks))
+
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    id_rows, weight_rows = [], []
+    for chunk_ids, chunk_weights in chunks:
+        fill = MODEL_MAX_LENGTH - 1 - len(chunk_ids) - 1  # positions after the closing EOS
+        id_rows.append([bos, *chunk_ids, eos] + [pad] * fill)
+        weight_rows.append([1.0, *chunk_weights, 1.0] + [1.0] * fill)
+    return torch.tensor(id_rows, dtype=torch.long), torch.tensor(weight_rows, dtype=torch.float32)
+
+
+def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scale each position of the text encoder output by its weight, keeping each sample's mean.
+
+    kohya's (and the lpw pipeline's) rule: ``hidden * weight``, then multiply by
+    ``previous_mean / new_mean`` per sample, so emphasis shifts attention between tokens
+    without changing the overall magnitude. ``hidden`` is ``[B, L, D]``, ``weights`` ``[B, L]``.
+    Computed in fp32 and returned in ``hidden``'s dtype; a sample whose weighted mean is 0 is
+    left unrescaled instead of becoming NaN.
+    """
+    if hidden.dim() != 3 or weights.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"weights {tuple(weights.shape)} must match the first two dims of hidden {tuple(hidden.shape)}"
+        )
+    values = hidden.float()
+    previous_mean = values.mean(dim=(1, 2))
+    weighted = values * weights.to(device=values.device, dtype=values.dtype).unsqueeze(-1)
+    new_mean = weighted.mean(dim=(1, 2))
+    ratio = torch.where(new_mean == 0, torch.ones_like(new_mean), previous_mean / new_mean)
+    return (weighted * ratio[:, None, None]).to(hidden.dtype)

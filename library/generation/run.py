@@ -1,0 +1,392 @@
+"""One generation run, kohya's way: prompts and source images in, batches of images out.
+
+``gen_img_diffusers.py`` parses the command line into ``GenerationSettings`` and hands prompts and
+source images to ``Run``, which draws seeds (kohya's rules), groups images into batches that share
+size, steps and scales, renders them through ``library.generation.generator`` and writes PNGs with kohya's
+names and metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from library.errors import UserError
+from library.generation.samplers import DEFAULT_SCALE, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED
+
+logger = logging.getLogger("gen_img")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The options a run's loop reads (fields named like kohya's options, with its defaults)."""
+
+    outdir: str = "outputs"
+    W: int | None = None
+    H: int | None = None
+    steps: int = DEFAULT_STEPS
+    scale: float = DEFAULT_SCALE
+    negative_scale: float | None = None
+    strength: float | None = None
+    sampler: str = "ddim"
+    n_iter: int = 1
+    images_per_prompt: int = 1
+    batch_size: int = 1
+    seed: int | None = None
+    iter_same_seed: bool = False
+    shuffle_prompts: bool = False
+    clip_skip: int | None = None
+    max_embeddings_multiples: int | None = None
+    sequential_file_name: bool = False
+    use_original_file_name: bool = False
+    highres_fix_scale: float | None = None
+    highres_fix_steps: int = 28
+    highres_fix_strength: float | None = None
+    highres_fix_latents_upscaling: bool = False
+    highres_fix_save_1st: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Source images and prompts
+
+
+def load_images(path: str, flag: str) -> list:
+    """An image file, or every .png/.jpg/.jpeg/.webp of a folder in name order, as RGB/L images."""
+    from PIL import Image
+
+    source = Path(path)
+    if source.is_dir():
+        files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"{flag} {path}: the folder holds no .png/.jpg/.jpeg/.webp images")
+    elif source.is_file():
+        files = [source]
+    else:
+        raise UserError(f"{flag} {path}: not found")
+    images = []
+    for file in files:
+        try:
+            image = Image.open(file)
+            image.load()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{flag} {file}: cannot read this image ({exc})") from exc
+        image.source_path = str(file)  # the name --use_original_file_name reuses
+        images.append(image)
+    return images
+
+
+def prompt_from_metadata(image) -> str:
+    """kohya: an img2img run without a prompt reuses the prompt saved in the source PNG."""
+    text = getattr(image, "text", None) or {}
+    if "prompt" not in text:
+        raise UserError(
+            f"--image_path {image.source_path}: no prompt given and the image has no 'prompt' in its PNG "
+            "metadata; pass --prompt or --from_file"
+        )
+    prompt = text["prompt"]
+    if text.get("negative-prompt"):
+        prompt += " --n " + text["negative-prompt"]
+    return prompt
+
+
+def read_prompt_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UserError(f"--from_file {path}: cannot read ({exc.strerror or exc})") from exc
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def stdin_prompts() -> Iterator[str]:
+    logger.info("--interactive: reading prompts from standard input, one per line, until end of input")
+    for line in sys.stdin:
+        if line.strip() and not line.strip().startswith("#"):
+            yield line.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, batches and file names
+
+
+@dataclass
+class Item:
+    """One image to generate."""
+
+    step: int  # position in its iteration (picks the source image, as in kohya)
+    number: int  # 1-based position in the whole run (sequential file names)
+    prompt: str
+    negative_prompt: str
+    seed: int
+    init_image: Any
+    mask_image: Any
+
+
+@dataclass
+class BatchSettings:
+    """What the images of one batch share; a change starts a new batch (kohya's rule)."""
+
+    width: int
+    height: int
+    steps: int
+    scale: float
+    negative_scale: float | None
+    strength: float
+    sampler: str
+
+
+@dataclass
+class OutputNamer:
+    """kohya's file names, never overwriting a file (kohya would)."""
+
+    outdir: Path
+    sequential: bool
+    original_names: bool
+    written: list[Path] = field(default_factory=list)
+
+    def name(self, item: Item, index: int, prefix: str) -> Path:
+        """``im_<time>_<prefix><index in batch:03>_<seed>``, ``im_<prefix><number:06>`` with
+        --sequential_file_name, or the source image's name with --use_original_file_name;
+        ``prefix`` is kohya's highres mark ("0" first pass, "1" final, "" without highres fix)."""
+        source = item.init_image
+        if self.original_names and source is not None and hasattr(source, "source_path"):
+            base = Path(source.source_path).stem
+        elif self.sequential:
+            base = f"im_{prefix}{item.number:06d}"
+        else:
+            base = f"im_{time.strftime('%Y%m%d%H%M%S')}_{prefix}{index:03d}_{item.seed}"
+        path = self.outdir / f"{base}.png"
+        n = 1
+        while path.exists():
+            path = self.outdir / f"{base}_{n}.png"
+            n += 1
+        return path
+
+
+class Run:
+    """Turns prompt lines into batches of images and writes them, following kohya's loop."""
+
+    def __init__(self, settings: GenerationSettings, generator, model, embeddings: dict[str, int]):
+        self.settings = settings
+        args = settings
+        self.generator = generator
+        self.model = model
+        self.embeddings = embeddings
+        self.rng = random.Random(args.seed)  # None seeds from the OS
+        self.namer = OutputNamer(Path(args.outdir), args.sequential_file_name, args.use_original_file_name)
+        self.init_images: list | None = None
+        self.mask_images: list | None = None
+        self.highres = None
+        self.item_count = 0
+        if args.highres_fix_scale is not None:
+            from library.generation.generator import HighresFix
+
+            self.highres = HighresFix(
+                scale=args.highres_fix_scale,
+                steps=args.highres_fix_steps,
+                strength=args.highres_fix_strength,
+                latents_upscaling=args.highres_fix_latents_upscaling,
+                keep_first=args.highres_fix_save_1st,
+            )
+
+    # -- seeds -----------------------------------------------------------------------------------
+
+    def predefined_seeds(self, prompt_count: int) -> list[int] | None:
+        """kohya: with --seed, every image's seed is drawn up front from it; one image gets it as is."""
+        if self.settings.seed is None:
+            return None
+        count = self.settings.n_iter * prompt_count * self.settings.images_per_prompt
+        seeds = [self.rng.randint(0, MAX_SEED) for _ in range(count)]
+        if count == 1:
+            seeds[0] = self.settings.seed
+        return seeds
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def run(self, prompt_list: list[str], interactive: bool) -> list[Path]:
+        from library.generation.prompts import expand_dynamic_prompt, parse_prompt_options
+
+        args = self.settings
+        predefined = self.predefined_seeds(len(prompt_list))
+        for iteration in range(args.n_iter):
+            if args.n_iter > 1:
+                logger.info("iteration %d/%d", iteration + 1, args.n_iter)
+            iter_seed = self.rng.randint(0, MAX_SEED)
+            if args.shuffle_prompts:
+                self.rng.shuffle(prompt_list)
+            lines: Iterator[str] = iter(prompt_list)
+            if interactive:
+                lines = _chain(prompt_list, stdin_prompts())
+            step = 0
+            batch: list[Item] = []
+            batch_settings: BatchSettings | None = None
+            for number, line in enumerate(lines, start=1):
+                variants = expand_dynamic_prompt(line, self.rng, repeat_count=args.images_per_prompt)
+                repeats = args.images_per_prompt if len(variants) == 1 else len(variants)
+                seed = None
+                prompt_seeds: list[int] | None = None
+                for i in range(repeats):
+                    if i == 0 or len(variants) > 1:
+                        spec = parse_prompt_options(variants[i if len(variants) > 1 else 0])
+                        settings = self.settings_for(spec)
+                        prompt_seeds = list(spec.seeds) if spec.seeds else None
+                        seed = None
+                        logger.info("prompt %d: %s", number, spec.prompt)
+                    if prompt_seeds is not None:
+                        if prompt_seeds:
+                            seed = prompt_seeds.pop(0)  # exhausted: keep the last one (kohya)
+                    elif predefined is not None:
+                        seed = predefined.pop(0) if predefined else None
+                    elif args.iter_same_seed:
+                        seed = iter_seed
+                    else:
+                        seed = None
+                    if seed is None:
+                        seed = self.rng.randint(0, MAX_SEED)
+                    item, item_settings = self.make_item(step, spec, settings, seed)
+                    if batch and item_settings != batch_settings:
+                        self.process(batch, batch_settings)
+                        batch = []
+                    batch.append(item)
+                    batch_settings = item_settings
+                    if len(batch) == args.batch_size:
+                        self.process(batch, batch_settings)
+                        batch = []
+                    step += 1
+                if interactive and batch:
+                    self.process(batch, batch_settings)
+                    batch = []
+            if batch:
+                self.process(batch, batch_settings)
+        return self.namer.written
+
+    def settings_for(self, spec) -> BatchSettings:
+        args = self.settings
+        if spec.negative_scale is not None:
+            negative_scale = spec.negative_scale
+        elif spec.negative_scale_off:
+            negative_scale = None
+        else:
+            negative_scale = args.negative_scale
+        return BatchSettings(
+            width=spec.width or args.W or DEFAULT_SIZE,
+            height=spec.height or args.H or DEFAULT_SIZE,
+            steps=spec.steps or args.steps,
+            scale=args.scale if spec.scale is None else spec.scale,
+            negative_scale=negative_scale,
+            strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+            sampler=spec.sampler or args.sampler,
+        )
+
+    def make_item(self, step: int, spec, settings: BatchSettings, seed: int) -> tuple[Item, BatchSettings]:
+        init = mask = None
+        if self.init_images:
+            init = self.init_images[step % len(self.init_images)]
+            if self.highres is None and not (self.settings.W and self.settings.H):
+                # kohya: img2img renders at the source image's size, rounded down to 32
+                width, height = init.size
+                settings = BatchSettings(**{**settings.__dict__, "width": max(32, width - width % 32),
+                                       "height": max(32, height - height % 32)})  # fmt: skip
+        if self.mask_images:
+            mask = self.mask_images[step % len(self.mask_images)]
+        self.item_count += 1
+        item = Item(step, self.item_count, spec.prompt, spec.negative_prompt or "", seed, init, mask)
+        return item, settings
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    def process(self, batch: list[Item], settings: BatchSettings) -> None:
+        from library.generation.generator import GenerationRequest
+
+        request = GenerationRequest(
+            prompt=[item.prompt for item in batch],
+            negative_prompt=[item.negative_prompt for item in batch],
+            seeds=[item.seed for item in batch],
+            width=settings.width,
+            height=settings.height,
+            steps=settings.steps,
+            scale=settings.scale,
+            negative_scale=settings.negative_scale,
+            sampler=settings.sampler,
+            strength=settings.strength,
+            init_image=[item.init_image for item in batch] if batch[0].init_image is not None else None,
+            mask_image=[item.mask_image for item in batch] if batch[0].mask_image is not None else None,
+        )
+        if self.highres is None:
+            self.save(batch, settings, self.generator.generate(request), prefix="")
+            return
+        result = self.generator.generate_highres(request, self.highres)
+        if self.highres.keep_first:
+            first_settings = BatchSettings(**{**settings.__dict__, "steps": self.highres.steps})
+            self.save(batch, first_settings, result.first_pass, prefix="0", first_pass=True)
+        self.save(batch, settings, result.images, prefix="1")
+
+    def save(
+        self, batch: list[Item], settings: BatchSettings, images: list, *, prefix: str, first_pass=False
+    ) -> None:
+        from PIL.PngImagePlugin import PngInfo
+
+        self.namer.outdir.mkdir(parents=True, exist_ok=True)
+        for index, (item, image) in enumerate(zip(batch, images)):
+            info = PngInfo()
+            for key, value in self.metadata(item, settings, image, first_pass).items():
+                info.add_text(key, value)
+            path = self.namer.name(item, index, prefix)
+            image.save(path, pnginfo=info)
+            self.namer.written.append(path)
+            logger.info("saved %s (seed %d)", path, item.seed)
+
+    def metadata(self, item: Item, settings: BatchSettings, image, first_pass: bool) -> dict[str, str]:
+        """kohya's PNG keys (prompt, seed, sampler, steps, scale, negative-prompt, negative-scale),
+        plus what is needed to reproduce the image here: size, clip-skip, embeddings, model."""
+        args = self.settings
+        data = {
+            "prompt": item.prompt,
+            "seed": str(item.seed),
+            "sampler": settings.sampler,
+            "steps": str(settings.steps),
+            "scale": str(settings.scale),
+            "negative-prompt": item.negative_prompt,
+        }
+        if settings.negative_scale is not None:
+            data["negative-scale"] = str(settings.negative_scale)
+        data["size"] = f"{image.width}x{image.height}"
+        if args.clip_skip is not None:
+            data["clip-skip"] = str(args.clip_skip)
+        if args.max_embeddings_multiples is not None:
+            data["max-embeddings-multiples"] = str(args.max_embeddings_multiples)
+        if self.embeddings:
+            data["embeddings"] = ", ".join(f"{word}:{n}" for word, n in self.embeddings.items())
+        if item.init_image is not None:
+            data["strength"] = str(settings.strength)
+            data["source-image"] = Path(getattr(item.init_image, "source_path", "")).name
+            if item.mask_image is not None:
+                data["mask-image"] = Path(getattr(item.mask_image, "source_path", "")).name
+        if self.highres is not None:
+            data["highres-fix"] = f"scale {self.highres.scale}, first pass {self.highres.steps} steps" + (
+                ", latents upscaling" if self.highres.latents_upscaling else ""
+            )
+            if first_pass:
+                data["highres-fix"] += ", first pass image"
+        data["model"] = self.model.name
+        return data
+
+
+def _chain(first: list[str], rest: Iterator[str]) -> Iterator[str]:
+    yield from first
+    yield from rest
+
+
+def resized(image, size: tuple[int, int]):
+    from PIL import Image
+
+    resized = image.resize(size, resample=Image.LANCZOS)
+    resized.source_path = getattr(image, "source_path", "")
+    return resized

@@ -1,0 +1,1 @@
+"""Stable Diffusion models: reading every family and layout offline, writing test and demo checkpoints."""

@@ -1,0 +1,83 @@
+"""The CLIP tokenizer, offline.
+
+SD 1.x and 2.x use the same CLIP BPE vocabulary; SD 2.x pads with ``!`` (id 0) instead of the
+end-of-text token. The vocabulary ships in ``library/text/clip_tokenizer/`` (see
+``tools/make_clip_vocab.py``), so nothing is fetched from the Hugging Face hub. A diffusers
+folder's own ``tokenizer/`` wins over the shipped copy; ``--tokenizer_cache_dir`` keeps kohya's
+folder layout (``openai_clip-vit-large-patch14`` / ``stabilityai_stable-diffusion-2``) so that a
+cache made by kohya's scripts is read, and one made here is readable by them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_VOCAB_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
+MODEL_MAX_LENGTH = 77  # a CLIP window: BOS, up to CHUNK_TOKENS tokens, EOS
+CHUNK_TOKENS = MODEL_MAX_LENGTH - 2  # the text a window holds; prompts and embeddings count against it
+# the names kohya uses for its tokenizer cache folders (hub id with "/" replaced by "_")
+KOHYA_CACHE_NAMES = {False: "openai_clip-vit-large-patch14", True: "stabilityai_stable-diffusion-2"}
+
+
+def shipped_tokenizer(v2: bool) -> CLIPTokenizer:
+    """The CLIP tokenizer built from the vocabulary in the repo; SD2 pads with ``!``."""
+    extra = {"pad_token": "!"} if v2 else {}
+    return CLIPTokenizer(
+        vocab=str(SHIPPED_VOCAB_DIR / "vocab.json"),
+        merges=str(SHIPPED_VOCAB_DIR / "merges.txt"),
+        model_max_length=MODEL_MAX_LENGTH,
+        **extra,
+    )
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    """A saved tokenizer: ``tokenizer.json`` (transformers 5) or ``vocab.json`` + ``merges.txt``."""
+    return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+
+
+def _from_folder(folder: Path) -> CLIPTokenizer:
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # a broken folder must not end in a transformers traceback
+        raise UserError(
+            f"{folder}: cannot read the tokenizer in this folder ({exc}); delete it or fix it"
+        ) from exc
+
+
+def load_tokenizer(
+    v2: bool, model_dir: str | Path | None = None, tokenizer_cache_dir: str | Path | None = None
+) -> CLIPTokenizer:
+    """The tokenizer for a model: its own ``tokenizer/`` folder, else the cache, else the shipped copy.
+
+    With ``tokenizer_cache_dir`` and no cached copy yet, the shipped tokenizer is written there,
+    as kohya does after its first (online) load.
+    """
+    if model_dir is not None and _has_tokenizer(Path(model_dir) / "tokenizer"):
+        tokenizer = _from_folder(Path(model_dir) / "tokenizer")
+    elif tokenizer_cache_dir is not None:
+        cached = Path(tokenizer_cache_dir) / KOHYA_CACHE_NAMES[v2]
+        if _has_tokenizer(cached):
+            tokenizer = _from_folder(cached)
+        else:
+            tokenizer = shipped_tokenizer(v2)
+            cached.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(str(cached))
+            logger.info("saved the tokenizer to --tokenizer_cache_dir %s", cached)
+    else:
+        tokenizer = shipped_tokenizer(v2)
+    tokenizer.model_max_length = MODEL_MAX_LENGTH
+    return tokenizer
+
+
+def set_family_padding(tokenizer: CLIPTokenizer, family: str) -> None:
+    """Make the padding match the model once its family is known (SD2 pads with ``!``)."""
+    wanted = "!" if family == "sd2" else "<|endoftext|>"
+    if tokenizer.pad_token != wanted:
+        tokenizer.pad_token = wanted

@@ -1,0 +1,85 @@
+"""Precision, attention and the accelerate ``Accelerator`` for a training run.
+
+Only the new vectors train; everything else is frozen and can run in half precision. The
+vectors always stay fp32 (``SplicedTokenEmbedding``), so fp16 cannot round their updates away.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+
+from library.errors import UserError
+from library.runtime import usable_precision
+from library.training.tracking import TrackerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_mixed_precision(mixed_precision: str, full_fp16: bool = False, full_bf16: bool = False) -> str:
+    """``--mixed_precision``, with ``--full_fp16/--full_bf16`` folded in and the CPU rule applied."""
+    if full_fp16 and full_bf16:
+        raise UserError("--full_fp16 and --full_bf16 exclude each other; choose one")
+    if full_fp16 or full_bf16:
+        flag = "--full_fp16" if full_fp16 else "--full_bf16"
+        wanted = "fp16" if full_fp16 else "bf16"
+        if mixed_precision != wanted:
+            raise UserError(f"{flag} needs --mixed_precision {wanted}")
+        logger.info("%s: the frozen models run in %s; the trained vectors stay fp32", flag, wanted)
+    return usable_precision(mixed_precision, f"--mixed_precision {mixed_precision}")
+
+
+def make_accelerator(
+    tracking: TrackerSettings, mixed_precision: str, accumulation: int, ddp_timeout: int | None = None
+) -> Accelerator:
+    """One ``Accelerator``: mixed precision, trackers, and accelerate's gradient accumulation (its
+    ``accumulate`` context decides when an optimizer step is due, an epoch's end included)."""
+    handlers = []
+    if ddp_timeout:
+        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=ddp_timeout)))
+    trackers = tracking.trackers
+    if trackers and "wandb" in trackers:
+        _require_wandb(tracking.wandb_api_key)
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=accumulation,
+        log_with=trackers,
+        project_dir=run_logging_dir(tracking.logging_dir, tracking.log_prefix),
+        kwargs_handlers=handlers,
+    )
+
+
+def run_logging_dir(logging_dir: str | None, log_prefix: str | None) -> str | None:
+    """kohya's folder for one run's logs: ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>``, so that
+    every run has its own (TensorBoard would otherwise mix them); trackers add ``textual_inversion/``."""
+    if logging_dir is None:
+        return None
+    return str(Path(logging_dir) / f"{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+
+
+def _require_wandb(api_key: str | None) -> None:
+    try:
+        import wandb
+    except ImportError as exc:
+        raise UserError("--log_with wandb needs the wandb package: pip install wandb") from exc
+    if api_key:
+        wandb.login(key=api_key)
+
+
+def freeze_and_move(model, device: torch.device) -> None:
+    """Freeze every original weight and move the models to ``device``.
+
+    The loader already gave each model its run dtype; a cast here would also widen the weights
+    it keeps in exact half precision. ``model.vae`` may be None (latents were cached with a VAE
+    loaded alone and already freed).
+    """
+    for module in (model.unet, model.text_encoder, model.vae):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device)

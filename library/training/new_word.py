@@ -1,0 +1,153 @@
+"""The new word's vectors: adding its tokens, choosing their start, and training only them.
+
+kohya resizes the text encoder's 49,408-row embedding matrix, trains all of it and copies the
+old rows back after every step. Optimizer state, gradient clipping and adaptive optimizers
+(Prodigy, D-Adaptation) then see 49,408 rows instead of N, which breaks their step-size
+estimates. Here the N new vectors are their own fp32 ``[N, dim]`` parameter spliced into the
+token lookup (``SplicedTokenEmbedding``); the original rows are never touched, so they stay
+bit-identical, and the frozen encoder can run in fp16/bf16 while the vectors stay fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.errors import UserError
+from library.text.tokenizer import CHUNK_TOKENS
+from library.text.tokens import add_word_tokens, placeholder_names, taken_names
+
+logger = logging.getLogger(__name__)
+
+
+def add_placeholder_tokens(tokenizer, token_string: str, num_vectors: int) -> list[int]:
+    """Add ``token_string``, ``token_string1`` ... as whole words; refuse names the tokenizer knows."""
+    if num_vectors < 1 or num_vectors > CHUNK_TOKENS:
+        raise UserError(
+            f"--num_vectors_per_token must be between 1 and {CHUNK_TOKENS} (a prompt window holds {CHUNK_TOKENS} tokens)"
+        )
+    names = placeholder_names(token_string, num_vectors)
+    taken = taken_names(tokenizer, names)
+    if taken:
+        raise UserError(
+            f"--token_string {token_string}: the token {taken[0]!r} already exists in the tokenizer; "
+            f"choose a new word, e.g. --token_string {suggest_free_token(tokenizer, token_string, num_vectors)}"
+        )
+    ids = add_word_tokens(tokenizer, names)
+    if ids is None:  # a name the tokenizer normalised onto an existing one
+        raise UserError(
+            f"--token_string {token_string}: could not add all {num_vectors} tokens; choose another word"
+        )
+    return ids
+
+
+def suggest_free_token(tokenizer, token_string: str, num_vectors: int) -> str:
+    """A nearby word whose placeholder names are all free (``xyz`` → ``xyzx``, ``xyz_ti`` ...)."""
+    for candidate in (f"{token_string}x", f"{token_string}_ti", f"{token_string}zq", f"zq{token_string}"):
+        if not taken_names(tokenizer, placeholder_names(candidate, num_vectors)):
+            return candidate
+    return f"{token_string}_emb"
+
+
+INIT_WORD_MODES = ("cycle", "spread", "mean")
+
+
+def init_token_plan(k: int, num_vectors: int, mode: str) -> list[list[int]]:
+    """Which of the init phrase's ``k`` tokens each of the ``num_vectors`` vectors starts from.
+
+    * ``cycle`` (kohya's rule, the default): vector i is token ``i % k``; a phrase longer than
+      the vectors is cut, a shorter one repeats (``hello world`` over 3 vectors: hello, world, hello);
+    * ``spread`` (the WebUI's rule): vector i is token ``i * k // N``, so the phrase keeps its
+      order and each token covers a run of vectors (hello, hello, world); a longer phrase is
+      sampled at even steps;
+    * ``mean``: every vector is the mean of all the phrase's tokens.
+    """
+    if mode == "cycle":
+        return [[i % k] for i in range(num_vectors)]
+    if mode == "spread":
+        return [[i * k // num_vectors] for i in range(num_vectors)]
+    if mode == "mean":
+        return [list(range(k))] * num_vectors
+    raise ValueError(f"unknown init word mode {mode!r}")
+
+
+def init_word_vectors(
+    tokenizer, token_embedding: torch.Tensor, init_word: str, num_vectors: int, mode: str = "cycle"
+) -> torch.Tensor:
+    """Start vectors from ``--init_word`` laid over the vectors by ``mode`` (``init_token_plan``).
+
+    As kohya does, a phrase whose token count is neither 1 nor the number of vectors gets a
+    warning (its tokens are repeated or cut); a log line shows which token went where.
+    """
+    ids = tokenizer(init_word, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(f"--init_word {init_word!r} has no tokens; give a word such as 'person' or 'style'")
+    words = [w.removesuffix("</w>") for w in tokenizer.convert_ids_to_tokens(ids)]
+    rows = token_embedding[torch.tensor(ids)].float()
+    k = len(ids)
+    plan = init_token_plan(k, num_vectors, mode)
+    if k > 1 and k != num_vectors and mode != "mean":
+        logger.warning(
+            "--init_word %r has %d tokens but --num_vectors_per_token is %d: the init words are %s "
+            "(--init_word_mode %s)", init_word, k, num_vectors, "repeated" if k < num_vectors else "truncated", mode,
+        )  # fmt: skip
+    if k > 1 or num_vectors > 1:
+        logger.info(
+            "--init_word %r: %s",
+            init_word,
+            ", ".join(f"vector {i}: {'+'.join(words[j] for j in p)}" for i, p in enumerate(plan)),
+        )
+    return torch.stack([rows[p].mean(dim=0) for p in plan])
+
+
+def random_vectors(token_embedding: torch.Tensor, num_vectors: int, seed: int) -> torch.Tensor:
+    """Without ``--init_word``: random directions with the vocabulary's mean row norm."""
+    gen = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(num_vectors, token_embedding.shape[1], generator=gen)
+    mean_norm = token_embedding.float().norm(dim=1).mean()
+    return vectors / vectors.norm(dim=1, keepdim=True) * mean_norm
+
+
+class SplicedTokenEmbedding(nn.Module):
+    """A token lookup where ids below ``first_new_id`` read the frozen table and the rest read ``vectors``."""
+
+    def __init__(self, frozen: nn.Embedding, vectors: torch.Tensor):
+        super().__init__()
+        self.frozen = frozen.requires_grad_(False)
+        self.first_new_id = frozen.num_embeddings
+        self.vectors = nn.Parameter(vectors.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen table (for code that asks the embedding for its dtype or device)."""
+        return self.frozen.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = (input_ids >= self.first_new_id).unsqueeze(-1)
+        old = self.frozen(input_ids.clamp(max=self.first_new_id - 1))
+        new = F.embedding((input_ids - self.first_new_id).clamp(min=0), self.vectors).to(old.dtype)
+        return torch.where(is_new, new, old)
+
+
+def splice_new_vectors(text_encoder, vectors: torch.Tensor) -> SplicedTokenEmbedding:
+    """Put the trainable ``vectors`` into ``text_encoder``'s token lookup; return the splice."""
+    frozen = text_encoder.get_input_embeddings()
+    if isinstance(frozen, SplicedTokenEmbedding):
+        frozen = frozen.frozen
+    spliced = SplicedTokenEmbedding(frozen, vectors.to(frozen.weight.device))
+    text_encoder.set_input_embeddings(spliced)
+    return spliced
+
+
+def rescale_to_norms(vectors: torch.Tensor, norms: torch.Tensor) -> None:
+    """``--preserve_embedding_norm``: give each vector back its starting norm, keeping its direction.
+
+    Textual Inversion vectors tend to grow far beyond ordinary tokens' norms, and a long vector
+    drowns the rest of the prompt; this keeps the word as strong as the word it started from.
+    """
+    with torch.no_grad():
+        current = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        vectors.mul_(norms.to(vectors.dtype).reshape(-1, 1) / current)
