@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from library.errors import UserError
+from library.shared_options import ConsoleSettings
 
 if TYPE_CHECKING:
     import torch
@@ -33,16 +34,17 @@ def log_level(name: str | None) -> int:
     return getattr(logging, name or "INFO")
 
 
-def setup_console_logging(level: int, log_file: str | None = None, simple: bool = False) -> None:
+def setup_console_logging(settings: ConsoleSettings) -> None:
     """``--console_log_level/file/simple``: plain lines on stderr (or into a file)."""
-    fmt = "%(message)s" if simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = "%(message)s" if settings.console_log_simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    log_file = settings.console_log_file
     handler = (
         logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
     )
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(log_level(settings.console_log_level))
     for noisy in ("httpx", "urllib3", "PIL", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # diffusers/transformers chatter (dtype casts, weight loading bars) says nothing users can act on

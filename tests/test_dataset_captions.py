@@ -146,7 +146,6 @@ def _dataset(tmp_path, rule, captions, *extra):
 def test_dataset_captions_carry_the_expanded_token(tmp_path):
     dataset = _dataset(tmp_path, TokenCaptionRule("sks", 3), ["a sks dog"], "--caption_prefix", "photo,")
     assert dataset[0]["captions"] == ["photo, a sks sks1 sks2 dog"]
-    assert dataset[0]["input_ids"].shape == (1, 1, 77)
 
 
 def test_dataset_templates_do_not_touch_reg_captions(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from client_rules import CLIENTS, READS_EXTENSION, NotLoaded, load_diffusers
 
 from library.embeddings.formats import sai_model_spec_metadata, save_embedding
+from library.models.family import SD1, SD2
 
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -22,7 +23,7 @@ PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 def write_like_the_trainer(path, n: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     vectors = torch.randn(n, dim, generator=torch.Generator().manual_seed(n * dim)) * 0.02
     metadata = sai_model_spec_metadata(
-        v2=dim == 1024,
+        architecture=(SD2 if dim == 1024 else SD1).architecture(False),
         v_parameterization=False,
         resolution=(512, 512),
         title=path.stem,

@@ -26,6 +26,7 @@ from library.embeddings.formats import (
     save_embedding,
 )
 from library.errors import UserError
+from library.models.family import SD1, SD2
 from library.text.tokenizer import shipped_tokenizer
 
 DIM = 8
@@ -458,7 +459,12 @@ def test_fitting_embedding_passes():
 
 def test_modelspec_for_sd1():
     meta = sai_model_spec_metadata(
-        v2=False, v_parameterization=False, resolution=(512, 512), title="mychar", clip_skip=None, extra={}
+        architecture=SD1.architecture(False),
+        v_parameterization=False,
+        resolution=(512, 512),
+        title="mychar",
+        clip_skip=None,
+        extra={},
     )
     assert meta["modelspec.sai_model_spec"] == "1.0.1"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
@@ -481,7 +487,12 @@ def test_modelspec_for_sd1():
 )
 def test_modelspec_for_sd2(v_param, architecture, prediction):
     meta = sai_model_spec_metadata(
-        v2=True, v_parameterization=v_param, resolution=(768, 640), title="t", clip_skip=2, extra={}
+        architecture=SD2.architecture(v_param),
+        v_parameterization=v_param,
+        resolution=(768, 640),
+        title="t",
+        clip_skip=2,
+        extra={},
     )
     assert meta["modelspec.architecture"] == architecture
     assert meta["modelspec.prediction_type"] == prediction
@@ -493,7 +504,7 @@ def test_modelspec_extra_keys_and_thumbnail(tmp_path, caplog):
     thumb = tmp_path / "thumb.png"
     Image.new("RGB", (2, 2)).save(thumb)
     meta = sai_model_spec_metadata(
-        v2=False,
+        architecture=SD1.architecture(False),
         v_parameterization=False,
         resolution=(512, 512),
         title="default",
@@ -517,7 +528,7 @@ def test_modelspec_extra_keys_and_thumbnail(tmp_path, caplog):
     assert meta["modelspec.thumbnail"].startswith("data:image/png;base64,")
 
     missing = sai_model_spec_metadata(
-        v2=False,
+        architecture=SD1.architecture(False),
         v_parameterization=False,
         resolution=(512, 512),
         title="t",

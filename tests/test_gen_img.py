@@ -28,6 +28,7 @@ import gen_img_diffusers as gen_img
 from library.embeddings.formats import save_embedding
 from library.embeddings.install import install_embeddings
 from library.errors import UserError, run_cli
+from library.generation import args as generation_args
 from library.models.loading import load_sd_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ def run_subprocess(*argv: str, stdin: str | None = None) -> subprocess.Completed
 @pytest.fixture
 def run_main(monkeypatch):
     """``main(argv)`` in this process, leaving pytest's logging set-up alone."""
-    monkeypatch.setattr(gen_img, "setup_logging", lambda args: None)
+    monkeypatch.setattr(generation_args, "setup_console_logging", lambda settings: None)
     return lambda *argv: gen_img.main([str(a) for a in argv])
 
 

@@ -46,11 +46,11 @@ def _outputs(model, seed=0):
 def test_single_files_load_the_same_weights_as_the_diffusers_folder(family, request):
     root = request.getfixturevalue(f"tiny_{family}")
     reference = load_sd_model(root / "diffusers")
-    assert reference.family == family
+    assert reference.family.name == family
     expected = _outputs(reference)
     for name in ("model.safetensors", "model.ckpt"):
         model = load_sd_model(root / name)
-        assert model.family == family
+        assert model.family.name == family
         assert model.text_dim == reference.text_dim
         for got, want in zip(_outputs(model), expected):
             assert (got - want).abs().max().item() <= 1e-5, name
@@ -83,12 +83,12 @@ def test_fp16_checkpoint_loads_as_fp32(tiny_sd1_safetensors, tmp_path):
 def test_v2_flag_disagreeing_with_file_warns(tiny_sd1_safetensors, tiny_sd2_safetensors, caplog):
     with caplog.at_level(logging.WARNING):
         model = load_sd_model(tiny_sd1_safetensors, v2=True)
-    assert model.family == "sd1"
+    assert model.family.name == "sd1"
     assert "SD 1.x" in caplog.text and "--v2" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         model = load_sd_model(tiny_sd2_safetensors, v2=False)
-    assert model.family == "sd2"
+    assert model.family.name == "sd2"
     assert "SD 2.x" in caplog.text
 
 

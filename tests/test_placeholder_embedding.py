@@ -31,7 +31,7 @@ def tiny_text_encoder(vocab: int = 49408) -> CLIPTextModel:
 
 
 def test_tokens_are_named_like_kohya_and_get_new_ids(tokenizer):
-    ids = add_placeholder_tokens(tokenizer, "mychar", 3)
+    ids = add_placeholder_tokens([tokenizer], "mychar", 3)
     assert ids == [49408, 49409, 49410]
     assert tokenizer.convert_ids_to_tokens(ids) == ["mychar", "mychar1", "mychar2"]
     assert tokenizer("a mychar mychar1 mychar2").input_ids[2:5] == ids
@@ -39,7 +39,7 @@ def test_tokens_are_named_like_kohya_and_get_new_ids(tokenizer):
 
 def test_existing_word_is_refused_with_a_free_suggestion(tokenizer):
     with pytest.raises(UserError) as info:
-        add_placeholder_tokens(tokenizer, "cat", 2)
+        add_placeholder_tokens([tokenizer], "cat", 2)
     message = str(info.value)
     assert "'cat' already exists" in message and "--token_string catx" in message
     assert len(tokenizer) == 49408  # nothing was added
@@ -47,7 +47,7 @@ def test_existing_word_is_refused_with_a_free_suggestion(tokenizer):
 
 def test_too_many_vectors_is_refused(tokenizer):
     with pytest.raises(UserError, match="between 1 and 75"):
-        add_placeholder_tokens(tokenizer, "mychar", 76)
+        add_placeholder_tokens([tokenizer], "mychar", 76)
 
 
 def test_one_init_token_is_copied_to_every_vector(tokenizer):
@@ -112,7 +112,7 @@ def test_random_start_has_the_vocabulary_norm():
 def test_splice_trains_only_the_new_rows_and_keeps_old_rows_bit_identical(tokenizer):
     encoder = tiny_text_encoder()
     original = encoder.get_input_embeddings().weight.detach().clone()
-    ids = add_placeholder_tokens(tokenizer, "mychar", 2)
+    ids = add_placeholder_tokens([tokenizer], "mychar", 2)
     prompt = tokenizer(
         ["a photo of mychar"], padding="max_length", max_length=77, return_tensors="pt"
     ).input_ids
@@ -166,11 +166,11 @@ def test_half_precision_encoder_keeps_fp32_vectors():
     ],
 )
 def test_the_token_string_is_matched_only_as_a_whole_word(tokenizer, text, count):
-    ids = add_placeholder_tokens(tokenizer, "mychar4", 1)
+    ids = add_placeholder_tokens([tokenizer], "mychar4", 1)
     assert tokenizer(text, add_special_tokens=False).input_ids.count(ids[0]) == count
 
 
 def test_a_token_string_that_is_a_word_in_other_case_is_refused(tokenizer):
     """The generator compares lower-cased, so the trainer must too (or its file would be refused there)."""
     with pytest.raises(UserError, match="'Dog' already exists"):
-        add_placeholder_tokens(tokenizer, "Dog", 1)
+        add_placeholder_tokens([tokenizer], "Dog", 1)

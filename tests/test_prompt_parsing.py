@@ -8,17 +8,15 @@ import random
 import pytest
 import torch
 
-from library.generation.prompts import (
-    BREAK_PIECE,
-    PromptSpec,
-    apply_token_weights,
-    expand_dynamic_prompt,
-    parse_prompt_attention,
-    parse_prompt_options,
-    weighted_token_chunks,
-)
+from library.generation.prompts import PromptSpec, expand_dynamic_prompt, parse_prompt_options
 from library.text.encoding import tokenize_prompts
 from library.text.tokenizer import shipped_tokenizer
+from library.text.weighting import (
+    BREAK_PIECE,
+    apply_token_weights,
+    parse_prompt_attention,
+    weighted_token_chunks,
+)
 
 
 @pytest.fixture(scope="module")

@@ -67,22 +67,22 @@ def test_unknown_sampler_is_a_user_error_listing_the_valid_ones(sd1):
 
 
 def test_attention_weights_change_the_embeddings_and_weight_one_does_not(generator):
-    plain, weighted, neutral = generator.encode(["a cat", "a (cat:1.5)", "a (cat:1.0)"])
+    plain, weighted, neutral = generator.encode(["a cat", "a (cat:1.5)", "a (cat:1.0)"]).hidden
     assert not torch.allclose(plain, weighted)
     assert torch.equal(plain, neutral)
 
 
 def test_long_prompts_use_chunks_and_prompt_and_negative_get_one_length(generator):
     long_prompt = ", ".join(["a red cat"] * 25)  # 99 tokens: two chunks
-    embeds = generator.encode([long_prompt, "blurry"])
+    embeds = generator.encode([long_prompt, "blurry"]).hidden
     assert embeds.shape[:2] == (2, 2 + 75 * 2)
-    short = generator.encode(["blurry"])
+    short = generator.encode(["blurry"]).hidden
     assert short.shape[1] == 77
 
 
 def test_clip_skip_changes_the_embeddings(sd1):
-    last = ImageGenerator(sd1).encode(["a cat"])
-    skipped = ImageGenerator(sd1, clip_skip=2).encode(["a cat"])
+    last = ImageGenerator(sd1).encode(["a cat"]).hidden
+    skipped = ImageGenerator(sd1, clip_skip=2).encode(["a cat"]).hidden
     assert not torch.allclose(last, skipped)
 
 
@@ -90,9 +90,9 @@ def test_placeholder_words_expand_to_all_their_vectors(tiny_sd1_safetensors):
     model = load_sd_model(tiny_sd1_safetensors)
     model.tokenizer.add_tokens(["mychar", "mychar1", "mychar2"])
     model.text_encoder.resize_token_embeddings(len(model.tokenizer))
-    expanded = ImageGenerator(model, placeholder_vectors={"mychar": 3}).encode(["a mychar cat"])
-    spelled_out = ImageGenerator(model).encode(["a mychar mychar1 mychar2 cat"])
-    one_vector = ImageGenerator(model).encode(["a mychar cat"])
+    expanded = ImageGenerator(model, placeholder_vectors={"mychar": 3}).encode(["a mychar cat"]).hidden
+    spelled_out = ImageGenerator(model).encode(["a mychar mychar1 mychar2 cat"]).hidden
+    one_vector = ImageGenerator(model).encode(["a mychar cat"]).hidden
     assert torch.equal(expanded, spelled_out)
     assert not torch.allclose(expanded, one_vector)
 
@@ -143,7 +143,7 @@ def test_an_ancestral_sampler_draws_its_noise_as_kohyas_generator_does(sd1, gene
     pipe = generator.txt2img
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(make_scheduler("euler_a", sd1.scheduler_config,
                                                                                 False).config)  # fmt: skip
-    embeds = generator.encode(["a cat", ""])
+    embeds = generator.encode(["a cat", ""]).hidden
     saved = torch.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -268,7 +268,7 @@ def test_trainer_style_call_with_a_prompt_spec(tiny_sd1_safetensors):
     model.text_encoder.resize_token_embeddings(len(tokenizer))
     generator = ImageGenerator(
         model,
-        tokenizer=tokenizer,
+        tokenizers=[tokenizer],
         clip_skip=2,
         max_embeddings_multiples=2,
         device="cpu",

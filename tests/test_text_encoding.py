@@ -111,7 +111,7 @@ def test_repeated_captions_are_encoded_once_with_the_same_states_and_gradient(ti
 
     model = load_sd_model(tiny_sd1_safetensors)
     encoder, tokenizer = model.text_encoder.requires_grad_(False), model.tokenizer
-    add_placeholder_tokens(tokenizer, "zqtok", 2)
+    add_placeholder_tokens([tokenizer], "zqtok", 2)
     rows = splice_new_vectors(encoder, torch.randn(2, model.text_dim))
     captions = [
         "a photo of zqtok zqtok1",

@@ -16,13 +16,14 @@ class Run:
         self.vectors = torch.zeros(2, 4)
         self.saved: list[tuple[str, torch.Tensor, int]] = []
         self.guard = FiniteGuard(
-            self.vectors, lambda label, v, step: self.saved.append((label, v.clone(), step))
+            {"emb_params": self.vectors},
+            lambda label, v, step: self.saved.append((label, v["emb_params"].clone(), step)),
         )
 
     def step(self, step: int, loss: float, new_value: float) -> float:
-        self.guard.before_step(self.vectors)
+        self.guard.before_step({"emb_params": self.vectors})
         self.vectors.fill_(new_value)  # the optimizer's update
-        return self.guard.after_step(torch.tensor(loss), self.vectors, step)
+        return self.guard.after_step(torch.tensor(loss), {"emb_params": self.vectors}, step)
 
 
 def test_finite_steps_give_the_loss_and_save_nothing():
@@ -63,4 +64,4 @@ def test_the_final_vectors_are_checked_before_the_final_save():
     run.step(1, 0.5, 1.0)
     run.vectors[0, 0] = float("nan")
     with pytest.raises(UserError, match="the vectors became nan at step 1"):
-        run.guard.check_vectors(run.vectors, 1)
+        run.guard.check_vectors({"emb_params": run.vectors}, 1)

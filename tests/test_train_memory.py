@@ -18,7 +18,7 @@ import json, sys, weakref
 import train_textual_inversion as trainer
 
 events, vaes = [], []
-read_vae, read_model = trainer.load_sd_vae, trainer.load_sd_model
+read_vae, read_model = trainer.load_model_vae, trainer.load_model
 
 def load_sd_vae(*args, **kwargs):
     vae = read_vae(*args, **kwargs)
@@ -32,7 +32,7 @@ def load_sd_model(*args, **kwargs):
     events.append({"load": "model", "with_vae": model.vae is not None, "vae_alone_alive": alive})
     return model
 
-trainer.load_sd_vae, trainer.load_sd_model = load_sd_vae, load_sd_model
+trainer.load_model_vae, trainer.load_model = load_sd_vae, load_sd_model
 trainer.main(sys.argv[2:])
 with open(sys.argv[1], "w") as f:
     json.dump(events, f)
@@ -98,13 +98,13 @@ from library.models.exact_half_weights import HalfStoredConv2d, HalfStoredLinear
 
 exact_half_weights.MIN_NARROWED_ELEMENTS = 0  # the tiny model's layers are below the useful size
 loaded = []
-read_model = trainer.load_sd_model
+read_model = trainer.load_model
 def load_sd_model(*args, **kwargs):
     model = read_model(*args, **kwargs)
     loaded.append(sum(isinstance(m, (HalfStoredConv2d, HalfStoredLinear))
                       for part in (model.unet, model.text_encoder) for m in part.modules()))
     return model
-trainer.load_sd_model = load_sd_model
+trainer.load_model = load_sd_model
 trainer.main(sys.argv[2:])
 with open(sys.argv[1], "w") as f:
     json.dump(loaded, f)

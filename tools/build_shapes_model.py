@@ -42,6 +42,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from library.models.family import SD1
 from library.models.ldm_export import sd1_checkpoint, sdxl_checkpoint
 from library.models.loading import SDModel, base_config, load_sd_model
 from library.text.tokenizer import shipped_tokenizer
@@ -337,12 +338,12 @@ def as_sd_model(vae, conditioning, unet) -> SDModel | None:
     if not isinstance(conditioning, SD1Conditioning):
         return None
     return SDModel(
-        tokenizer=shipped_tokenizer(v2=False),
-        text_encoder=conditioning.text_encoder,
+        tokenizers=[shipped_tokenizer(v2=False)],
+        text_encoders=[conditioning.text_encoder],
         vae=vae,
         unet=unet,
         scheduler_config=base_config("sd1")["scheduler"],
-        family="sd1",
+        family=SD1,
         v_parameterization=False,
         name="in training",
     )

@@ -422,7 +422,7 @@ def check_embedding_fits(emb: LoadedEmbedding, text_dim: int, family: str, path:
 
 def save_embedding(
     path: str | os.PathLike,
-    vectors: torch.Tensor,
+    vectors: torch.Tensor | Mapping[str, torch.Tensor],
     token_string: str,
     *,
     step: int | None,
@@ -431,6 +431,9 @@ def save_embedding(
     dtype: torch.dtype = torch.float32,
 ) -> None:
     """Write ``vectors`` atomically in the layout chosen by the extension.
+
+    ``vectors`` is one ``[n, dim]`` tensor, or each text encoder's rows by embedding-file key
+    (``{"emb_params": ...}`` for SD 1.x/2.x).
 
     * ``.safetensors``: kohya's ``{"emb_params": [n, dim]}`` with ``metadata`` as the file's
       safetensors metadata.
@@ -445,7 +448,10 @@ def save_embedding(
     ext = path.suffix.lower()
     if ext not in WRITE_EXTENSIONS:
         raise UserError(f"{path}: cannot save an embedding as '{ext}'; use .safetensors, .pt or .ckpt")
-    tensor = _plain_vectors(vectors, dtype)
+    parts = {"emb_params": vectors} if isinstance(vectors, torch.Tensor) else dict(vectors)
+    if set(parts) != {"emb_params"}:
+        raise ValueError(f"no embedding layout for the text encoders {sorted(parts)}")
+    tensor = _plain_vectors(parts["emb_params"], dtype)
     if ext == ".safetensors":
         header = _validated_metadata(metadata)
         payload = safetensors.torch.save({"emb_params": tensor}, metadata=header)
@@ -486,14 +492,6 @@ def _validated_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | 
 # SAI model spec metadata
 
 
-def _architecture(v2: bool, v_parameterization: bool) -> str:
-    if v2:
-        base = "stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512"
-    else:
-        base = "stable-diffusion-v1"
-    return f"{base}/textual-inversion"
-
-
 def _modelspec_key(key: str) -> str:
     """``author``, ``metadata_author`` and ``modelspec.author`` all mean ``modelspec.author``."""
     if key.startswith("modelspec."):
@@ -515,7 +513,7 @@ def _thumbnail_data_url(value: str) -> str | None:
 
 def sai_model_spec_metadata(
     *,
-    v2: bool,
+    architecture: str,
     v_parameterization: bool,
     resolution: tuple[int, int],
     title: str,
@@ -524,6 +522,9 @@ def sai_model_spec_metadata(
     timesteps: tuple[int, int] | None = None,
 ) -> dict[str, str]:
     """The ``modelspec.*`` safetensors metadata kohya writes into a textual inversion file.
+
+    ``architecture`` is the model family's (``ModelFamily.architecture``), e.g.
+    ``stable-diffusion-v1/textual-inversion``.
 
     ``extra`` carries kohya's ``--metadata_*`` options (author, description, license, tags,
     usage_hint, thumbnail, merged_from, trigger_phrase, preprocessor, is_negative_embedding, and
@@ -536,7 +537,7 @@ def sai_model_spec_metadata(
     width, height = resolution
     metadata = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": _architecture(v2, v_parameterization),
+        "modelspec.architecture": architecture,
         "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",

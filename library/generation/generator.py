@@ -31,9 +31,8 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from library.errors import UserError
-from library.generation.prompts import apply_token_weights, weighted_token_chunks
 from library.generation.samplers import DEFAULT_SCALE, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED
-from library.text.encoding import encode_prompts
+from library.text.conditioning import Conditioning
 from library.text.tokens import expand_placeholder
 
 
@@ -253,11 +252,11 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | No
 class ImageGenerator:
     """Generate images from a Stable Diffusion model's modules with kohya's prompt semantics.
 
-    ``model`` is anything with ``tokenizer``, ``text_encoder``, ``vae``, ``unet``,
-    ``scheduler_config`` and ``v_parameterization`` (``library.models.loading.SDModel``); ``tokenizer``
-    overrides the model's (the trainer's has the placeholder tokens). ``device``/``dtype``, when
-    given, move the UNet and VAE there in place (``close()`` moves them back); the text encoder
-    is only moved, never cast, because it may be the one being trained. ``placeholder_vectors``
+    ``model`` is a ``library.models.loading.SDModel``; ``tokenizers`` override the model's (the
+    trainer's have the placeholder tokens). Prompts become the UNet's conditioning through the
+    model family's ``TextConditioner``. ``device``/``dtype``, when given, move the UNet and VAE
+    there in place (``close()`` moves them back); the text encoders are only moved, never cast,
+    because they may be the ones being trained. ``placeholder_vectors``
     maps an embedding's word to its vector count so that prompts say ``word`` and the tokenizer
     sees ``word word1 ... wordN-1``.
 
@@ -269,7 +268,7 @@ class ImageGenerator:
         self,
         model,
         *,
-        tokenizer=None,
+        tokenizers: list | None = None,
         clip_skip: int | None = None,
         max_embeddings_multiples: int | None = None,
         device: torch.device | str | None = None,
@@ -285,14 +284,13 @@ class ImageGenerator:
             )
         if clip_skip is not None and clip_skip < 1:
             raise UserError(f"--clip_skip {clip_skip}: use 1 or more (1 = the last layer)")
-        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        self.text_encoder = model.text_encoder
+        self.text = model.text_conditioner(
+            tokenizers, clip_skip=clip_skip, max_chunks=max_embeddings_multiples or 1
+        )
         self.vae = model.vae
         self.unet = model.unet
         self.scheduler_config = dict(model.scheduler_config)
         self.v_parameterization = bool(model.v_parameterization)
-        self.clip_skip = clip_skip
-        self.max_chunks = max_embeddings_multiples or 1
         self.placeholder_vectors = {w: n for w, n in (placeholder_vectors or {}).items() if n > 1}
         self.vae_batch_size = vae_batch_size
         self._restore: list[tuple[torch.nn.Module, torch.device, torch.dtype | None]] = []
@@ -317,7 +315,7 @@ class ImageGenerator:
     # -- module placement ----------------------------------------------------------------------
 
     def _place_modules(self, device, dtype) -> None:
-        for module, cast in ((self.unet, True), (self.vae, True), (self.text_encoder, False)):
+        for module, cast in ((self.unet, True), (self.vae, True), *((e, False) for e in self.text.encoders)):
             old_device, old_dtype = module.device, module.dtype
             new_device = torch.device(device) if device is not None else old_device
             new_dtype = dtype if (cast and dtype is not None) else old_dtype
@@ -345,28 +343,10 @@ class ImageGenerator:
         return text
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Weighted embeddings ``[len(texts), 77 or 2 + 75 * chunks, dim]``, all of one length.
-
-        Every text gets the number of 75-token chunks the longest one needs (at most
-        ``max_embeddings_multiples``), so a prompt and its negative prompt line up as the
-        pipelines require; all texts go through the text encoder in one batch.
-        """
-        texts = [self.expand_placeholders(t) for t in texts]
-        pieces = [weighted_token_chunks(self.tokenizer, t, self.max_chunks) for t in texts]
-        chunks = max(ids.shape[0] for ids, _ in pieces)
-        pieces = [
-            piece
-            if piece[0].shape[0] == chunks
-            else weighted_token_chunks(self.tokenizer, t, chunks, min_chunks=chunks)
-            for t, piece in zip(texts, pieces)
-        ]
-        ids = torch.stack([p[0] for p in pieces])
-        weights = torch.stack([p[1] for p in pieces])
-        hidden = encode_prompts(self.text_encoder, self.tokenizer, ids, self.clip_skip)
-        if bool((weights != 1.0).any()):
-            hidden = apply_token_weights(hidden, _joined_weights(weights))
-        return hidden
+    def encode(self, texts: Sequence[str]) -> Conditioning:
+        """The conditioning of weighted prompts, all of one length (``TextConditioner.prompts``): so a
+        prompt and its negative prompt line up as the pipelines require."""
+        return self.text.prompts([self.expand_placeholders(t) for t in texts])
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -409,7 +389,7 @@ class ImageGenerator:
         output_type = getattr(request, "output_type", "pil") or "pil"
 
         texts = prompts + negatives + ([""] if use_negative_scale else [])
-        embeds = self.encode(texts)
+        embeds = self.encode(texts).hidden
         kwargs: dict[str, Any] = {
             "prompt_embeds": embeds[:count],
             "negative_prompt_embeds": embeds[count : 2 * count],
@@ -554,14 +534,6 @@ def _request_from(request, **changes) -> GenerationRequest:
     fields["output_type"] = fields["output_type"] or "pil"
     fields.update(changes)
     return GenerationRequest(**fields)
-
-
-def _joined_weights(weights: torch.Tensor) -> torch.Tensor:
-    """Per-chunk weights ``[B, chunks, 77]`` laid out like ``encode_prompts`` joins the chunks."""
-    if weights.shape[1] == 1:
-        return weights[:, 0]
-    body = [weights[:, i, 1:-1] for i in range(weights.shape[1])]
-    return torch.cat([weights[:, 0, :1], *body, weights[:, -1, -1:]], dim=1)
 
 
 def _prepare_images(images: Any, width: int, height: int, mode: str) -> Any:

@@ -175,25 +175,28 @@ class Run:
 
     def __init__(self, settings: GenerationSettings, generator, model, embeddings: dict[str, int]):
         self.settings = settings
-        args = settings
         self.generator = generator
         self.model = model
         self.embeddings = embeddings
-        self.rng = random.Random(args.seed)  # None seeds from the OS
-        self.namer = OutputNamer(Path(args.outdir), args.sequential_file_name, args.use_original_file_name)
+        self.rng = random.Random(self.settings.seed)  # None seeds from the OS
+        self.namer = OutputNamer(
+            Path(self.settings.outdir),
+            self.settings.sequential_file_name,
+            self.settings.use_original_file_name,
+        )
         self.init_images: list | None = None
         self.mask_images: list | None = None
         self.highres = None
         self.item_count = 0
-        if args.highres_fix_scale is not None:
+        if self.settings.highres_fix_scale is not None:
             from library.generation.generator import HighresFix
 
             self.highres = HighresFix(
-                scale=args.highres_fix_scale,
-                steps=args.highres_fix_steps,
-                strength=args.highres_fix_strength,
-                latents_upscaling=args.highres_fix_latents_upscaling,
-                keep_first=args.highres_fix_save_1st,
+                scale=self.settings.highres_fix_scale,
+                steps=self.settings.highres_fix_steps,
+                strength=self.settings.highres_fix_strength,
+                latents_upscaling=self.settings.highres_fix_latents_upscaling,
+                keep_first=self.settings.highres_fix_save_1st,
             )
 
     # -- seeds -----------------------------------------------------------------------------------
@@ -213,13 +216,12 @@ class Run:
     def run(self, prompt_list: list[str], interactive: bool) -> list[Path]:
         from library.generation.prompts import expand_dynamic_prompt, parse_prompt_options
 
-        args = self.settings
         predefined = self.predefined_seeds(len(prompt_list))
-        for iteration in range(args.n_iter):
-            if args.n_iter > 1:
-                logger.info("iteration %d/%d", iteration + 1, args.n_iter)
+        for iteration in range(self.settings.n_iter):
+            if self.settings.n_iter > 1:
+                logger.info("iteration %d/%d", iteration + 1, self.settings.n_iter)
             iter_seed = self.rng.randint(0, MAX_SEED)
-            if args.shuffle_prompts:
+            if self.settings.shuffle_prompts:
                 self.rng.shuffle(prompt_list)
             lines: Iterator[str] = iter(prompt_list)
             if interactive:
@@ -228,8 +230,8 @@ class Run:
             batch: list[Item] = []
             batch_settings: BatchSettings | None = None
             for number, line in enumerate(lines, start=1):
-                variants = expand_dynamic_prompt(line, self.rng, repeat_count=args.images_per_prompt)
-                repeats = args.images_per_prompt if len(variants) == 1 else len(variants)
+                variants = expand_dynamic_prompt(line, self.rng, repeat_count=self.settings.images_per_prompt)
+                repeats = self.settings.images_per_prompt if len(variants) == 1 else len(variants)
                 seed = None
                 prompt_seeds: list[int] | None = None
                 for i in range(repeats):
@@ -244,7 +246,7 @@ class Run:
                             seed = prompt_seeds.pop(0)  # exhausted: keep the last one (kohya)
                     elif predefined is not None:
                         seed = predefined.pop(0) if predefined else None
-                    elif args.iter_same_seed:
+                    elif self.settings.iter_same_seed:
                         seed = iter_seed
                     else:
                         seed = None
@@ -256,7 +258,7 @@ class Run:
                         batch = []
                     batch.append(item)
                     batch_settings = item_settings
-                    if len(batch) == args.batch_size:
+                    if len(batch) == self.settings.batch_size:
                         self.process(batch, batch_settings)
                         batch = []
                     step += 1
@@ -268,21 +270,20 @@ class Run:
         return self.namer.written
 
     def settings_for(self, spec) -> BatchSettings:
-        args = self.settings
         if spec.negative_scale is not None:
             negative_scale = spec.negative_scale
         elif spec.negative_scale_off:
             negative_scale = None
         else:
-            negative_scale = args.negative_scale
+            negative_scale = self.settings.negative_scale
         return BatchSettings(
-            width=spec.width or args.W or DEFAULT_SIZE,
-            height=spec.height or args.H or DEFAULT_SIZE,
-            steps=spec.steps or args.steps,
-            scale=args.scale if spec.scale is None else spec.scale,
+            width=spec.width or self.settings.W or DEFAULT_SIZE,
+            height=spec.height or self.settings.H or DEFAULT_SIZE,
+            steps=spec.steps or self.settings.steps,
+            scale=self.settings.scale if spec.scale is None else spec.scale,
             negative_scale=negative_scale,
-            strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
-            sampler=spec.sampler or args.sampler,
+            strength=DEFAULT_STRENGTH if self.settings.strength is None else self.settings.strength,
+            sampler=spec.sampler or self.settings.sampler,
         )
 
     def make_item(self, step: int, spec, settings: BatchSettings, seed: int) -> tuple[Item, BatchSettings]:
@@ -346,7 +347,6 @@ class Run:
     def metadata(self, item: Item, settings: BatchSettings, image, first_pass: bool) -> dict[str, str]:
         """kohya's PNG keys (prompt, seed, sampler, steps, scale, negative-prompt, negative-scale),
         plus what is needed to reproduce the image here: size, clip-skip, embeddings, model."""
-        args = self.settings
         data = {
             "prompt": item.prompt,
             "seed": str(item.seed),
@@ -358,10 +358,10 @@ class Run:
         if settings.negative_scale is not None:
             data["negative-scale"] = str(settings.negative_scale)
         data["size"] = f"{image.width}x{image.height}"
-        if args.clip_skip is not None:
-            data["clip-skip"] = str(args.clip_skip)
-        if args.max_embeddings_multiples is not None:
-            data["max-embeddings-multiples"] = str(args.max_embeddings_multiples)
+        if self.settings.clip_skip is not None:
+            data["clip-skip"] = str(self.settings.clip_skip)
+        if self.settings.max_embeddings_multiples is not None:
+            data["max-embeddings-multiples"] = str(self.settings.max_embeddings_multiples)
         if self.embeddings:
             data["embeddings"] = ", ".join(f"{word}:{n}" for word, n in self.embeddings.items())
         if item.init_image is not None:

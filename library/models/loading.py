@@ -47,6 +47,9 @@ from library.models.exact_half_weights import (
     store_weights_in_exact_half,
     use_stored_half_weight,
 )
+from library.models.family import FAMILIES, SD2, ModelFamily
+from library.shared_options import ModelSettings
+from library.text.conditioning import TextConditioner
 from library.text.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -56,24 +59,41 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass
 class SDModel:
-    """The parts of a Stable Diffusion model the trainer and the generator use."""
+    """The parts of a Stable Diffusion model the trainer and the generator use.
 
-    tokenizer: Any
-    text_encoder: CLIPTextModel
+    ``tokenizers`` and ``text_encoders`` are lists, one entry per text encoder of the family
+    (``family.encoder_keys``); ``tokenizer``/``text_encoder`` name the first, SD 1.x/2.x's only one.
+    """
+
+    tokenizers: list
+    text_encoders: list
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     scheduler_config: dict
-    family: str  # "sd1" or "sd2"
+    family: ModelFamily
     v_parameterization: bool
     name: str  # the checkpoint's file or folder name, recorded in saved embeddings
 
     @property
     def v2(self) -> bool:
-        return self.family == "sd2"
+        return self.family is SD2
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.text_encoders[0]
 
     @property
     def text_dim(self) -> int:
         return self.text_encoder.config.hidden_size
+
+    def text_conditioner(self, tokenizers: list | None = None, **options: Any) -> TextConditioner:
+        """The family's text conditioning over this model's encoders; ``tokenizers`` replace the
+        model's (the trainer's have the new word's tokens); ``options`` as ``TextConditioner``'s."""
+        return self.family.conditioner(tokenizers or self.tokenizers, self.text_encoders, **options)
 
 
 def base_config(family: str) -> dict:
@@ -301,6 +321,31 @@ def load_vae_weights(
 # Entry points
 
 
+def load_model(
+    settings: ModelSettings, dtype: torch.dtype, vae_dtype: torch.dtype | None = None, with_vae: bool = True
+) -> SDModel:
+    """The model the command line names (``ModelSettings``), in ``dtype`` (its VAE in ``vae_dtype``)."""
+    return load_sd_model(
+        settings.path, v2=settings.v2, v_parameterization=settings.v_parameterization, vae=settings.vae,
+        tokenizer_cache_dir=settings.tokenizer_cache_dir, dtype=dtype, vae_dtype=vae_dtype, with_vae=with_vae,
+        exact_half_storage=settings.exact_half_storage,
+    )  # fmt: skip
+
+
+def load_model_vae(settings: ModelSettings, dtype: torch.dtype) -> AutoencoderKL:
+    """The VAE alone of the model the command line names (``--vae`` when given)."""
+    return load_sd_vae(settings.path, settings.vae, dtype)
+
+
+def load_tokenizers(settings: ModelSettings) -> list:
+    """The tokenizers of the model the command line names, before the model itself is read (the
+    words are added and the captions checked first): a diffusers folder's own, else the shipped
+    vocabulary with ``--v2``'s padding (corrected by ``set_family_padding`` once the file is read)."""
+    path = Path(settings.path)
+    folder = path if path.is_dir() else None
+    return [load_tokenizer(settings.v2, model_dir=folder, tokenizer_cache_dir=settings.tokenizer_cache_dir)]
+
+
 def load_sd_model(
     path: str | Path,
     v2: bool | None = None,
@@ -329,9 +374,9 @@ def load_sd_model(
     load = _load_diffusers_folder if path.is_dir() else _load_single_file
     model = load(path, v_parameterization, tokenizer_cache_dir, dtype, vae_dtype,
                  with_vae=with_vae and vae is None, exact_half_storage=exact_half_storage)  # fmt: skip
-    _warn_on_v2_mismatch(path, v2, model.family)
+    _warn_on_v2_mismatch(path, v2, model.family.name)
     if with_vae and vae is not None:
-        model.vae = load_vae(vae, model.family, vae_dtype, exact_half_storage)
+        model.vae = load_vae(vae, model.family.name, vae_dtype, exact_half_storage)
     if exact_half_storage:
         _log_half_storage(model)
     return model
@@ -432,12 +477,12 @@ def _load_single_file(
         vae = load_vae_weights(checkpoint.read(k for k in keys if k.startswith(VAE_PREFIX)), family, path,
                                vae_dtype, exact_half_storage)  # fmt: skip
     return SDModel(
-        tokenizer=load_tokenizer(family == "sd2", tokenizer_cache_dir=tokenizer_cache_dir),
-        text_encoder=text_encoder,
+        tokenizers=[load_tokenizer(family == "sd2", tokenizer_cache_dir=tokenizer_cache_dir)],
+        text_encoders=[text_encoder],
         vae=vae,
         unet=unet,
         scheduler_config=_scheduler_config(family, v_parameterization),
-        family=family,
+        family=FAMILIES[family],
         v_parameterization=v_parameterization,
         name=path.name,
     )
@@ -519,12 +564,12 @@ def _load_diffusers_folder(
                 "v_prediction" if v_parameterization else "epsilon",
             )
     return SDModel(
-        tokenizer=load_tokenizer(family == "sd2", model_dir=path, tokenizer_cache_dir=tokenizer_cache_dir),
-        text_encoder=text_encoder.eval(),
+        tokenizers=[load_tokenizer(family == "sd2", model_dir=path, tokenizer_cache_dir=tokenizer_cache_dir)],
+        text_encoders=[text_encoder.eval()],
         vae=vae,
         unet=unet.eval(),
         scheduler_config=_scheduler_config(family, v_parameterization),
-        family=family,
+        family=FAMILIES[family],
         v_parameterization=v_parameterization,
         name=path.name,
     )

@@ -1,16 +1,17 @@
-"""Prompt tokenization and text encoding with kohya's semantics.
+"""Prompt tokenization and text encoding with kohya's semantics, one rule for both programs.
 
 Long prompts (``--max_token_length`` 150 or 225) are cut into chunks of 75 tokens; each chunk is
-wrapped as ``<BOS> 75 tokens <EOS>`` and encoded separately, then the hidden states are glued
-back into one sequence of ``1 + 75 * chunks + 1`` positions, as kohya's scripts do, so that
-embeddings trained here behave the same in kohya's generator and in the WebUI.
+wrapped as ``<BOS> 75 tokens <EOS>`` (``token_windows``) and encoded separately, then the hidden
+states are glued back into one sequence of ``1 + 75 * chunks + 1`` positions (``join_windows``),
+as kohya's scripts do, so that embeddings trained here behave the same in kohya's generator and
+in the WebUI. Captions (training) and weighted prompts (generation) use the same two functions.
 """
 
 from __future__ import annotations
 
 import torch
 
-from library.text.tokenizer import CHUNK_TOKENS
+from library.text.tokenizer import CHUNK_TOKENS, MODEL_MAX_LENGTH
 
 
 def num_chunks(max_token_length: int | None) -> int:
@@ -22,34 +23,65 @@ def num_chunks(max_token_length: int | None) -> int:
     return max_token_length // CHUNK_TOKENS
 
 
-def tokenize_prompts(tokenizer, texts: list[str], max_token_length: int | None = None) -> torch.Tensor:
-    """Token ids shaped ``[batch, chunks, 77]``.
+def token_windows(tokenizer, runs: list[list[int]]) -> torch.Tensor:
+    """Runs of at most 75 token ids as 77-token windows ``[len(runs), 77]``: the one layout of both
+    programs, for captions and for weighted prompts.
 
-    The whole prompt is tokenized to ``75 * chunks + 2`` ids (padded, truncated), then each
-    75-id window gets its own BOS and EOS. For the SD2 tokenizer (pad ``!`` differs from EOS),
-    a window whose text ended inside it keeps an EOS before the padding, and a window that
-    holds no text at all starts with EOS, matching how SD2 was trained.
+    Each window is ``BOS, the run, EOS``, then the tokenizer's padding: EOS again for SD 1.x, ``!``
+    for SD 2.x. An empty run (a window past the end of the text) reads ``BOS EOS PAD ...``, as SD 2.x
+    saw such windows in training.
     """
-    chunks = num_chunks(max_token_length)
-    length = CHUNK_TOKENS * chunks + 2
-    ids = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
-    ).input_ids
-    if chunks == 1:
-        return ids.unsqueeze(1)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = []
+    for run in runs:
+        if len(run) > CHUNK_TOKENS:
+            raise ValueError(f"a window holds at most {CHUNK_TOKENS} tokens, got {len(run)}")
+        rows.append([bos, *run, eos] + [pad] * (MODEL_MAX_LENGTH - 2 - len(run)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def tokenize_prompts(tokenizer, texts: list[str], max_token_length: int | None = None) -> torch.Tensor:
+    """Token ids shaped ``[batch, chunks, 77]``: each text's tokens cut into runs of 75 (the end of a
+    text longer than ``75 * chunks`` is dropped), every text given all ``chunks`` windows."""
+    chunks = num_chunks(max_token_length)
     windows = []
-    for start in range(1, length - 1, CHUNK_TOKENS):
-        body = ids[:, start : start + CHUNK_TOKENS]
-        window = torch.cat([torch.full_like(ids[:, :1], bos), body, torch.full_like(ids[:, :1], eos)], dim=1)
-        if pad != eos:
-            # a window whose text ended before its last slot closes with PAD, not a second EOS;
-            # a window holding no text at all reads BOS EOS PAD ... as SD2 saw in training
-            ended = (window[:, -2] == eos) | (window[:, -2] == pad)
-            window[:, -1] = torch.where(ended, pad, eos)
-            window[:, 1] = torch.where(window[:, 1] == pad, eos, window[:, 1])
-        windows.append(window)
-    return torch.stack(windows, dim=1)
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids[: CHUNK_TOKENS * chunks]
+        runs = [ids[start : start + CHUNK_TOKENS] for start in range(0, len(ids), CHUNK_TOKENS)]
+        windows.append(token_windows(tokenizer, runs + [[]] * (chunks - len(runs))))
+    return torch.stack(windows)
+
+
+def empty_windows(tokenizer, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """``[batch, chunks]``: which windows hold no text (``BOS EOS PAD ...``), when padding differs
+    from EOS (SD 2.x); None for SD 1.x, where such a window needs no special joining."""
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        return None
+    return input_ids[:, :, 1] == tokenizer.eos_token_id
+
+
+def join_windows(per_window: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-window values ``[batch, chunks, 77, ...]`` joined as one sequence ``[batch, 2 + 75 *
+    chunks, ...]``: the first BOS, each window's 75 middle positions, the last window's last.
+
+    kohya's rule for text encoder states, also used for prompt weights so that both line up. An
+    ``empty`` window (see ``empty_windows``) contributes padding only: its EOS, which would sit in
+    the middle of the prompt, is replaced by the padding after it (kohya intended this, but
+    compares ids to a string).
+    """
+    chunks = per_window.shape[1]
+    if chunks == 1:
+        return per_window[:, 0]
+    pieces = [per_window[:, 0, :1]]
+    for i in range(chunks):
+        body = per_window[:, i, 1:-1]
+        if empty is not None:
+            mask = empty[:, i].to(body.device).reshape(-1, *([1] * (body.dim() - 1)))
+            first = torch.where(mask[:, 0], body[:, 1], body[:, 0])
+            body = torch.cat([first[:, None], body[:, 1:]], dim=1)
+        pieces.append(body)
+    pieces.append(per_window[:, -1, -1:])
+    return torch.cat(pieces, dim=1)
 
 
 def final_layer_norm(text_encoder) -> torch.nn.Module:
@@ -65,9 +97,7 @@ def encode_prompts(
 
     ``clip_skip`` k (kohya's meaning) takes the output of the k-th layer from the end and applies
     the final LayerNorm; k=1 (or None) is the normal last layer. Chunks are encoded as separate
-    77-token prompts and joined as ``BOS, 75 states per chunk, last EOS``. With the SD2 tokenizer,
-    an empty chunk (``BOS EOS PAD ...``) contributes only padding states, so its EOS does not
-    sit in the middle of the prompt (kohya intended this, but compares ids to a string).
+    77-token prompts and joined by ``join_windows``.
     """
     batch, chunks, length = input_ids.shape
     flat = input_ids.reshape(-1, length).to(text_encoder.device)
@@ -79,19 +109,7 @@ def encode_prompts(
             states = encode_windows(text_encoder, windows, clip_skip)[where]
     if states is None:
         states = encode_windows(text_encoder, flat, clip_skip)
-    states = states.reshape(batch, chunks, length, -1)
-    if chunks == 1:
-        return states[:, 0]
-    pieces = [states[:, 0, :1]]
-    for i in range(chunks):
-        body = states[:, i, 1:-1]
-        if tokenizer.pad_token_id != tokenizer.eos_token_id:
-            empty = (input_ids[:, i, 1] == tokenizer.eos_token_id).to(body.device)[:, None]
-            first = torch.where(empty, body[:, 1], body[:, 0])
-            body = torch.cat([first[:, None], body[:, 1:]], dim=1)
-        pieces.append(body)
-    pieces.append(states[:, -1, -1:])
-    return torch.cat(pieces, dim=1)
+    return join_windows(states.reshape(batch, chunks, length, -1), empty_windows(tokenizer, input_ids))
 
 
 def encode_windows(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:

@@ -9,16 +9,50 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 
 from library.errors import UserError
-from library.runtime import usable_precision
+from library.runtime import torch_dtype, usable_precision, use_attention
 from library.training.tracking import TrackerSettings
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """Precision, memory and speed options of a run (fields named like the options)."""
+
+    mixed_precision: str = "no"
+    full_fp16: bool = False
+    full_bf16: bool = False
+    no_half_vae: bool = False
+    gradient_checkpointing: bool = False
+    xformers: bool = False
+    sdpa: bool = False
+    mem_eff_attn: bool = False
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
+    ddp_timeout: int | None = None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The run's precision as it can run here: accelerate's name and the frozen models' dtypes."""
+
+    mixed_precision: str  # "no", "fp16" or "bf16"
+    weight_dtype: torch.dtype  # the frozen text encoder and UNet
+    vae_dtype: torch.dtype  # fp32 with --no_half_vae
+
+
+def resolve_precision(compute: ComputeSettings) -> Precision:
+    """``--mixed_precision``, with ``--full_fp16/--full_bf16`` folded in and the CPU rule applied."""
+    mixed_precision = resolve_mixed_precision(compute.mixed_precision, compute.full_fp16, compute.full_bf16)
+    weight_dtype = torch_dtype(mixed_precision)
+    return Precision(mixed_precision, weight_dtype, torch.float32 if compute.no_half_vae else weight_dtype)
 
 
 def resolve_mixed_precision(mixed_precision: str, full_fp16: bool = False, full_bf16: bool = False) -> str:
@@ -35,18 +69,18 @@ def resolve_mixed_precision(mixed_precision: str, full_fp16: bool = False, full_
 
 
 def make_accelerator(
-    tracking: TrackerSettings, mixed_precision: str, accumulation: int, ddp_timeout: int | None = None
+    tracking: TrackerSettings, precision: Precision, accumulation: int, compute: ComputeSettings
 ) -> Accelerator:
     """One ``Accelerator``: mixed precision, trackers, and accelerate's gradient accumulation (its
     ``accumulate`` context decides when an optimizer step is due, an epoch's end included)."""
     handlers = []
-    if ddp_timeout:
-        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=ddp_timeout)))
+    if compute.ddp_timeout:
+        handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=compute.ddp_timeout)))
     trackers = tracking.trackers
     if trackers and "wandb" in trackers:
         _require_wandb(tracking.wandb_api_key)
     return Accelerator(
-        mixed_precision=mixed_precision,
+        mixed_precision=precision.mixed_precision,
         gradient_accumulation_steps=accumulation,
         log_with=trackers,
         project_dir=run_logging_dir(tracking.logging_dir, tracking.log_prefix),
@@ -78,8 +112,22 @@ def freeze_and_move(model, device: torch.device) -> None:
     it keeps in exact half precision. ``model.vae`` may be None (latents were cached with a VAE
     loaded alone and already freed).
     """
-    for module in (model.unet, model.text_encoder, model.vae):
+    for module in (model.unet, *model.text_encoders, model.vae):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
             module.to(device)
+
+
+def configure_for_training(unet, text_encoders: list, compute: ComputeSettings, device: torch.device):
+    """Attention backend, gradient checkpointing and ``torch.compile`` as the options ask; returns the UNet."""
+    use_attention([unet], xformers=compute.xformers, flag="--xformers", device=device)
+    if compute.gradient_checkpointing:  # diffusers and transformers only checkpoint in training mode
+        unet.enable_gradient_checkpointing()
+        unet.train()  # neither model has dropout
+        for text_encoder in text_encoders:
+            text_encoder.gradient_checkpointing_enable()
+            text_encoder.train()
+    if compute.torch_compile:
+        unet = torch.compile(unet, backend=compute.dynamo_backend)
+    return unet

@@ -12,20 +12,32 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.errors import UserError
 from library.files import tomllib
 from library.generation.samplers import SAMPLER_NAMES
 from library.options import default_of, settings_from
-from library.runtime import refuse_options
+from library.runtime import refuse_options, setup_console_logging
+from library.shared_options import (
+    ConsoleSettings,
+    ModelSettings,
+    add_attention_options,
+    add_console_options,
+    add_model_options,
+    without_secrets,
+)
+from library.training.accelerator import ComputeSettings
 from library.training.dataset import add_dataset_arguments
 from library.training.dataset.args import DataOptions
 from library.training.loss import LossSettings, add_loss_arguments
+from library.training.new_word import INIT_WORD_MODES, WordSettings
 from library.training.noise import NoiseSettings, add_noise_arguments
 from library.training.optimizers import OptimizerSettings, add_optimizer_arguments
+from library.training.run import LoopSettings
 from library.training.samples import SampleSettings
+from library.training.state import METADATA_OPTIONS, MetadataSettings, SaveSettings
 from library.training.tracking import TrackerSettings
 from library.training.validation import ValidationSettings
 
@@ -33,80 +45,100 @@ logger = logging.getLogger(__name__)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument(
+    add_model_options(
+        parser,
         "--pretrained_model_name_or_path",
-        type=str,
-        default=None,
-        help="SD 1.x/2.x checkpoint (.safetensors/.ckpt) or diffusers folder",
+        "SD 1.x/2.x checkpoint (.safetensors/.ckpt) or diffusers folder",
     )
-    g.add_argument(
-        "--v2", action="store_true", help="the model is SD 2.x (detected from the file; a mismatch warns)"
-    )
-    g.add_argument("--v_parameterization", action="store_true", help="v-prediction model (SD 2.x 768-v)")
-    g.add_argument("--vae", type=str, default=None, help="replace the model's VAE (file or folder)")
-    g.add_argument("--tokenizer_cache_dir", type=str, default=None, help="kohya-style tokenizer cache folder")
+    g = parser.add_argument_group("model (trainer)")
     g.add_argument("--fp8_base", action="store_true", help="refused: needs fp8 CUDA kernels")
     g.add_argument("--lowram", action="store_true", help="kohya memory hint; no effect here (logged)")
-    g.add_argument("--highvram", action="store_true",
-                   help="memory is plentiful: keep the frozen weights in fp32, not the file's exact fp16 "
-                   "(faster small fp32 steps on a CPU, +1.9 GB for SD 1.5)")  # fmt: skip
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 under mixed precision")
 
 
 def _textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("textual inversion")
-    g.add_argument("--token_string", type=str, default=None, help="the new word, e.g. mychar (required)")
+    default = functools.partial(default_of, WordSettings)
+    g.add_argument(
+        "--token_string",
+        type=str,
+        default=default("token_string"),
+        help="the new word, e.g. mychar (required)",
+    )
     g.add_argument(
         "--init_word",
         type=str,
-        default=None,
+        default=default("init_word"),
         help="word or phrase the vectors start from (see --init_word_mode for a phrase)",
     )
     g.add_argument(
         "--init_word_mode",
         type=str,
-        default="cycle",
-        choices=["cycle", "spread", "mean"],
+        default=default("init_word_mode"),
+        choices=INIT_WORD_MODES,
         help="a phrase over the vectors: cycle (kohya: token i %% k), spread (the WebUI: in order, "
         "each token a run of vectors) or mean (every vector the phrase's mean); not a kohya option",
     )
-    g.add_argument("--num_vectors_per_token", type=int, default=1, help="vectors (tokens) the word uses")
-    g.add_argument("--weights", type=str, default=None, help="continue from an embedding file of any layout")
+    g.add_argument(
+        "--num_vectors_per_token", type=int, default=default("num_vectors_per_token"),
+        help="vectors (tokens) the word uses",
+    )  # fmt: skip
+    g.add_argument(
+        "--weights",
+        type=str,
+        default=default("weights"),
+        help="continue from an embedding file of any layout",
+    )
     g.add_argument("--use_object_template", action="store_true", help="captions from the object templates")
     g.add_argument("--use_style_template", action="store_true", help="captions from the style templates")
-    g.add_argument(
-        "--save_model_as",
-        type=str,
-        default="pt",
-        choices=[None, "ckpt", "pt", "safetensors"],
-        help="embedding file format: .pt/.ckpt in the WebUI layout, or .safetensors",
-    )
-    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 under mixed precision")
 
 
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training loop")
-    g.add_argument("--max_train_steps", type=int, default=1600)
-    g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--clip_skip", type=int, default=None, help="use the k-th text encoder layer from the end")
+    default = functools.partial(default_of, LoopSettings)
+    g.add_argument("--max_train_steps", type=int, default=default("max_train_steps"))
+    g.add_argument(
+        "--max_train_epochs",
+        type=int,
+        default=default("max_train_epochs"),
+        help="overrides --max_train_steps",
+    )
+    g.add_argument("--gradient_accumulation_steps", type=int, default=default("gradient_accumulation_steps"))
+    g.add_argument("--seed", type=int, default=default("seed"))
+    g.add_argument(
+        "--clip_skip",
+        type=int,
+        default=default("clip_skip"),
+        help="use the k-th text encoder layer from the end",
+    )
+    g.add_argument(
+        "--preserve_embedding_norm",
+        action="store_true",
+        help="after every step, scale each vector back to its starting norm; not a kohya option",
+    )
 
+    add_attention_options(parser)
     g = parser.add_argument_group("precision, memory, distributed")
-    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    default = functools.partial(default_of, ComputeSettings)
+    g.add_argument(
+        "--mixed_precision", type=str, default=default("mixed_precision"), choices=["no", "fp16", "bf16"]
+    )
     g.add_argument("--full_fp16", action="store_true", help="frozen models in fp16; the vectors stay fp32")
     g.add_argument("--full_bf16", action="store_true", help="frozen models in bf16; the vectors stay fp32")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA only; else SDPA)")
-    g.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the default)")
     g.add_argument(
         "--mem_eff_attn", action="store_true", help="memory-efficient attention (SDPA provides it)"
     )
     g.add_argument("--torch_compile", action="store_true")
-    g.add_argument("--dynamo_backend", type=str, default="inductor",
+    g.add_argument("--dynamo_backend", type=str, default=default("dynamo_backend"),
                    choices=["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs",
                             "ofi", "fx2trt", "onnxrt", "tensort", "ipex", "tvm"])  # fmt: skip
-    g.add_argument("--ddp_timeout", type=int, default=None, help="minutes before a process group times out")
+    g.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=default("ddp_timeout"),
+        help="minutes before a process group times out",
+    )
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true")
     g.add_argument("--ddp_static_graph", action="store_true")
     g.add_argument("--deepspeed", action="store_true", help="refused: not needed to train a few vectors")
@@ -122,21 +154,45 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _saving_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("saving & state")
-    g.add_argument("--output_dir", type=str, default=None)
-    g.add_argument("--output_name", type=str, default=None, help="file stem = the word in the WebUI/ComfyUI")
-    g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
-    g.add_argument("--save_every_n_epochs", type=int, default=None)
-    g.add_argument("--save_every_n_steps", type=int, default=None)
-    g.add_argument("--save_n_epoch_ratio", type=int, default=None, help="save about this many times in all")
-    g.add_argument("--save_last_n_epochs", type=int, default=None)
-    g.add_argument("--save_last_n_epochs_state", type=int, default=None)
-    g.add_argument("--save_last_n_steps", type=int, default=None)
-    g.add_argument("--save_last_n_steps_state", type=int, default=None)
+    default = functools.partial(default_of, SaveSettings)
+    g.add_argument("--output_dir", type=str, default=default("output_dir"))
+    g.add_argument(
+        "--output_name",
+        type=str,
+        default=default("output_name"),
+        help="file stem = the word in the WebUI/ComfyUI",
+    )
+    g.add_argument(
+        "--save_model_as",
+        type=str,
+        default=default("save_model_as"),
+        choices=[None, "ckpt", "pt", "safetensors"],
+        help="embedding file format: .pt/.ckpt in the WebUI layout, or .safetensors",
+    )
+    g.add_argument(
+        "--save_precision",
+        type=str,
+        default=default("save_precision"),
+        choices=[None, "float", "fp16", "bf16"],
+    )
+    g.add_argument("--save_every_n_epochs", type=int, default=default("save_every_n_epochs"))
+    g.add_argument("--save_every_n_steps", type=int, default=default("save_every_n_steps"))
+    g.add_argument(
+        "--save_n_epoch_ratio",
+        type=int,
+        default=default("save_n_epoch_ratio"),
+        help="save about this many times in all",
+    )
+    g.add_argument("--save_last_n_epochs", type=int, default=default("save_last_n_epochs"))
+    g.add_argument("--save_last_n_epochs_state", type=int, default=default("save_last_n_epochs_state"))
+    g.add_argument("--save_last_n_steps", type=int, default=default("save_last_n_steps"))
+    g.add_argument("--save_last_n_steps_state", type=int, default=default("save_last_n_steps_state"))
     g.add_argument("--save_state", action="store_true", help="also save a resumable state with each save")
     g.add_argument("--save_state_on_train_end", action="store_true")
-    g.add_argument("--resume", type=str, default=None, help="a state folder written by --save_state")
-    for name in ("title", "author", "description", "license", "tags", "trigger_phrase", "usage_hint",
-                 "merged_from", "preprocessor", "thumbnail", "is_negative_embedding"):  # fmt: skip
+    g.add_argument(
+        "--resume", type=str, default=default("resume"), help="a state folder written by --save_state"
+    )
+    for name in METADATA_OPTIONS:
         g.add_argument(
             f"--metadata_{name}", type=str, default=None, help="written into .safetensors metadata"
         )
@@ -202,11 +258,6 @@ def _validation_arguments(parser: argparse.ArgumentParser) -> None:
         default=default("early_stopping_threshold"),
         help="stop when recent variance / overall variance falls below this (default 0.15, DVAR's)",
     )
-    g.add_argument(
-        "--preserve_embedding_norm",
-        action="store_true",
-        help="after every step, scale each vector back to its starting norm; not a kohya option",
-    )
 
 
 def _logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,10 +275,6 @@ def _logging_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log_config", action="store_true", help="record the arguments in the tracker")
     g.add_argument("--wandb_run_name", type=str, default=default("wandb_run_name"))
     g.add_argument("--wandb_api_key", type=str, default=default("wandb_api_key"))
-    g.add_argument("--console_log_level", type=str, default=None,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])  # fmt: skip
-    g.add_argument("--console_log_file", type=str, default=None)
-    g.add_argument("--console_log_simple", action="store_true")
     g.add_argument(
         "--config_file", type=str, default=None, help="TOML file of arguments (the command line wins)"
     )
@@ -252,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sample_arguments(parser)
     _validation_arguments(parser)
     _logging_arguments(parser)
+    add_console_options(parser)
     return parser
 
 
@@ -306,8 +354,8 @@ def write_config(args: argparse.Namespace) -> Path:
     path = _config_path(args.config_file)
     if path.exists():
         raise UserError(f"--output_config: {path} exists already; choose another --config_file")
-    skip = {"config_file", "output_config", "wandb_api_key", "huggingface_token"}
-    values = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    skip = {"config_file", "output_config"}
+    values = {k: v for k, v in without_secrets(vars(args)).items() if v is not None and k not in skip}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(values), encoding="utf-8")
     print(f"saved the arguments to {path}")
@@ -347,51 +395,88 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
             )
 
 
-def check_training_arguments(args: argparse.Namespace) -> None:
-    """The options every run needs, checked before anything loads."""
-    for flag in ("pretrained_model_name_or_path", "token_string"):
-        if not getattr(args, flag):
-            raise UserError(f"--{flag} is required")
-    if not args.output_dir and not args.debug_dataset:
+def check_settings(settings: RunSettings) -> None:
+    """What every run needs, checked before anything loads; options that do nothing here are named."""
+    model, word, data, loop, saving = (
+        settings.model,
+        settings.word,
+        settings.data,
+        settings.loop,
+        settings.saving,
+    )
+    if not model.path:
+        raise UserError("--pretrained_model_name_or_path is required")
+    if not word.token_string:
+        raise UserError("--token_string is required")
+    if not saving.output_dir and not data.debug_dataset:
         raise UserError("--output_dir is required")
-    if args.use_object_template and args.use_style_template:
+    if word.use_object_template and word.use_style_template:
         raise UserError("--use_object_template and --use_style_template exclude each other; choose one")
-    if args.train_data_dir is None and args.dataset_config is None and args.in_json is None:
+    if data.train_data_dir is None and data.dataset_config is None and data.in_json is None:
         raise UserError("no training data: pass --train_data_dir, --in_json or --dataset_config")
-    if args.gradient_accumulation_steps < 1:
+    if loop.gradient_accumulation_steps < 1:
         raise UserError("--gradient_accumulation_steps must be at least 1")
-    if args.max_train_steps < 1 and args.max_train_epochs is None:
+    if loop.max_train_steps < 1 and loop.max_train_epochs is None:
         raise UserError("--max_train_steps must be at least 1")
-    if args.clip_skip is not None and args.clip_skip < 1:
+    if loop.clip_skip is not None and loop.clip_skip < 1:
         raise UserError("--clip_skip must be 1 or more (1 = the last layer)")
-    if args.save_model_as == "ckpt":
+    if saving.save_model_as == "ckpt":
         logger.warning(
             "--save_model_as ckpt: written as name.ckpt like kohya, but the WebUI, Forge and SD.Next do not "
             "load .ckpt embeddings; use pt or safetensors for them"
         )
+    settings.noise.warn_about_unused(model.v_parameterization)
+    settings.loss.warn_about_unused()
 
 
 @dataclass(frozen=True)
 class RunSettings:
     """The settings of each concern, built once from the command line (``library.options``)."""
 
+    model: ModelSettings
+    word: WordSettings
     data: DataOptions
     noise: NoiseSettings
     loss: LossSettings
     optimizer: OptimizerSettings
+    loop: LoopSettings
+    compute: ComputeSettings
+    saving: SaveSettings
+    metadata: MetadataSettings
     sampling: SampleSettings
-    tracking: TrackerSettings
     validation: ValidationSettings
+    tracking: TrackerSettings
+    console: ConsoleSettings
+    options: dict = field(repr=False)  # every option as given: what --log_config records (no secrets)
 
 
 def run_settings(args: argparse.Namespace) -> RunSettings:
     """Every concern's settings from the parsed options; each checks itself as it is built."""
     return RunSettings(
+        model=settings_from(ModelSettings, args, path=args.pretrained_model_name_or_path),
+        word=settings_from(WordSettings, args),
         data=settings_from(DataOptions, args),
         noise=settings_from(NoiseSettings, args),
         loss=settings_from(LossSettings, args),
         optimizer=settings_from(OptimizerSettings, args),
+        loop=settings_from(LoopSettings, args),
+        compute=settings_from(ComputeSettings, args),
+        saving=settings_from(SaveSettings, args),
+        metadata=settings_from(MetadataSettings, args),
         sampling=settings_from(SampleSettings, args),
-        tracking=settings_from(TrackerSettings, args),
         validation=settings_from(ValidationSettings, args),
+        tracking=settings_from(TrackerSettings, args),
+        console=settings_from(ConsoleSettings, args),
+        options=without_secrets(vars(args)),
     )
+
+
+def settings_from_command_line(argv: list[str] | None = None) -> RunSettings:
+    """The command line (and ``--config_file``) as settings, checked; console logging is set up first,
+    so that what the checks say reaches the user's log."""
+    args = parse_args(argv)
+    setup_console_logging(settings_from(ConsoleSettings, args))
+    refuse_unsupported(args)
+    settings = run_settings(args)
+    check_settings(settings)
+    return settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 FROZEN_CHECK_STEP = 10  # after this many steps, vectors that have not moved mean nothing is learned
 
 
+Vectors = Mapping[str, torch.Tensor]  # each text encoder's rows of the new word (``NewWord.vectors``)
+
+
 class FiniteGuard:
     """Stop a run whose loss or vectors stop being finite, keeping the newest vectors known to be good.
 
@@ -25,24 +28,25 @@ class FiniteGuard:
     in one transfer, so a GPU step waits for the device once (for the loss the progress bar shows).
     """
 
-    def __init__(self, vectors: torch.Tensor, save: Callable[[str, torch.Tensor, int], Path]):
+    def __init__(self, vectors: Vectors, save: Callable[[str, Vectors, int], Path]):
         self.save = save  # (file name, vectors, step) -> the path written
-        self.before = vectors.detach().clone()  # the vectors the current step's loss was computed with
-        self.good: torch.Tensor | None = None
+        self.before = _copy(vectors)  # the vectors the current step's loss was computed with
+        self.good: dict[str, torch.Tensor] | None = None
         self.good_step = 0
 
-    def before_step(self, vectors: torch.Tensor) -> None:
+    def before_step(self, vectors: Vectors) -> None:
         """Call before the optimizer step: remember the vectors this step's loss was computed with."""
-        self.before.copy_(vectors.detach())
+        for key, value in vectors.items():
+            self.before[key].copy_(value.detach())
 
-    def after_step(self, loss: torch.Tensor, vectors: torch.Tensor, step: int) -> float:
+    def after_step(self, loss: torch.Tensor, vectors: Vectors, step: int) -> float:
         """The loss as a float; on NaN/inf in the loss or the new vectors, save the last good vectors and stop."""
         value, vectors_finite = torch.stack(
-            [loss.detach().float().reshape(()), torch.isfinite(vectors.detach()).all().float()]
+            [loss.detach().float().reshape(()), _all_finite(vectors)]
         ).tolist()
         if not math.isfinite(value):
             self.stop(f"the loss became {value} at step {step}")
-        self.good = self.before.clone() if self.good is None else self.good.copy_(self.before)
+        self.good = _copy(self.before)
         self.good_step = step - 1
         if not vectors_finite:
             self.stop(
@@ -50,9 +54,9 @@ class FiniteGuard:
             )
         return value
 
-    def check_vectors(self, vectors: torch.Tensor, step: int) -> None:
+    def check_vectors(self, vectors: Vectors, step: int) -> None:
         """Before the final save: vectors the last step made non-finite are not saved."""
-        if not torch.isfinite(vectors.detach()).all():
+        if not bool(_all_finite(vectors)):
             self.stop(f"the vectors became {_non_finite_kind(vectors)} at step {step}")
 
     def stop(self, what: str) -> None:
@@ -65,13 +69,23 @@ class FiniteGuard:
         )
 
 
-def _non_finite_kind(vectors: torch.Tensor) -> str:
-    return "nan" if torch.isnan(vectors).any() else "inf"
+def _copy(vectors: Vectors) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in vectors.items()}
 
 
-def warn_if_vectors_frozen(step: int, start: torch.Tensor, vectors: torch.Tensor) -> None:
+def _all_finite(vectors: Vectors) -> torch.Tensor:
+    return torch.stack([torch.isfinite(value.detach()).all() for value in vectors.values()]).all().float()
+
+
+def _non_finite_kind(vectors: Vectors) -> str:
+    return "nan" if any(bool(torch.isnan(value).any()) for value in vectors.values()) else "inf"
+
+
+def warn_if_vectors_frozen(step: int, start: Vectors, vectors: Vectors) -> None:
     """After ``FROZEN_CHECK_STEP`` steps, vectors identical to their start mean nothing is learned."""
-    if step == FROZEN_CHECK_STEP and torch.equal(start, vectors.detach()):
+    if step == FROZEN_CHECK_STEP and all(
+        torch.equal(start[key], value.detach()) for key, value in vectors.items()
+    ):
         logger.warning(
             "after %d steps the vectors have not changed at all: check that the captions contain the token "
             "string and that --learning_rate is not 0",

@@ -11,11 +11,13 @@ bit-identical, and the frozen encoder can run in fp16/bf16 while the vectors sta
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library.embeddings.formats import load_embedding_file
 from library.errors import UserError
 from library.text.tokenizer import CHUNK_TOKENS
 from library.text.tokens import add_word_tokens, placeholder_names, taken_names
@@ -23,25 +25,26 @@ from library.text.tokens import add_word_tokens, placeholder_names, taken_names
 logger = logging.getLogger(__name__)
 
 
-def add_placeholder_tokens(tokenizer, token_string: str, num_vectors: int) -> list[int]:
-    """Add ``token_string``, ``token_string1`` ... as whole words; refuse names the tokenizer knows."""
+def add_placeholder_tokens(tokenizers: list, token_string: str, num_vectors: int) -> list[int]:
+    """Add ``token_string``, ``token_string1`` ... as whole words to every tokenizer of the model (they
+    share one vocabulary, so the ids agree); refuse names the tokenizer knows."""
     if num_vectors < 1 or num_vectors > CHUNK_TOKENS:
         raise UserError(
             f"--num_vectors_per_token must be between 1 and {CHUNK_TOKENS} (a prompt window holds {CHUNK_TOKENS} tokens)"
         )
     names = placeholder_names(token_string, num_vectors)
-    taken = taken_names(tokenizer, names)
+    taken = taken_names(tokenizers[0], names)
     if taken:
         raise UserError(
             f"--token_string {token_string}: the token {taken[0]!r} already exists in the tokenizer; "
-            f"choose a new word, e.g. --token_string {suggest_free_token(tokenizer, token_string, num_vectors)}"
+            f"choose a new word, e.g. --token_string {suggest_free_token(tokenizers[0], token_string, num_vectors)}"
         )
-    ids = add_word_tokens(tokenizer, names)
-    if ids is None:  # a name the tokenizer normalised onto an existing one
+    added = [add_word_tokens(tokenizer, names) for tokenizer in tokenizers]
+    if added[0] is None or any(ids != added[0] for ids in added):  # a name normalised onto an existing one
         raise UserError(
             f"--token_string {token_string}: could not add all {num_vectors} tokens; choose another word"
         )
-    return ids
+    return added[0]
 
 
 def suggest_free_token(tokenizer, token_string: str, num_vectors: int) -> str:
@@ -53,6 +56,24 @@ def suggest_free_token(tokenizer, token_string: str, num_vectors: int) -> str:
 
 
 INIT_WORD_MODES = ("cycle", "spread", "mean")
+
+
+@dataclass(frozen=True)
+class WordSettings:
+    """The new word: its name, vectors and start (fields named like the options)."""
+
+    token_string: str | None = None
+    init_word: str | None = None
+    init_word_mode: str = "cycle"
+    num_vectors_per_token: int = 1
+    weights: str | None = None
+    use_object_template: bool = False
+    use_style_template: bool = False
+
+    @property
+    def template(self) -> str | None:
+        """``object`` or ``style`` when captions come from kohya's templates, else None."""
+        return "object" if self.use_object_template else "style" if self.use_style_template else None
 
 
 def init_token_plan(k: int, num_vectors: int, mode: str) -> list[list[int]]:
@@ -103,6 +124,41 @@ def init_word_vectors(
     return torch.stack([rows[p].mean(dim=0) for p in plan])
 
 
+def initial_vectors(
+    word: WordSettings, tokenizer, tables: dict[str, torch.Tensor], num_vectors: int, seed: int, family
+) -> dict[str, torch.Tensor]:
+    """The start of each text encoder's rows (by embedding-file key): ``--weights`` (continue), else
+    ``--init_word`` in each encoder's token table, else random vectors with the vocabulary's norm."""
+    if word.weights:
+        return continued_vectors(word.weights, tables, num_vectors, family)
+    if word.init_word:
+        return {
+            key: init_word_vectors(tokenizer, table, word.init_word, num_vectors, word.init_word_mode)
+            for key, table in tables.items()
+        }
+    logger.info("no --init_word: starting from random vectors with the vocabulary's mean norm")
+    return {key: random_vectors(table, num_vectors, seed) for key, table in tables.items()}
+
+
+def continued_vectors(
+    path: str, tables: dict[str, torch.Tensor], num_vectors: int, family
+) -> dict[str, torch.Tensor]:
+    """``--weights``: an embedding file's rows, checked against the model and ``--num_vectors_per_token``."""
+    loaded = load_embedding_file(path)
+    (key, table), *_ = tables.items()
+    if loaded.vectors.shape[1] != table.shape[1]:
+        raise UserError(
+            f"--weights {path}: vectors of dimension {loaded.vectors.shape[1]}, but this "
+            f"{family.name.upper()} model's text encoder uses {table.shape[1]}"
+        )
+    if loaded.vectors.shape[0] != num_vectors:
+        raise UserError(
+            f"--weights {path}: {loaded.vectors.shape[0]} vectors, but --num_vectors_per_token is "
+            f"{num_vectors}; use --num_vectors_per_token {loaded.vectors.shape[0]}"
+        )
+    return {key: loaded.vectors.float()}
+
+
 def random_vectors(token_embedding: torch.Tensor, num_vectors: int, seed: int) -> torch.Tensor:
     """Without ``--init_word``: random directions with the vocabulary's mean row norm."""
     gen = torch.Generator().manual_seed(seed)
@@ -140,6 +196,43 @@ def splice_new_vectors(text_encoder, vectors: torch.Tensor) -> SplicedTokenEmbed
     spliced = SplicedTokenEmbedding(frozen, vectors.to(frozen.weight.device))
     text_encoder.set_input_embeddings(spliced)
     return spliced
+
+
+class NewWord:
+    """The new word's trainable rows in each text encoder, by embedding-file key (``emb_params``;
+    SDXL's ``clip_l`` and ``clip_g``): what the optimizer, the saves and the checks see."""
+
+    def __init__(self, splices: dict[str, SplicedTokenEmbedding]):
+        self.splices = splices
+        self.vectors: dict[str, nn.Parameter] = {key: splice.vectors for key, splice in splices.items()}
+
+    @classmethod
+    def splice_into(cls, encoders: list, start: dict[str, torch.Tensor]) -> NewWord:
+        """Each encoder's token lookup gets its start rows as trainable vectors."""
+        return cls(
+            {key: splice_new_vectors(encoder, rows) for encoder, (key, rows) in zip(encoders, start.items())}
+        )
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.vectors.values())
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.parameters[0].shape[0])
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A detached copy of every encoder's rows."""
+        return {key: vectors.detach().clone() for key, vectors in self.vectors.items()}
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """Each vector's norm, by encoder key."""
+        return {key: vectors.detach().float().norm(dim=1) for key, vectors in self.vectors.items()}
+
+    def preserve_norms(self, norms: dict[str, torch.Tensor]) -> None:
+        """``--preserve_embedding_norm``: every vector back to its norm in ``norms``."""
+        for key, vectors in self.vectors.items():
+            rescale_to_norms(vectors, norms[key])
 
 
 def rescale_to_norms(vectors: torch.Tensor, norms: torch.Tensor) -> None:

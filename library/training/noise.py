@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -142,6 +142,7 @@ class NoiseSettings:
     zero_terminal_snr: bool = False
     min_timestep: int | None = None
     max_timestep: int | None = None
+    timestep_range_given: bool = field(init=False, default=False)  # written into the metadata (kohya)
 
     def __post_init__(self) -> None:
         if self.adaptive_noise_scale is not None and self.noise_offset is None:
@@ -153,6 +154,8 @@ class NoiseSettings:
                 f"--multires_noise_iterations must be 0 or more, got {self.multires_noise_iterations}"
             )
         low, high = timestep_range(self.min_timestep, self.max_timestep)
+        given = self.min_timestep is not None or self.max_timestep is not None
+        object.__setattr__(self, "timestep_range_given", given)
         object.__setattr__(self, "min_timestep", low)
         object.__setattr__(self, "max_timestep", high)
 

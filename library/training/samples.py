@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from library.errors import UserError
 from library.files import tomllib
 from library.generation.prompts import PromptSpec, parse_prompt_options
 from library.text.tokenizer import CHUNK_TOKENS
+
+if TYPE_CHECKING:
+    from library.training.run import Run
 
 logger = logging.getLogger(__name__)
 
@@ -112,38 +115,27 @@ class SampleSchedule:
         return bool(self.prompts and self.every_n_epochs and epoch % self.every_n_epochs == 0)
 
 
-def sample_images(
-    accelerator,
-    schedule: SampleSchedule,
-    model,
-    tokenizer,
-    output_dir: Path,
-    output_name: str,
-    *,
-    step: int,
-    epoch: int | None,
-    weight_dtype: torch.dtype,
-    token_string: str,
-    clip_skip: int | None,
-    max_token_length: int | None,
-) -> list[Path]:
-    """Render every sample prompt on the main process; the others wait. The RNG state is restored."""
+def sample_images(run: Run, schedule: SampleSchedule, *, epoch: int | None) -> list[Path]:
+    """Render every sample prompt on the main process with the run's current vectors; the others wait.
+    The RNG state is restored; ``epoch`` names an epoch's samples, else they are named by the step."""
+    accelerator, step = run.accelerator, run.progress.global_step
     written: list[Path] = []
     if accelerator.is_main_process and schedule.prompts:
         from library.generation.generator import ImageGenerator
 
         rng_state = torch.get_rng_state()
-        folder = output_dir / "sample"
+        folder = run.output_dir / "sample"
         folder.mkdir(parents=True, exist_ok=True)
         suffix = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+        max_token_length = run.text.max_token_length
         generator = ImageGenerator(
-            model,
-            tokenizer=tokenizer,
-            clip_skip=clip_skip,
+            run.model,
+            tokenizers=run.text.tokenizers,
+            clip_skip=run.text.clip_skip,
             max_embeddings_multiples=None if max_token_length is None else max_token_length // CHUNK_TOKENS,
             device=accelerator.device,
-            dtype=weight_dtype,
-            placeholder_vectors={token_string: schedule.num_vectors},
+            dtype=run.precision.weight_dtype,
+            placeholder_vectors={run.settings.word.token_string: schedule.num_vectors},
         )
         with torch.no_grad(), accelerator.autocast():
             for i, spec in enumerate(schedule.prompts):
@@ -152,7 +144,9 @@ def sample_images(
                 seed = request.seeds[0] if request.seeds else None
                 stamp = time.strftime("%Y%m%d%H%M%S")
                 name = (
-                    f"{output_name}_{suffix}_{i:02d}_{stamp}" + ("" if seed is None else f"_{seed}") + ".png"
+                    f"{run.output_name}_{suffix}_{i:02d}_{stamp}"
+                    + ("" if seed is None else f"_{seed}")
+                    + ".png"
                 )
                 images[0].save(folder / name)
                 written.append(folder / name)

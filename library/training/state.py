@@ -17,22 +17,27 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from library.embeddings.formats import refusal_detail, save_embedding
 from library.errors import UserError
+from library.files import ensure_writable_folder, remove_interrupted_saves
 from library.training.cadence import SaveCadence
 from library.training.optimizers import optimizer_eval_mode, optimizer_train_mode
+
+if TYPE_CHECKING:
+    from library.training.run import Run
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+Vectors = Mapping[str, torch.Tensor]  # each text encoder's rows of the new word (``NewWord.vectors``)
 
 
 @dataclass
@@ -50,6 +55,94 @@ class Progress:
     validation_history: list[float] = field(default_factory=list)  # every validation loss so far
     best_loss: float | None = None  # the lowest of them, reached at best_step
     best_step: int = 0
+
+
+SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SaveSettings:
+    """Where and when a run saves, and what it resumes from (fields named like kohya's options)."""
+
+    output_dir: str | None = None
+    output_name: str | None = None
+    save_model_as: str | None = "pt"
+    save_precision: str | None = None
+    save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
+    save_n_epoch_ratio: int | None = None
+    save_last_n_epochs: int | None = None
+    save_last_n_epochs_state: int | None = None
+    save_last_n_steps: int | None = None
+    save_last_n_steps_state: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    resume: str | None = None
+
+    @property
+    def folder(self) -> Path:
+        """``--output_dir`` (``debug_dataset`` for a ``--debug_dataset`` run without one)."""
+        return Path(self.output_dir or "debug_dataset")
+
+    def name(self, token_string: str) -> str:
+        """kohya: files are named after the word unless ``--output_name`` says otherwise."""
+        return self.output_name or token_string
+
+    @property
+    def extension(self) -> str:
+        return self.save_model_as or "pt"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return SAVE_DTYPES[self.save_precision]
+
+    def cadence(self, num_epochs: int) -> SaveCadence:
+        """kohya's save rules for a run of ``num_epochs``; ``--save_n_epoch_ratio`` means about that many
+        epoch saves in the whole run."""
+        every_n_epochs = self.save_every_n_epochs
+        if self.save_n_epoch_ratio:
+            every_n_epochs = max(1, num_epochs // self.save_n_epoch_ratio)
+        return SaveCadence(
+            self.save_every_n_steps, every_n_epochs, self.save_last_n_steps, self.save_last_n_epochs,
+            self.save_last_n_steps_state, self.save_last_n_epochs_state, num_epochs,
+        )  # fmt: skip
+
+
+METADATA_OPTIONS = (
+    "title", "author", "description", "license", "tags", "trigger_phrase", "usage_hint", "merged_from",
+    "preprocessor", "thumbnail", "is_negative_embedding",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetadataSettings:
+    """kohya's ``--metadata_*``: written into ``.safetensors`` files as ``modelspec.*``."""
+
+    metadata_title: str | None = None
+    metadata_author: str | None = None
+    metadata_description: str | None = None
+    metadata_license: str | None = None
+    metadata_tags: str | None = None
+    metadata_trigger_phrase: str | None = None
+    metadata_usage_hint: str | None = None
+    metadata_merged_from: str | None = None
+    metadata_preprocessor: str | None = None
+    metadata_thumbnail: str | None = None
+    metadata_is_negative_embedding: str | None = None
+
+    def given(self) -> dict[str, str]:
+        """The options that were given, by their ``modelspec`` name (``author``, ``title``...)."""
+        values = {name: getattr(self, f"metadata_{name}") for name in METADATA_OPTIONS}
+        return {name: value for name, value in values.items() if value}
+
+
+def prepare_output_folders(saving: SaveSettings, tracking, main_process: bool) -> None:
+    """Writable output and log folders before anything loads; leftovers of a killed save removed."""
+    ensure_writable_folder(saving.folder, "--output_dir" if saving.output_dir else "--debug_dataset")
+    if tracking.logging_dir:
+        ensure_writable_folder(Path(tracking.logging_dir), "--logging_dir")
+    if main_process:
+        remove_interrupted_saves(saving.folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,57 +180,57 @@ def remove_save(path: Path) -> None:
 # saving during and after a run
 
 
-@dataclass
 class RunSaver:
     """Writes a run's embeddings and states under kohya's names, removing older ones by its rules.
 
     Only the main process writes; every process waits for a state to be complete before going on.
+    ``metadata`` makes the ``.safetensors`` metadata at each save (its date changes).
     """
 
-    accelerator: Any
-    folder: Path
-    name: str  # --output_name (default: the token string)
-    extension: str  # pt, ckpt or safetensors
-    cadence: SaveCadence
-    with_state: bool  # --save_state
-    vectors: torch.nn.Parameter
-    optimizer: Any
-    lr_scheduler: Any
-    progress: Progress
-    metadata: Callable[[], dict[str, str]]  # the .safetensors metadata, made at each save (its date)
-    dtype: torch.dtype  # --save_precision
-    checkpoint_name: str
+    def __init__(self, run: Run, metadata: Callable[[], dict[str, str]]):
+        self.run = run
+        self.settings = run.settings.saving
+        self.folder = self.settings.folder
+        self.name = run.output_name
+        self.extension = self.settings.extension
+        self.cadence = self.settings.cadence(run.length.num_epochs)
+        self.metadata = metadata
 
     def embedding(
-        self, file_name: str, vectors: torch.Tensor | None = None, step: int | None = None,
+        self, file_name: str, vectors: Vectors | None = None, step: int | None = None,
         extra_metadata: dict[str, str] | None = None,
     ) -> Path:  # fmt: skip
+        """One embedding file: the run's vectors now, or ``vectors``."""
+        run = self.run
         path = self.folder / file_name
-        if self.accelerator.is_main_process:
-            vectors = self.vectors if vectors is None else vectors
-            save_embedding(path, vectors.detach().float().cpu(), self.name,
-                           step=self.progress.global_step if step is None else step,
-                           checkpoint_name=self.checkpoint_name, metadata={**self.metadata(), **(extra_metadata or {})},
-                           dtype=self.dtype)  # fmt: skip
+        if run.accelerator.is_main_process:
+            vectors = run.word.vectors if vectors is None else vectors
+            save_embedding(
+                path, {key: value.detach().float().cpu() for key, value in vectors.items()}, self.name,
+                step=run.progress.global_step if step is None else step, checkpoint_name=run.model.name,
+                metadata={**self.metadata(), **(extra_metadata or {})}, dtype=self.settings.dtype,
+            )  # fmt: skip
             logger.info("saved %s", path)
         return path
 
     def state(self, folder_name: str) -> None:
-        if self.accelerator.is_main_process:
-            optimizer_eval_mode(self.optimizer)
-            save_training_state(self.folder / folder_name, self.vectors, self.optimizer, self.lr_scheduler,
-                                self.progress)  # fmt: skip
-            optimizer_train_mode(self.optimizer)
-        self.accelerator.wait_for_everyone()
+        run = self.run
+        if run.accelerator.is_main_process:
+            optimizer_eval_mode(run.optimizer)
+            save_training_state(self.folder / folder_name, run.word.vectors, run.optimizer, run.lr_scheduler,
+                                run.progress)  # fmt: skip
+            optimizer_train_mode(run.optimizer)
+        run.accelerator.wait_for_everyone()
 
     def intermediate(self, *, step: int | None = None, epoch: int | None = None) -> None:
         """A numbered embedding (and state) during the run; an older one goes per --save_last_n_*."""
         self.embedding(embedding_file_name(self.name, self.extension, step=step, epoch=epoch))
-        if self.with_state:
+        with_state = self.settings.save_state
+        if with_state:
             self.state(state_folder_name(self.name, step=step, epoch=epoch))
-        for state in (False, True) if self.with_state else (False,):
+        for state in (False, True) if with_state else (False,):
             old = self.cadence.older_save(state=state, step=step, epoch=epoch)
-            if old and self.accelerator.is_main_process:
+            if old and self.run.accelerator.is_main_process:
                 name = state_folder_name(self.name, **old) if state else embedding_file_name(
                     self.name, self.extension, **old)  # fmt: skip
                 remove_save(self.folder / name)
@@ -148,22 +241,22 @@ class RunSaver:
 
     def warn_if_final_exists(self) -> None:
         """A second run into the same folder: say so at the start, not after the old file is gone."""
-        if self.accelerator.is_main_process and self.final_path.exists():
+        if self.run.accelerator.is_main_process and self.final_path.exists():
             logger.warning(
                 "%s exists from an earlier run; this run's result replaces it, and the old file is kept as %s.bak",
                 self.final_path, self.final_path.name,
             )  # fmt: skip
 
-    def final(self, with_state: bool) -> None:
+    def final(self) -> None:
         """``name.ext`` and, with ``--save_state``/``--save_state_on_train_end``, ``name-state``.
 
         An earlier run's ``name.ext`` is kept as ``name.ext.bak`` (an extension no client loads), so
         re-running a command never destroys a good embedding; kohya replaces it silently.
         """
-        if self.accelerator.is_main_process and self.final_path.exists():
+        if self.run.accelerator.is_main_process and self.final_path.exists():
             os.replace(self.final_path, self.final_path.with_name(self.final_path.name + ".bak"))
         self.embedding(self.final_path.name)
-        if with_state:
+        if self.settings.save_state or self.settings.save_state_on_train_end:
             self.state(state_folder_name(self.name))
 
 
@@ -171,16 +264,18 @@ class RunSaver:
 # state folders
 
 
-def save_training_state(
-    folder: Path, vectors: torch.Tensor, optimizer, lr_scheduler, progress: Progress
-) -> None:
+def save_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler, progress: Progress) -> None:
     """Write a state folder atomically (a temporary folder renamed into place)."""
     folder = Path(folder)
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
     )  # files.remove_interrupted_saves
     try:
-        save_file({"vectors": vectors.detach().float().cpu().contiguous()}, str(tmp / "vectors.safetensors"))
+        rows = {
+            _state_key(key, vectors): value.detach().float().cpu().contiguous()
+            for key, value in vectors.items()
+        }
+        save_file(rows, str(tmp / "vectors.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         (tmp / "progress.json").write_text(json.dumps({"format": STATE_FORMAT, **asdict(progress)}, indent=1))
@@ -254,20 +349,35 @@ def saved_seed(folder: Path) -> int:
     return int(_read_progress(Path(folder))["seed"])
 
 
-def load_training_state(folder: Path, vectors: torch.nn.Parameter, optimizer, lr_scheduler) -> Progress:
+def _state_key(key: str, vectors: Vectors) -> str:
+    """A state's name for an encoder's rows: ``vectors`` for a family with one text encoder (the
+    first format of state folders), else the encoder's embedding-file key (``clip_l``, ``clip_g``)."""
+    return "vectors" if len(vectors) == 1 else key
+
+
+def load_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler) -> Progress:
     """Restore a state folder written by ``save_training_state`` into the live objects."""
     folder = Path(folder)
     info = _read_progress(folder)
-    saved = _read_state_file(folder, "vectors.safetensors", lambda p: load_file(str(p))["vectors"])
-    if saved.shape != vectors.shape:
+    saved = _read_state_file(folder, "vectors.safetensors", lambda p: load_file(str(p)))
+    expected = {_state_key(key, vectors): value for key, value in vectors.items()}
+    if set(saved) != set(expected):
         raise UserError(
-            f"--resume {folder}: the state has {saved.shape[0]} vectors of dimension {saved.shape[1]}, this run "
-            f"{vectors.shape[0]} of dimension {vectors.shape[1]}; use the same --num_vectors_per_token and model"
+            f"--resume {folder}: the state holds the rows of {sorted(saved)}, this model's text encoders are "
+            f"{sorted(expected)}; resume with the model (family) that saved it"
         )
+    for key, value in expected.items():
+        if saved[key].shape != value.shape:
+            raise UserError(
+                f"--resume {folder}: the state has {saved[key].shape[0]} vectors of dimension {saved[key].shape[1]}, "
+                f"this run {value.shape[0]} of dimension {value.shape[1]}; use the same --num_vectors_per_token "
+                "and model"
+            )
     optimizer_state = _read_state_file(folder, "optimizer.pt", _load_weights)
     scheduler_state = _read_state_file(folder, "lr_scheduler.pt", _load_weights)
     with torch.no_grad():
-        vectors.copy_(saved)
+        for key, value in expected.items():
+            value.copy_(saved[key])
     try:
         optimizer.load_state_dict(optimizer_state)
         lr_scheduler.load_state_dict(scheduler_state)

@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.text.encoding import encode_prompts
+from library.text.conditioning import TextConditioner
+from library.training.accelerator import Precision
 from library.training.loss import LossSettings, compute_loss
 from library.training.noise import (
     NoiseSettings,
     TrainingSchedule,
+    make_training_schedule,
     sample_noise_and_timesteps,
     training_target,
 )
@@ -37,22 +39,28 @@ def step_generator(seed: int, step: int, micro_step: int, rank: int, device: tor
 
 @dataclass
 class DiffusionLoss:
-    """The loss of one micro-batch; built once per run from the frozen model and the settings."""
+    """The loss of one micro-batch; built once per run (``build``) from the frozen model and the settings."""
 
-    text_encoder: Any
-    tokenizer: Any
+    text: TextConditioner  # captions -> the UNet's conditioning, through the trained vectors
     unet: Any
     vae: Any  # None once latents are cached and nothing else needs it
     latent_scale: float  # the VAE's scaling factor (0.18215 for SD)
     schedule: TrainingSchedule
     noise: NoiseSettings
     loss: LossSettings
-    clip_skip: int | None
-    v_parameterization: bool
-    weight_dtype: torch.dtype
-    vae_dtype: torch.dtype
+    precision: Precision
     seed: int
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @classmethod
+    def build(
+        cls, model, text: TextConditioner, *, noise: NoiseSettings, loss: LossSettings, precision: Precision,
+        seed: int, latent_scale: float, autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> DiffusionLoss:  # fmt: skip
+        schedule = make_training_schedule(loss.v_parameterization, noise.zero_terminal_snr, model.unet.device)
+        return cls(
+            text, model.unet, model.vae, latent_scale, schedule, noise, loss, precision, seed, autocast
+        )
 
     def __call__(
         self, batch: dict, step: int, micro_step: int, rank: int, seed: int | None = None
@@ -61,23 +69,30 @@ class DiffusionLoss:
         generator = step_generator(self.seed if seed is None else seed, step, micro_step, rank, device)
         with self.autocast():
             latents = self.batch_latents(batch, generator)
-            hidden = encode_prompts(
-                self.text_encoder, self.tokenizer, batch["input_ids"].to(device), self.clip_skip
-            )
+            conditioning = self.text.captions(batch["captions"], batch.get("sizes"))
             noisy, noise, timesteps = sample_noise_and_timesteps(
                 latents, self.schedule, self.noise, generator
             )
-            prediction = self.unet(noisy, timesteps, hidden.to(self.weight_dtype)).sample
-        target = training_target(self.schedule, latents, noise, timesteps, self.v_parameterization)
-        return compute_loss(prediction, target, timesteps, self.schedule, self.loss, batch["loss_weights"],
-                            batch.get("alpha_masks"))  # fmt: skip
+            prediction = self.unet(
+                noisy, timesteps, **conditioning.unet_kwargs(self.precision.weight_dtype)
+            ).sample
+        target = training_target(self.schedule, latents, noise, timesteps, self.loss.v_parameterization)
+        return compute_loss(
+            prediction,
+            target,
+            timesteps,
+            self.schedule,
+            self.loss,
+            batch["loss_weights"],
+            batch.get("alpha_masks"),
+        )
 
     def batch_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Cached latents, or images encoded by the frozen VAE (a sample of its distribution)."""
-        scale = self.latent_scale
+        scale, dtype = self.latent_scale, self.precision.weight_dtype
         if batch.get("latents") is not None:  # cached unscaled, as kohya caches them
-            return (batch["latents"].to(self.unet.device) * scale).to(self.weight_dtype)
+            return (batch["latents"].to(self.unet.device) * scale).to(dtype)
         with torch.no_grad():
-            images = batch["images"].to(self.vae.device, dtype=self.vae_dtype)
+            images = batch["images"].to(self.vae.device, dtype=self.precision.vae_dtype)
             latents = self.vae.encode(images).latent_dist.sample(generator=generator)
-        return (latents * scale).to(self.weight_dtype)
+        return (latents * scale).to(dtype)

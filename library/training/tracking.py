@@ -11,6 +11,7 @@ import torch
 
 from library.errors import UserError
 from library.files import tomllib
+from library.shared_options import without_secrets
 
 
 @dataclass(frozen=True)
@@ -36,58 +37,77 @@ class TrackerSettings:
         return ["tensorboard"] if self.logging_dir else None
 
 
+# kohya leaves these out of a logged config too: they name folders on the user's machine
+PATH_OPTIONS = frozenset({
+    "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir", "train_data_dir", "conditioning_data_dir",
+    "reg_data_dir", "output_dir", "logging_dir",
+})  # fmt: skip
+
+
+def logged_config(options: dict[str, Any], settings: TrackerSettings) -> dict[str, Any] | None:
+    """What ``--log_config`` records in the tracker: the options without secrets and paths, as kohya
+    (values the trackers cannot store become text); None without ``--log_config``, so that no
+    config (and no TensorBoard hparams run) is written at all."""
+    if not settings.log_config:
+        return None
+    kept = {k: v for k, v in without_secrets(options).items() if k not in PATH_OPTIONS}
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in kept.items()}
+
+
 class TrainLogger:
     """Loss, learning rate and each vector's norm, to the progress bar and the trackers.
 
     Tags are kohya's: ``loss`` (this step), ``lr``, ``lr/d*lr`` (D-Adaptation, Prodigy) and
     ``loss/epoch`` (the epoch's mean, logged at step = epoch number); ours beside them:
-    ``loss/average`` (the epoch so far, as the progress bar shows) and ``norm/vector<i>``.
+    ``loss/average`` (the epoch so far, as the progress bar shows) and ``norm/vector<i>``
+    (``norm/<encoder>/vector<i>`` for a family with several text encoders).
     """
 
     def __init__(
-        self, accelerator, settings: TrackerSettings, run_config: dict[str, Any], optimizer_name: str,
-        optimizer_args: str,
-    ):  # fmt: skip
-        """``run_config`` is every option of the run, recorded in the tracker with ``--log_config``."""
+        self, accelerator, settings: TrackerSettings, config: dict[str, Any] | None, optimizer_name: str
+    ):
+        """``config`` is what ``logged_config`` gives: recorded in the tracker, or None."""
         self.accelerator = accelerator
         self.enabled = bool(accelerator.log_with)
         self.adaptive = optimizer_name.lower().startswith(("dadapt", "prodigy"))
         self.epoch_loss = 0.0
         self.epoch_steps = 0
         if self.enabled:
-            config = {k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
             init_kwargs = {}
             if settings.log_tracker_config:
                 init_kwargs = _read_tracker_config(settings.log_tracker_config)
             if settings.wandb_run_name:
                 init_kwargs.setdefault("wandb", {})["name"] = settings.wandb_run_name
             accelerator.init_trackers(
-                settings.log_tracker_name or "textual_inversion",
-                config=config if settings.log_config else {"optimizer": f"{optimizer_name} {optimizer_args}"},
-                init_kwargs=init_kwargs,
+                settings.log_tracker_name or "textual_inversion", config=config, init_kwargs=init_kwargs
             )
 
-    def log_step(self, step: int, loss: float, optimizer, lr_scheduler, vectors: torch.Tensor, bar) -> None:
+    def log_step(
+        self, step: int, loss: float, optimizer, lr_scheduler, vectors: dict[str, torch.Tensor], bar
+    ) -> None:
         self.epoch_loss += loss
         self.epoch_steps += 1
         average = self.epoch_loss / self.epoch_steps
         lr = lr_scheduler.get_last_lr()[0]
-        norms = vectors.detach().float().norm(dim=1).tolist()
+        norms = {key: value.detach().float().norm(dim=1).tolist() for key, value in vectors.items()}
         logging.getLogger("train_textual_inversion").debug(
             "step %d: loss %.6g, lr %.9g, vector norms %s",
             step,
             loss,
             lr,
-            " ".join(f"{n:.4g}" for n in norms),
+            " ".join(f"{n:.4g}" for values in norms.values() for n in values),
         )
-        bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average:.4f}", lr=f"{lr:.2e}", norm=f"{max(norms):.3g}")
+        largest = max(n for values in norms.values() for n in values)
+        bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average:.4f}", lr=f"{lr:.2e}", norm=f"{largest:.3g}")
         if self.enabled:
             logs = {"loss": loss, "lr": lr, "loss/average": average}
             if self.adaptive:
                 group = optimizer.param_groups[0]
                 logs["lr/d*lr"] = group["d"] * group["lr"]
-            for i, norm in enumerate(norms):
-                logs[f"norm/vector{i}"] = norm
+            for key, values in norms.items():
+                prefix = "norm/" if len(norms) == 1 else f"norm/{key}/"
+                for i, norm in enumerate(values):
+                    logs[f"{prefix}vector{i}"] = norm
             self.accelerator.log(logs, step=step)
 
     def log_validation(self, step: int, value: float, kind: str, variance_ratio: float | None) -> None:

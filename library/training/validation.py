@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,10 @@ import torch
 from library.errors import UserError
 from library.training.noise import NUM_TRAIN_TIMESTEPS
 from library.training.step import DiffusionLoss
+
+if TYPE_CHECKING:
+    from library.training.run import Run
+    from library.training.state import RunSaver
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +133,39 @@ class EarlyStopping:
 
     def should_stop(self, ratio: float | None) -> bool:
         return ratio is not None and ratio < self.threshold
+
+
+def make_validation(run: Run, loss: DiffusionLoss, saver: RunSaver, log: Callable) -> ValidationRun | None:
+    """The validation loss on held-out images, else on a fixed training batch, when one is wanted."""
+    options, dataset = run.settings.validation, run.dataset
+    held_out = dataset.validation is not None
+    if not options.wanted(held_out=held_out):
+        return None
+    if options.every_n_steps:
+        evaluations = run.length.max_train_steps // options.every_n_steps
+    else:
+        evaluations = run.length.num_epochs // (options.validate_every_n_epochs or 1)
+    if options.early_stopping and options.early_stopping_window > evaluations:
+        logger.warning(
+            "--early_stopping: the window of %d validation values is longer than this run's %d evaluations, so it "
+            "cannot stop early; lower --early_stopping_window", options.early_stopping_window, evaluations,
+        )  # fmt: skip
+    source = dataset.validation if held_out else dataset
+    batches = source.fixed_batches(options.max_validation_steps or (None if held_out else 1))
+    noise = run.settings.noise
+    timesteps = validation_timesteps(noise.min_timestep, noise.max_timestep)
+    logger.info(
+        "validation: %d %s batch(es), timesteps %s", len(batches), "held-out" if held_out else "fixed training",
+        timesteps,
+    )  # fmt: skip
+    seed = run.settings.data.validation_seed
+    validator = Validator(batches, loss, run.seed if seed is None else seed, timesteps)
+
+    def save_best(step: int, value: float) -> None:
+        extra = {"ti_trainer.step": str(step), "ti_trainer.validation_loss": f"{value:.6g}"}
+        saver.embedding(f"{saver.name}-best.{saver.extension}", step=step, extra_metadata=extra)
+
+    return ValidationRun(validator, options, run.progress, save_best, log)
 
 
 @dataclass

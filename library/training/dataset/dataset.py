@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from library.errors import UserError
-from library.text.encoding import num_chunks, tokenize_prompts
+from library.text.encoding import num_chunks
 from library.text.tokenizer import CHUNK_TOKENS
 from library.text.tokens import contains_word
 from library.training.dataset import latent_cache
@@ -200,7 +200,6 @@ class TrainDataset(torch.utils.data.Dataset):
             "images": None if images[0] is None else torch.stack(images).contiguous(),
             "latents": None if latents[0] is None else torch.stack(latents),
             "captions": captions,
-            "input_ids": tokenize_prompts(self.tokenizer, captions, self.max_token_length),
             "loss_weights": torch.tensor([item.loss_weight for item in items], dtype=torch.float32),
             "alpha_masks": alpha_masks,
             "keys": [item.key for item in items],

@@ -1,0 +1,39 @@
+"""Model families: what differs between SD 1.x/2.x and SDXL, behind one small interface.
+
+A family names its text encoders as embedding files store their rows (SD 1.x/2.x: one,
+``emb_params``; SDXL: ``clip_l`` and ``clip_g``), says how their outputs become the UNet's
+conditioning (its ``TextConditioner``), its default training size and its SAI model-spec
+architecture. The training loop, the saves and the generator ask the family; adding a family is
+adding an entry here, its conditioner and its loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from library.text.conditioning import TextConditioner
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # "sd1", "sd2"
+    label: str  # as users say it: "SD 1.x"
+    encoder_keys: tuple[str, ...]  # each text encoder's rows in an embedding file
+    default_resolution: int  # pixels per side the family was trained at
+    conditioner: type[TextConditioner]
+    architecture_base: str  # SAI model spec, e.g. "stable-diffusion-v1"
+
+    def architecture(self, v_parameterization: bool) -> str:
+        """``modelspec.architecture`` of a Textual Inversion file for a model of this family."""
+        base = self.architecture_base
+        if self.name == "sd2" and v_parameterization:
+            base = "stable-diffusion-v2-768-v"
+        return f"{base}/textual-inversion"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+SD1 = ModelFamily("sd1", "SD 1.x", ("emb_params",), 512, TextConditioner, "stable-diffusion-v1")
+SD2 = ModelFamily("sd2", "SD 2.x", ("emb_params",), 512, TextConditioner, "stable-diffusion-v2-512")
+FAMILIES = {family.name: family for family in (SD1, SD2)}
