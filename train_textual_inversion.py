@@ -120,18 +120,42 @@ def main(argv: list[str] | None = None) -> None:
     progress = Progress(seed=seed)
     if settings.saving.resume:
         progress = load_training_state(settings.saving.resume, new_word.vectors, optimizer, lr_scheduler)
-        logger.info("resumed from %s at step %d (epoch %d)", settings.saving.resume, progress.global_step,
-                    progress.epoch + 1)  # fmt: skip
+        logger.info(
+            "resumed from %s at step %d (epoch %d)",
+            settings.saving.resume,
+            progress.global_step,
+            progress.epoch + 1,
+        )
         warn_if_resume_is_done(progress.global_step, length.max_train_steps)
 
-    run = Run(settings, accelerator, precision, seed, model, text, new_word, dataset, length, optimizer,
-              lr_scheduler, progress, start_vectors=new_word.snapshot())  # fmt: skip
+    run = Run(
+        settings,
+        accelerator,
+        precision,
+        seed,
+        model,
+        text,
+        new_word,
+        dataset,
+        length,
+        optimizer,
+        lr_scheduler,
+        progress,
+        start_vectors=new_word.snapshot(),
+    )
     diffusion_loss = DiffusionLoss.build(
-        model, text, noise=settings.noise, loss=settings.loss, precision=precision, seed=seed,
-        latent_scale=latent_scale, autocast=accelerator.autocast,
-    )  # fmt: skip
-    tracker = TrainLogger(accelerator, settings.tracking, logged_config(settings.options, settings.tracking),
-                          optimizer_name)  # fmt: skip
+        model,
+        text,
+        noise=settings.noise,
+        loss=settings.loss,
+        precision=precision,
+        seed=seed,
+        latent_scale=latent_scale,
+        autocast=accelerator.autocast,
+    )
+    tracker = TrainLogger(
+        accelerator, settings.tracking, logged_config(settings.options, settings.tracking), optimizer_name
+    )
     events = RunEvents(run, diffusion_loss, tracker)
     start_norms = {
         key: norms.to(device) for key, norms in new_word.norms().items()
@@ -139,9 +163,15 @@ def main(argv: list[str] | None = None) -> None:
 
     logger.info(
         "training %d vectors of dimension %s for %d steps (%d epochs, %d steps each) on %s x%d process(es), %s",
-        num_vectors, " + ".join(str(t.shape[1]) for t in tables.values()), length.max_train_steps,
-        length.num_epochs, length.steps_per_epoch, device, accelerator.num_processes, precision.mixed_precision,
-    )  # fmt: skip
+        num_vectors,
+        " + ".join(str(t.shape[1]) for t in tables.values()),
+        length.max_train_steps,
+        length.num_epochs,
+        length.steps_per_epoch,
+        device,
+        accelerator.num_processes,
+        precision.mixed_precision,
+    )
     if settings.sampling.sample_at_first and progress.global_step == 0:
         events.render_samples(0)
 
@@ -149,8 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":  # the load's temporaries are returned; the steps' activations are then reused
         keep_freed_memory_in_process()
     optimizer_train_mode(optimizer)
-    with tqdm(total=length.max_train_steps, initial=progress.global_step, desc="steps", smoothing=0.1,
-              disable=not accelerator.is_local_main_process) as bar:  # fmt: skip
+    with tqdm(
+        total=length.max_train_steps,
+        initial=progress.global_step,
+        desc="steps",
+        smoothing=0.1,
+        disable=not accelerator.is_local_main_process,
+    ) as bar:
         while not events.finished:
             for batch in epoch_batches(accelerator, loader, progress):
                 logger.debug("step %d, epoch %d: %s", progress.global_step, progress.epoch, batch["keys"])
@@ -207,8 +242,15 @@ def cache_latents(dataset, vae, settings: RunSettings, accelerator, vae_dtype: t
     data = settings.data
     with torch.no_grad():
         for part in (dataset, dataset.validation) if dataset.validation else (dataset,):
-            part.cache_latents(vae, data.vae_batch_size, data.cache_latents_to_disk, accelerator.device, vae_dtype,
-                               accelerator.process_index, accelerator.num_processes)  # fmt: skip
+            part.cache_latents(
+                vae,
+                data.vae_batch_size,
+                data.cache_latents_to_disk,
+                accelerator.device,
+                vae_dtype,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
     accelerator.wait_for_everyone()
 
 

@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{machine['date']}  {machine['cpu']['model']}  torch {machine['torch']}  {args.size} px, batch {args.batch}"
     )
-    models = {name: load_sd_model(checkpoint, with_vae=False, exact_half_storage=name == "half-stored")
-              for name in ("plain", "half-stored")}  # fmt: skip
+    models = {
+        name: load_sd_model(checkpoint, with_vae=False, exact_half_storage=name == "half-stored")
+        for name in ("plain", "half-stored")
+    }
     keep_freed_memory_in_process()  # as the trainer does on a CPU once the model is loaded
     calls = {name: model_pass(model, args.size, args.batch) for name, model in models.items()}
     for call in calls.values():

@@ -56,10 +56,19 @@ VARIANTS: dict[str, tuple[list[str], int]] = {
 
 def options_for(extra: list[str], steps: int, every: int, out: Path, data: Path) -> list[str]:
     replaced = {o.split("=", 1)[0] for o in extra}
-    base = [o for o in TRAIN_OPTIONS if o.split("=", 1)[0] not in replaced | {"--max_train_steps", "--output_dir",
-                                                                              "--train_data_dir"}]  # fmt: skip
-    return [*base, *extra, f"--max_train_steps={steps}", f"--save_every_n_steps={every}", f"--output_dir={out}",
-            f"--train_data_dir={data}"]  # fmt: skip
+    base = [
+        o
+        for o in TRAIN_OPTIONS
+        if o.split("=", 1)[0] not in replaced | {"--max_train_steps", "--output_dir", "--train_data_dir"}
+    ]
+    return [
+        *base,
+        *extra,
+        f"--max_train_steps={steps}",
+        f"--save_every_n_steps={every}",
+        f"--output_dir={out}",
+        f"--train_data_dir={data}",
+    ]
 
 
 def init_word_of(extra: list[str]) -> str:
@@ -104,11 +113,20 @@ def run_variant(name: str, extra: list[str], steps: int, judged: set[int], image
     for path in [*saves, out / f"{WORD}.safetensors", out / f"{WORD}-best.safetensors"]:
         if not path.is_file():
             continue
-        report, _, _ = evaluate_embedding(SHAPES_MODEL, path, WORD, init_word=init_word_of(extra), images=images,
-                                          init_baseline=baseline)  # fmt: skip
+        report, _, _ = evaluate_embedding(
+            SHAPES_MODEL, path, WORD, init_word=init_word_of(extra), images=images, init_baseline=baseline
+        )
         baseline = report.init_word
-        rows.append({"file": path.name, "step": saved_step(path, final_step), "concept": report.concept,
-                     "init_word": report.init_word, "color": report.color, "max_norm": max_norm(path)})  # fmt: skip
+        rows.append(
+            {
+                "file": path.name,
+                "step": saved_step(path, final_step),
+                "concept": report.concept,
+                "init_word": report.init_word,
+                "color": report.color,
+                "max_norm": max_norm(path),
+            }
+        )
         print(f"  {name}: {path.name}: {report.line(None)}", flush=True)
     first = next((r for r in rows if r["file"].startswith(f"{WORD}-step") and r["concept"] >= TARGET), None)
     # the save's own write time: start-up and model load included, as a user waits for it
@@ -190,9 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--early-every", type=int, default=5, help="... but every N steps at the start")
     parser.add_argument("--early-until", type=int, default=50, help="the start: up to this step")
     parser.add_argument("--images", type=int, default=32, help="pictures per word and embedding")
-    parser.add_argument("--from-json", nargs="+", type=Path, metavar="FILE",
-                        help="write bench/QUALITY.md from these earlier results (e.g. two runs of different "
-                             "--variants side by side, one core each) instead of training")  # fmt: skip
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="write bench/QUALITY.md from these earlier results (e.g. two runs of different "
+        "--variants side by side, one core each) instead of training",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         runs = [json.loads(path.read_text()) for path in args.from_json]

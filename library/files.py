@@ -71,15 +71,19 @@ def ensure_writable_folder(folder: Path, flag: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc}); "
-                        "choose a folder you can write to") from None  # fmt: skip
+        raise UserError(
+            f"{flag} {folder}: cannot create the folder ({exc.strerror or exc}); "
+            "choose a folder you can write to"
+        ) from None
     probe = folder / f".write-probe-{os.getpid()}-{secrets.token_hex(2)}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"{flag} {folder}: cannot write into this folder ({exc.strerror or exc}); "
-                        "choose a folder you can write to") from None  # fmt: skip
+        raise UserError(
+            f"{flag} {folder}: cannot write into this folder ({exc.strerror or exc}); "
+            "choose a folder you can write to"
+        ) from None
 
 
 def remove_interrupted_saves(folder: Path) -> None:

@@ -159,13 +159,14 @@ def use_attention(modules: list, *, xformers: bool, flag: str, device: torch.dev
 # options that cannot work here
 
 
-def refuse_options(namespace: Any, refusals: dict[str, tuple[Any, str]]) -> None:
-    """One line for the first option of ``refusals`` (``name: (default, why)``) given another value.
+def refuse_options(namespace: Any, parser: Any, reasons: dict[str, str]) -> None:
+    """One line for the first option of ``reasons`` (``name: why``) given a value other than its
+    default; the defaults are the parser's own, so each is written once, where the option is declared.
 
     An empty list (``--network_module`` with no value) counts as not given, as in kohya's scripts.
     """
-    for name, (default, why) in refusals.items():
+    for name, why in reasons.items():
         value = getattr(namespace, name)
-        if value == default or value == []:
+        if value == parser.get_default(name) or value == []:
             continue
         raise UserError(f"--{name}: {why}")

@@ -60,14 +60,17 @@ def add_model_options(parser: argparse.ArgumentParser, path_option: str, path_he
         "--vae", type=str, default=default("vae"), help="replace the model's VAE (file or folder)"
     )
     group.add_argument(
-        "--tokenizer_cache_dir", type=str, default=default("tokenizer_cache_dir"),
+        "--tokenizer_cache_dir",
+        type=str,
+        default=default("tokenizer_cache_dir"),
         help="folder caching the tokenizer (kohya's layout)",
-    )  # fmt: skip
+    )
     group.add_argument(
-        "--highvram", action="store_true",
+        "--highvram",
+        action="store_true",
         help="memory is plentiful: keep the frozen weights in fp32, not the file's exact fp16 (faster small "
         "fp32 steps on a CPU, +1.9 GB for SD 1.5)",
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,12 @@ class ConsoleSettings:
 def add_console_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("console log")
     group.add_argument(
-        "--console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        "--console_log_level",
+        type=str,
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         help="console log level (default INFO)",
-    )  # fmt: skip
+    )
     group.add_argument(
         "--console_log_file", type=str, default=None, help="write the log to this file instead of the console"
     )

@@ -34,9 +34,16 @@ def data(tmp_path_factory) -> Path:
 def test_a_diverging_run_keeps_vectors_a_finite_loss_vouched_for(data, tiny_sd1, tmp_path):
     """--learning_rate 1e30 used to save the 1e30 vectors as 'last good'; the generator then drew black."""
     out = tmp_path / "o"
-    result = run_train(*common(data, out, tiny_sd1 / "model.safetensors"), *WORD, "--learning_rate=1e30",
-                       "--max_train_steps=10", "--max_grad_norm=0", "--optimizer_type=SGDNesterov",
-                       "--save_model_as=safetensors", check=False)  # fmt: skip
+    result = run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        *WORD,
+        "--learning_rate=1e30",
+        "--max_train_steps=10",
+        "--max_grad_norm=0",
+        "--optimizer_type=SGDNesterov",
+        "--save_model_as=safetensors",
+        check=False,
+    )
     line = _error_line(result)
     assert result.stderr.rstrip().splitlines()[-1] == line  # no progress bar printed after the error
     (saved,) = out.glob("mychar4-last-good-step*.safetensors")
@@ -46,8 +53,13 @@ def test_a_diverging_run_keeps_vectors_a_finite_loss_vouched_for(data, tiny_sd1,
 
 
 def test_an_infinite_learning_rate_blames_the_vectors(data, tiny_sd1, tmp_path):
-    result = run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), *WORD,
-                       "--learning_rate=inf", "--max_train_steps=3", check=False)  # fmt: skip
+    result = run_train(
+        *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+        *WORD,
+        "--learning_rate=inf",
+        "--max_train_steps=3",
+        check=False,
+    )
     assert "the vectors became" in _error_line(result)
 
 
@@ -87,22 +99,32 @@ def state(data, tiny_sd1, tmp_path_factory) -> Path:
     return out / "mychar4-state"
 
 
-@pytest.mark.parametrize("how", ["half vectors", "broken progress", "empty scheduler", "half optimizer",
-                                 "code in optimizer"])  # fmt: skip
+@pytest.mark.parametrize(
+    "how", ["half vectors", "broken progress", "empty scheduler", "half optimizer", "code in optimizer"]
+)
 def test_a_damaged_state_folder_is_named_in_one_line(how, state, data, tiny_sd1, tmp_path):
     copy = tmp_path / "state"
     subprocess.run(["cp", "-r", str(state), str(copy)], check=True)
     name = damage(copy, how)
-    result = run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), *WORD,
-                       "--max_train_steps=2", f"--resume={copy}", check=False)  # fmt: skip
+    result = run_train(
+        *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+        *WORD,
+        "--max_train_steps=2",
+        f"--resume={copy}",
+        check=False,
+    )
     line = _error_line(result)
     assert str(copy / name) in line and "weights_only" not in result.stderr
     assert not Path("/tmp/pwned-by-state").exists()
 
 
 def test_resuming_a_finished_state_says_nothing_is_left(state, data, tiny_sd1, tmp_path):
-    result = run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), *WORD,
-                       "--max_train_steps=1", f"--resume={state}")  # fmt: skip
+    result = run_train(
+        *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+        *WORD,
+        "--max_train_steps=1",
+        f"--resume={state}",
+    )
     assert "no step is left" in result.stderr
 
 
@@ -113,8 +135,21 @@ def test_unwritable_outputs_are_found_before_the_model_loads(data, tmp_path):
     for out, words in ((a_file, "this is a file"), (a_file / "sub", "cannot create the folder")):
         result = run_train(*common(data, out, model), *WORD, check=False)
         assert words in _error_line(result) and "--output_dir" in _error_line(result)
-    generate = subprocess.run([sys.executable, str(ROOT / "gen_img_diffusers.py"), "--ckpt", str(model), "--outdir",
-                               str(a_file), "--prompt", "x"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    generate = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "gen_img_diffusers.py"),
+            "--ckpt",
+            str(model),
+            "--outdir",
+            str(a_file),
+            "--prompt",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert generate.returncode == 2 and "--outdir" in generate.stderr and "this is a file" in generate.stderr
 
 
@@ -152,8 +187,12 @@ def test_odd_pictures_and_captions_are_reported(tiny_sd1, tmp_path):
     Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "dot.png")
     (folder / "dot.txt").write_text("a mychar4 dot")
     out = tmp_path / "o"
-    result = run_train(*common(data, out, tiny_sd1 / "model.safetensors"), *WORD, "--num_vectors_per_token=2",
-                       "--debug_dataset")  # fmt: skip
+    result = run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        *WORD,
+        "--num_vectors_per_token=2",
+        "--debug_dataset",
+    )
     log = result.stdout + result.stderr
     assert "enlarged more than 4x" in log and "dot.png: 1x1" in log
     assert "longer than the 75-token window" in log
@@ -188,6 +227,7 @@ def test_json_state_with_extra_fields_is_named(state, data, tiny_sd1, tmp_path):
     info = json.loads((copy / "progress.json").read_text())
     info["global_step"] = "many"
     (copy / "progress.json").write_text(json.dumps(info))
-    result = run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), *WORD,
-                       f"--resume={copy}", check=False)  # fmt: skip
+    result = run_train(
+        *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), *WORD, f"--resume={copy}", check=False
+    )
     assert "progress.json does not hold the counters" in _error_line(result)

@@ -109,10 +109,25 @@ def test_color_aug_changes_some_epochs(tmp_path):
 def _everything_random(tmp_path, seed=0):
     folder = _folder(tmp_path, [(64, 64), (96, 64), (64, 64)], caption="sks, {red|blue}, a, b, c")
     return _build(
-        "--train_data_dir", folder, "--resolution", "64", *SMALL_BUCKETS, "--train_batch_size", "2",
-        "--flip_aug", "--color_aug", "--random_crop", "--shuffle_caption", "--keep_tokens", "1",
-        "--enable_wildcard", "--caption_extension", ".txt", seed=seed, rule=TokenCaptionRule("sks", 2),
-    )  # fmt: skip
+        "--train_data_dir",
+        folder,
+        "--resolution",
+        "64",
+        *SMALL_BUCKETS,
+        "--train_batch_size",
+        "2",
+        "--flip_aug",
+        "--color_aug",
+        "--random_crop",
+        "--shuffle_caption",
+        "--keep_tokens",
+        "1",
+        "--enable_wildcard",
+        "--caption_extension",
+        ".txt",
+        seed=seed,
+        rule=TokenCaptionRule("sks", 2),
+    )
 
 
 def _same(a, b):
@@ -149,9 +164,17 @@ def test_dataloader_workers_give_the_same_batches_and_follow_set_epoch(tmp_path)
 def test_token_warmup_follows_the_batch_position(tmp_path):
     folder = _folder(tmp_path, [(64, 64)], caption="a, b, c, d, e")
     dataset = _build(
-        "--train_data_dir", folder, "--resolution", "64", "--caption_extension", ".txt",
-        "--token_warmup_min", "1", "--token_warmup_step", "4",
-    )  # fmt: skip
+        "--train_data_dir",
+        folder,
+        "--resolution",
+        "64",
+        "--caption_extension",
+        ".txt",
+        "--token_warmup_min",
+        "1",
+        "--token_warmup_step",
+        "4",
+    )
     assert len(dataset) == 1
     dataset.set_run_length(8, steps_per_epoch=1)
     captions = []

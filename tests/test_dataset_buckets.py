@@ -65,9 +65,16 @@ def _mixed_dataset(tmp_path, *extra, seed=0):
     sizes = [(64, 64)] * 3 + [(128, 64)] * 3 + [(64, 128)] * 2
     make_dreambooth(tmp_path / "train", {"2_sks": sizes})
     return _build(
-        "--train_data_dir", str(tmp_path / "train"), "--resolution", "64", *SMALL_BUCKETS,
-        "--train_batch_size", "2", *extra, seed=seed,
-    )  # fmt: skip
+        "--train_data_dir",
+        str(tmp_path / "train"),
+        "--resolution",
+        "64",
+        *SMALL_BUCKETS,
+        "--train_batch_size",
+        "2",
+        *extra,
+        seed=seed,
+    )
 
 
 def test_every_batch_comes_from_one_bucket(tmp_path):

@@ -115,9 +115,15 @@ def test_second_kohya_doc_example_parses_as_is(tmp_path):
 def test_cli_values_are_the_fallback_after_general(tmp_path):
     path = _write(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\nflip_aug = false\n")
     args = make_args(
-        "--resolution", "448,640", "--flip_aug", "--caption_extension", "txt", "--train_batch_size", "3",
+        "--resolution",
+        "448,640",
+        "--flip_aug",
+        "--caption_extension",
+        "txt",
+        "--train_batch_size",
+        "3",
         dataset_config=path,
-    )  # fmt: skip
+    )
     (dataset,) = datasets_from_args(args)
     assert dataset.resolution == (448, 640) and dataset.batch_size == 3
     assert dataset.subsets[0].caption_extension == ".txt"  # the dot is added, as in kohya
@@ -273,8 +279,16 @@ def test_impossible_counts_name_the_key(tmp_path, line, message):
 
 def test_held_out_images_form_their_own_dataset(tmp_path):
     make_dreambooth(tmp_path, {"2_sks dog": [(64, 64)] * 8})
-    args = make_args("--train_data_dir", str(tmp_path), "--resolution", "64", "--validation_split", "0.25",
-                     "--validation_seed", "1")  # fmt: skip
+    args = make_args(
+        "--train_data_dir",
+        str(tmp_path),
+        "--resolution",
+        "64",
+        "--validation_split",
+        "0.25",
+        "--validation_seed",
+        "1",
+    )
     dataset = build_train_dataset(args, tokenizer_with(), None, seed=0)
     held = {r.key for r in dataset.validation.records}
     assert len(held) == 2 and not held & {r.key for r in dataset.records} and len(dataset.records) == 6

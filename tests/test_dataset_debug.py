@@ -18,9 +18,18 @@ def dataset(tmp_path):
     )
     make_image(tmp_path / "train" / "2_sks dog" / "clear.png", (64, 64), mode="RGBA")
     args = make_args(
-        "--train_data_dir", str(tmp_path / "train"), "--resolution", "128,64", *SMALL_BUCKETS,
-        "--caption_extension", ".txt", "--flip_aug", "--alpha_mask", "--train_batch_size", "2",
-    )  # fmt: skip
+        "--train_data_dir",
+        str(tmp_path / "train"),
+        "--resolution",
+        "128,64",
+        *SMALL_BUCKETS,
+        "--caption_extension",
+        ".txt",
+        "--flip_aug",
+        "--alpha_mask",
+        "--train_batch_size",
+        "2",
+    )
     return build_train_dataset(args, tokenizer_with("sks", 3), TokenCaptionRule("sks", 3), seed=0)
 
 

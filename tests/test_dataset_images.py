@@ -56,8 +56,17 @@ def test_exif_orientation_picks_the_portrait_bucket(tmp_path):
     root = tmp_path / "train" / "1_sks"
     root.mkdir(parents=True)
     _rotated_jpeg(root / "phone.jpg", orientation=6)
-    dataset = _build("--train_data_dir", str(tmp_path / "train"), "--resolution", "128", "--enable_bucket",
-                     "--min_bucket_reso", "64", "--max_bucket_reso", "256")  # fmt: skip
+    dataset = _build(
+        "--train_data_dir",
+        str(tmp_path / "train"),
+        "--resolution",
+        "128",
+        "--enable_bucket",
+        "--min_bucket_reso",
+        "64",
+        "--max_bucket_reso",
+        "256",
+    )
     assert dataset.records[0].bucket[0] < dataset.records[0].bucket[1]
 
 

@@ -50,9 +50,15 @@ def test_reg_images_are_balanced_and_weighted(tmp_path):
     make_dreambooth(tmp_path / "train", {"2_sks dog": [(64, 64)] * 3})
     make_dreambooth(tmp_path / "reg", {"1_dog": [(64, 64)] * 2})
     dataset = _build(
-        "--train_data_dir", str(tmp_path / "train"), "--reg_data_dir", str(tmp_path / "reg"),
-        "--resolution", "64", "--prior_loss_weight", "0.25",
-    )  # fmt: skip
+        "--train_data_dir",
+        str(tmp_path / "train"),
+        "--reg_data_dir",
+        str(tmp_path / "reg"),
+        "--resolution",
+        "64",
+        "--prior_loss_weight",
+        "0.25",
+    )
     assert dataset.num_train_images == 6 and dataset.num_reg_images == 2
     counts = _keys_per_epoch(dataset)
     reg_items = sum(n for key, n in counts.items() if "/reg/" in key)
@@ -120,9 +126,15 @@ def test_in_json_metadata_with_tags_and_repeats(tmp_path):
     metadata = {"a.png": {"caption": "sks cat", "tags": "red, cute"}, "b": {"tags": "sks, blue"}}
     (tmp_path / "meta.json").write_text(json.dumps(metadata), encoding="utf-8")
     dataset = _build(
-        "--in_json", str(tmp_path / "meta.json"), "--train_data_dir", str(tmp_path / "imgs"),
-        "--resolution", "64", "--dataset_repeats", "2",
-    )  # fmt: skip
+        "--in_json",
+        str(tmp_path / "meta.json"),
+        "--train_data_dir",
+        str(tmp_path / "imgs"),
+        "--resolution",
+        "64",
+        "--dataset_repeats",
+        "2",
+    )
     assert dataset.num_train_images == 4
     assert sorted(r.caption for r in dataset.records) == ["sks cat,red, cute", "sks, blue"]
 

@@ -30,8 +30,9 @@ def write_like_the_trainer(path, n: int, dim: int, dtype: torch.dtype) -> torch.
         clip_skip=None,
         extra={},
     )
-    save_embedding(path, vectors, path.stem, step=10, checkpoint_name="model.safetensors", metadata=metadata,
-                   dtype=dtype)  # fmt: skip
+    save_embedding(
+        path, vectors, path.stem, step=10, checkpoint_name="model.safetensors", metadata=metadata, dtype=dtype
+    )
     return vectors.to(dtype).float()
 
 

@@ -163,8 +163,12 @@ def test_an_fp32_file_is_narrowed_only_where_exact(tiny_sd1, tmp_path):
     """The tiny model's own file is fp32 with random values: nothing fits fp16, nothing changes."""
     model = load_sd_model(tiny_sd1 / "model.safetensors", with_vae=False, exact_half_storage=True)
     assert {p.dtype for p in [*model.unet.parameters(), *model.text_encoder.parameters()]} == {torch.float32}
-    half_run = load_sd_model(_fp16_copy(tiny_sd1 / "model.safetensors", tmp_path), with_vae=False,
-                             dtype=torch.bfloat16, exact_half_storage=True)  # fmt: skip
+    half_run = load_sd_model(
+        _fp16_copy(tiny_sd1 / "model.safetensors", tmp_path),
+        with_vae=False,
+        dtype=torch.bfloat16,
+        exact_half_storage=True,
+    )
     assert {p.dtype for p in half_run.unet.parameters()} == {torch.bfloat16}
 
 

@@ -34,8 +34,12 @@ def probe(mode: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     result = subprocess.run(
         [sys.executable, "-c", FAULT_PROBE, mode],
-        capture_output=True, text=True, cwd=ROOT, env={**clean, "OMP_NUM_THREADS": "1", **env}, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**clean, "OMP_NUM_THREADS": "1", **env},
+        check=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -87,8 +91,12 @@ def test_what_loading_freed_goes_back_before_freed_memory_is_kept():
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     result = subprocess.run(
         [sys.executable, "-c", LOAD_LEFTOVERS_PROBE],
-        capture_output=True, text=True, cwd=ROOT, env={**clean, "OMP_NUM_THREADS": "1"}, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**clean, "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["applied"] is True
     freed = 6_000 * 7 / 8 * 64_000  # about 336 MB in holes between live blocks

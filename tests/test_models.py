@@ -264,8 +264,11 @@ def test_missing_vae_path(tiny_sd1_safetensors, tmp_path):
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
-    return {f"{part}.{k}": v for part in ("unet", "text_encoder", "vae")
-            for k, v in getattr(model, part).state_dict().items()}  # fmt: skip
+    return {
+        f"{part}.{k}": v
+        for part in ("unet", "text_encoder", "vae")
+        for k, v in getattr(model, part).state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("layout", ["model.safetensors", "model.ckpt", "diffusers"])
@@ -299,8 +302,11 @@ def test_a_vae_given_apart_is_the_only_vae_read(tiny_sd1, monkeypatch):
 
     read: list[str] = []
     original = checkpoint_io.Checkpoint.read
-    monkeypatch.setattr(checkpoint_io.Checkpoint, "read",
-                        lambda self, keys: original(self, [read.append(k) or k for k in keys]))  # fmt: skip
+    monkeypatch.setattr(
+        checkpoint_io.Checkpoint,
+        "read",
+        lambda self, keys: original(self, [read.append(k) or k for k in keys]),
+    )
     load_sd_model(tiny_sd1 / "model.safetensors", vae=tiny_sd1 / "diffusers")
     assert read and not any(key.startswith("first_stage_model.") for key in read)
 
@@ -328,8 +334,11 @@ def _record_reads(monkeypatch) -> list[str]:
 
     read: list[str] = []
     original = checkpoint_io.Checkpoint.read
-    monkeypatch.setattr(checkpoint_io.Checkpoint, "read",
-                        lambda self, keys: original(self, [read.append(k) or k for k in keys]))  # fmt: skip
+    monkeypatch.setattr(
+        checkpoint_io.Checkpoint,
+        "read",
+        lambda self, keys: original(self, [read.append(k) or k for k in keys]),
+    )
     return read
 
 
@@ -412,8 +421,12 @@ def test_the_load_never_holds_more_than_the_model_and_one_tensor(
         original_assign(model, key, tensor, path, **kwargs)
         if model not in built:
             built.append(model)
-        held = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
-                for m in built for p in [*m.parameters(), *m.buffers()] if p.device.type != "meta"}  # fmt: skip
+        held = {
+            p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+            for m in built
+            for p in [*m.parameters(), *m.buffers()]
+            if p.device.type != "meta"
+        }
         peak = max(peak, sum({**alive, **held}.values()))
 
     monkeypatch.setattr(checkpoint_io.Checkpoint, "read", read)

@@ -25,8 +25,14 @@ def tokenizer():
 
 def tiny_text_encoder(vocab: int = 49408) -> CLIPTextModel:
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=1, max_position_embeddings=77)  # fmt: skip
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+    )
     return CLIPTextModel(config).eval()
 
 

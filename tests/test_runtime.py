@@ -50,9 +50,13 @@ def test_plain_avx512_is_not_native_bf16_even_though_onednn_emulates_it(cpu, mon
 
 @pytest.mark.parametrize(
     "cpuinfo, torch_avx512_bf16, torch_amx",
-    [(X86_AVX512_ONLY, True, False), (X86_AVX512_ONLY, False, True), (X86_SAPPHIRE_RAPIDS, False, False),
-     (ARM_GRAVITON3, False, False)],
-)  # fmt: skip
+    [
+        (X86_AVX512_ONLY, True, False),
+        (X86_AVX512_ONLY, False, True),
+        (X86_SAPPHIRE_RAPIDS, False, False),
+        (ARM_GRAVITON3, False, False),
+    ],
+)
 def test_native_bf16_from_torch_or_from_the_cpu_flags(cpu, cpuinfo, torch_avx512_bf16, torch_amx):
     cpu(cpuinfo, torch_avx512_bf16, torch_amx)
     assert cpu_has_native_bf16()

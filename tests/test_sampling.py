@@ -141,8 +141,9 @@ def test_an_ancestral_sampler_draws_its_noise_as_kohyas_generator_does(sd1, gene
         GenerationRequest("a cat", seeds=[seed], sampler="euler_a", steps=steps, **size)
     )[0]
     pipe = generator.txt2img
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(make_scheduler("euler_a", sd1.scheduler_config,
-                                                                                False).config)  # fmt: skip
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(
+        make_scheduler("euler_a", sd1.scheduler_config, False).config
+    )
     embeds = generator.encode(["a cat", ""]).hidden
     saved = torch.get_rng_state()
     try:
@@ -151,8 +152,15 @@ def test_an_ancestral_sampler_draws_its_noise_as_kohyas_generator_does(sd1, gene
         start = torch.randn(shape)
         for _ in range(steps):
             torch.randn(shape)
-        kohya = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], latents=start, generator=None,
-                     num_inference_steps=steps, guidance_scale=7.5, **size).images[0]  # fmt: skip
+        kohya = pipe(
+            prompt_embeds=embeds[:1],
+            negative_prompt_embeds=embeds[1:],
+            latents=start,
+            generator=None,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            **size,
+        ).images[0]
     finally:
         torch.set_rng_state(saved)
     assert np.array_equal(pixels(ours), pixels(kohya))
@@ -275,8 +283,16 @@ def test_trainer_style_call_with_a_prompt_spec(tiny_sd1_safetensors):
         dtype=torch.float32,
         placeholder_vectors={"tok": 2},
     )
-    spec = PromptSpec("a photo of tok --n blurry", negative_prompt="blurry", width=64, height=64, steps=2,
-                      seeds=[21], scale=7.5, sampler="euler_a")  # fmt: skip
+    spec = PromptSpec(
+        "a photo of tok --n blurry",
+        negative_prompt="blurry",
+        width=64,
+        height=64,
+        steps=2,
+        seeds=[21],
+        scale=7.5,
+        sampler="euler_a",
+    )
     with torch.no_grad():
         images = generator.generate(spec)
         again = generator.generate(spec)

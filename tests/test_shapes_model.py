@@ -41,9 +41,16 @@ def test_the_model_converts_to_a_diffusers_folder(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     model = load_sd_model(SHAPES_MODEL)
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     from diffusers import DDIMScheduler
 
     pipe.scheduler = DDIMScheduler.from_config(model.scheduler_config)
@@ -62,10 +69,20 @@ def test_textual_inversion_learns_the_concept(tmp_path):
     data = tmp_path / "data"
     draw_training_pictures(data / f"1_{WORD}")
     run_train(
-        f"--pretrained_model_name_or_path={SHAPES_MODEL}", f"--train_data_dir={data}", f"--output_dir={tmp_path}",
-        "--resolution=64", "--train_batch_size=8", "--learning_rate=5e-3", "--max_train_steps=100",
-        "--save_model_as=safetensors", "--caption_extension=.txt", "--cache_latents", "--seed=1",
-        f"--token_string={WORD}", f"--init_word={shapes.GENERIC_WORD}", "--max_data_loader_n_workers=0",
-    )  # fmt: skip
+        f"--pretrained_model_name_or_path={SHAPES_MODEL}",
+        f"--train_data_dir={data}",
+        f"--output_dir={tmp_path}",
+        "--resolution=64",
+        "--train_batch_size=8",
+        "--learning_rate=5e-3",
+        "--max_train_steps=100",
+        "--save_model_as=safetensors",
+        "--caption_extension=.txt",
+        "--cache_latents",
+        "--seed=1",
+        f"--token_string={WORD}",
+        f"--init_word={shapes.GENERIC_WORD}",
+        "--max_data_loader_n_workers=0",
+    )
     report, _, _ = evaluate_embedding(SHAPES_MODEL, tmp_path / f"{WORD}.safetensors", WORD, images=16)
     assert report.concept >= 0.8 and report.init_word <= 0.4, report.line(None)

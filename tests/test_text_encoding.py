@@ -155,8 +155,14 @@ def test_dropping_the_layers_clip_skip_never_reads_gives_the_same_states(tiny_sd
     with torch.no_grad():
         expected = encode_prompts(model.text_encoder, model.tokenizer, ids, clip_skip=2)
         assert drop_unused_layers(model.text_encoder, 2) is None
-        assert len(model.text_encoder.text_model.encoder.layers if hasattr(model.text_encoder, "text_model")
-                   else model.text_encoder.encoder.layers) == 1  # fmt: skip
+        assert (
+            len(
+                model.text_encoder.text_model.encoder.layers
+                if hasattr(model.text_encoder, "text_model")
+                else model.text_encoder.encoder.layers
+            )
+            == 1
+        )
         assert torch.equal(encode_prompts(model.text_encoder, model.tokenizer, ids, None), expected)
     assert (
         drop_unused_layers(model.text_encoder, 1) == 1

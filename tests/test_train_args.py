@@ -62,9 +62,15 @@ def test_output_config_refuses_to_overwrite(tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--deepspeed"], ["--zero_stage=3"], ["--huggingface_token=x"], ["--async_upload"],
-     ["--offload_optimizer_device=cpu"], ["--fp16_master_weights_and_gradients"]],
-)  # fmt: skip
+    [
+        ["--deepspeed"],
+        ["--zero_stage=3"],
+        ["--huggingface_token=x"],
+        ["--async_upload"],
+        ["--offload_optimizer_device=cpu"],
+        ["--fp16_master_weights_and_gradients"],
+    ],
+)
 def test_unsupported_options_are_refused(argv):
     with pytest.raises(UserError) as info:
         refuse_unsupported(parse_args(argv))

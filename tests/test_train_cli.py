@@ -90,8 +90,12 @@ def text_output(
         before = pipe.text_encoder(before_ids)[0]
         original_rows = pipe.text_encoder.get_input_embeddings().weight[:49408].clone()
         pipe.load_textual_inversion(str(embedding), token=token)
-        ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length",
-                             max_length=77, return_tensors="pt").input_ids  # fmt: skip
+        ids = pipe.tokenizer(
+            pipe.maybe_convert_prompt(prompt, pipe.tokenizer),
+            padding="max_length",
+            max_length=77,
+            return_tensors="pt",
+        ).input_ids
         after = pipe.text_encoder(ids)[0]
         assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[:49408], original_rows)
     return before, after
@@ -103,10 +107,20 @@ def test_seed_command_cpu_adapted(char_data, tiny_sd1, tmp_path):
     out = tmp_path / "ti_train1"
     result = run_train(
         *common(char_data, out, tiny_sd1 / "model.ckpt"),
-        "--train_batch_size=1", "--learning_rate=1e-4", "--max_train_steps=8", "--use_8bit_adam", "--xformers",
-        "--mixed_precision=fp16", "--save_every_n_epochs=1", "--save_model_as=safetensors", "--clip_skip=2",
-        "--color_aug", "--token_string=mychar4", "--init_word=cute", "--num_vectors_per_token=4",
-    )  # fmt: skip
+        "--train_batch_size=1",
+        "--learning_rate=1e-4",
+        "--max_train_steps=8",
+        "--use_8bit_adam",
+        "--xformers",
+        "--mixed_precision=fp16",
+        "--save_every_n_epochs=1",
+        "--save_model_as=safetensors",
+        "--clip_skip=2",
+        "--color_aug",
+        "--token_string=mychar4",
+        "--init_word=cute",
+        "--num_vectors_per_token=4",
+    )
     assert "xformers" in result.stderr and "--mixed_precision fp16: float16 needs a GPU" in result.stderr
     final = out / "mychar4.safetensors"
     assert final.is_file()
@@ -123,11 +137,22 @@ def test_sd2_folder_pt_output_object_template_and_webui_rules(char_data, tiny_sd
     out = tmp_path / "out"
     run_train(
         *common(char_data, out, tiny_sd2 / "diffusers"),
-        "--max_train_steps=3", "--learning_rate=5e-3", "--token_string=mychar4", "--init_word=toy",
-        "--num_vectors_per_token=2", "--use_object_template", "--output_name=mytoy", "--save_model_as=pt",
-        "--v2", "--v_parameterization", "--gradient_checkpointing", "--cache_latents", "--min_snr_gamma=5",
-        f"--logging_dir={tmp_path / 'logs'}", "--log_with=tensorboard",
-    )  # fmt: skip
+        "--max_train_steps=3",
+        "--learning_rate=5e-3",
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--num_vectors_per_token=2",
+        "--use_object_template",
+        "--output_name=mytoy",
+        "--save_model_as=pt",
+        "--v2",
+        "--v_parameterization",
+        "--gradient_checkpointing",
+        "--cache_latents",
+        "--min_snr_gamma=5",
+        f"--logging_dir={tmp_path / 'logs'}",
+        "--log_with=tensorboard",
+    )
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     path = out / "mytoy.pt"
     assert_webui_loadable(path)
@@ -144,23 +169,35 @@ def test_weights_continue_from_a_file_and_mismatch_errors(char_data, tiny_sd1, t
     out = tmp_path / "out"
     run_train(
         *common(char_data, out, tiny_sd1 / "diffusers"),
-        "--max_train_steps=1", "--learning_rate=0", "--token_string=mychar4", f"--weights={start}",
-        "--num_vectors_per_token=2", "--save_model_as=safetensors",
-    )  # fmt: skip
+        "--max_train_steps=1",
+        "--learning_rate=0",
+        "--token_string=mychar4",
+        f"--weights={start}",
+        "--num_vectors_per_token=2",
+        "--save_model_as=safetensors",
+    )
     assert torch.equal(load_file(str(out / "mychar4.safetensors"))["emb_params"], torch.full((2, 32), 0.01))
 
     wrong = run_train(
         *common(char_data, tmp_path / "o2", tiny_sd1 / "model.safetensors"),
-        "--max_train_steps=1", "--token_string=mychar4", f"--weights={start}", "--num_vectors_per_token=3",
+        "--max_train_steps=1",
+        "--token_string=mychar4",
+        f"--weights={start}",
+        "--num_vectors_per_token=3",
         check=False,
-    )  # fmt: skip
+    )
     assert wrong.returncode == 2
     assert "2 vectors" in wrong.stderr and "--num_vectors_per_token is 3" in wrong.stderr
 
 
 def test_vectors_that_never_move_are_reported(char_data, tiny_sd2, tmp_path):
-    result = run_train(*common(char_data, tmp_path / "o", tiny_sd2 / "model.safetensors"),
-                       "--max_train_steps=10", "--learning_rate=0", "--token_string=mychar4", "--init_word=toy")  # fmt: skip
+    result = run_train(
+        *common(char_data, tmp_path / "o", tiny_sd2 / "model.safetensors"),
+        "--max_train_steps=10",
+        "--learning_rate=0",
+        "--token_string=mychar4",
+        "--init_word=toy",
+    )
     assert "have not changed" in result.stderr
     assert "SD 2.x" in result.stderr  # detected from the file without --v2
 
@@ -175,29 +212,38 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 def test_token_missing_from_captions_stops_before_training(tiny_sd1, tmp_path):
     data = tmp_path / "data"
     make_images(data / "1_toy", 2, caption="a photo of a toy")
-    result = run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
-                       "--token_string=mychar4", check=False)  # fmt: skip
+    result = run_train(
+        *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), "--token_string=mychar4", check=False
+    )
     assert "mychar4" in _error_line(result)
     assert not (tmp_path / "o" / "mychar4.pt").exists()
 
 
 def test_token_already_in_vocabulary_is_refused_with_a_suggestion(char_data, tiny_sd1, tmp_path):
-    result = run_train(*common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
-                       "--token_string=toy", check=False)  # fmt: skip
+    result = run_train(
+        *common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"), "--token_string=toy", check=False
+    )
     line = _error_line(result)
     assert "'toy' already exists" in line and "--token_string toyx" in line
 
 
 def test_an_unsupported_option_is_refused_in_one_line(char_data, tiny_sd1, tmp_path):
     """Through the CLI once; every refused option's message is checked in test_train_args."""
-    result = run_train(*common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
-                       "--token_string=mychar4", "--deepspeed", check=False)  # fmt: skip
+    result = run_train(
+        *common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--deepspeed",
+        check=False,
+    )
     assert "DeepSpeed" in _error_line(result)
 
 
 def test_missing_model_is_one_line(char_data, tmp_path):
-    result = run_train(*common(char_data, tmp_path / "o", tmp_path / "nope.safetensors"),
-                       "--token_string=mychar4", check=False)  # fmt: skip
+    result = run_train(
+        *common(char_data, tmp_path / "o", tmp_path / "nope.safetensors"),
+        "--token_string=mychar4",
+        check=False,
+    )
     assert "nope.safetensors" in _error_line(result)
 
 
@@ -210,18 +256,33 @@ def _batches_by_step(stderr: str) -> dict[int, tuple[int, str]]:
 
 
 def test_resume_ends_with_the_same_vectors_as_an_uninterrupted_run(char_data, tiny_sd1, tmp_path):
-    args = ["--max_train_steps=6", "--learning_rate=1e-2", "--token_string=mychar4", "--init_word=toy",
-            "--num_vectors_per_token=2", "--save_model_as=safetensors", "--optimizer_type=AdamW",
-            "--lr_scheduler=cosine", "--train_batch_size=2", "--flip_aug", "--console_log_level=DEBUG"]  # fmt: skip
+    args = [
+        "--max_train_steps=6",
+        "--learning_rate=1e-2",
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--num_vectors_per_token=2",
+        "--save_model_as=safetensors",
+        "--optimizer_type=AdamW",
+        "--lr_scheduler=cosine",
+        "--train_batch_size=2",
+        "--flip_aug",
+        "--console_log_level=DEBUG",
+    ]
     whole = tmp_path / "whole"
-    first = run_train(*common(char_data, whole, tiny_sd1 / "model.safetensors"), *args,
-                      "--save_every_n_steps=2", "--save_state")  # fmt: skip
+    first = run_train(
+        *common(char_data, whole, tiny_sd1 / "model.safetensors"),
+        *args,
+        "--save_every_n_steps=2",
+        "--save_state",
+    )
     state = whole / "mychar4-step00000002-state"
     assert (state / "progress.json").is_file()
     resumed = tmp_path / "resumed"
     # a different --seed on resume is overridden by the state's seed (with a warning), so the run repeats
-    second = run_train(*common(char_data, resumed, tiny_sd1 / "model.safetensors"), *args, f"--resume={state}",
-                       "--seed=7")  # fmt: skip
+    second = run_train(
+        *common(char_data, resumed, tiny_sd1 / "model.safetensors"), *args, f"--resume={state}", "--seed=7"
+    )
     assert "differs from the resumed run's seed 42" in second.stderr
     if glibc_version() is not None:  # a CPU run keeps freed memory for the next step (library/host_memory.py)
         assert "freed memory kept for reuse" in first.stderr
@@ -247,9 +308,15 @@ def test_nan_guard_keeps_the_last_good_vectors(char_data, tiny_sd1, tmp_path):
     out = tmp_path / "o"
     result = run_train(
         *common(char_data, out, tiny_sd1 / "model.safetensors"),
-        "--max_train_steps=5", "--learning_rate=1e38", "--max_grad_norm=0", "--token_string=mychar4",
-        "--init_word=toy", "--optimizer_type=SGDNesterov", "--save_model_as=safetensors", check=False,
-    )  # fmt: skip
+        "--max_train_steps=5",
+        "--learning_rate=1e38",
+        "--max_grad_norm=0",
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--optimizer_type=SGDNesterov",
+        "--save_model_as=safetensors",
+        check=False,
+    )
     line = _error_line(result)
     assert "the loss became nan" in line and "learning_rate" in line
     saved = list(out.glob("mychar4-last-good-step*.safetensors"))
@@ -263,9 +330,14 @@ def test_sample_images_are_written(char_data, tiny_sd1, tmp_path):
     out = tmp_path / "o"
     run_train(
         *common(char_data, out, tiny_sd1 / "model.safetensors"),
-        "--max_train_steps=2", "--token_string=mychar4", "--init_word=toy", "--num_vectors_per_token=2",
-        f"--sample_prompts={prompts}", "--sample_every_n_steps=2", "--sample_at_first",
-    )  # fmt: skip
+        "--max_train_steps=2",
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--num_vectors_per_token=2",
+        f"--sample_prompts={prompts}",
+        "--sample_every_n_steps=2",
+        "--sample_at_first",
+    )
     names = sorted(p.name for p in (out / "sample").glob("*.png"))
     assert len(names) == 2
     # kohya's names: --sample_at_first counts as epoch 0, later samples carry the step
@@ -275,8 +347,12 @@ def test_sample_images_are_written(char_data, tiny_sd1, tmp_path):
 
 def test_debug_dataset_shows_new_token_ids_without_training(char_data, tiny_sd1, tmp_path):
     out = tmp_path / "o"
-    result = run_train(*common(char_data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
-                       "--num_vectors_per_token=3", "--debug_dataset")  # fmt: skip
+    result = run_train(
+        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--num_vectors_per_token=3",
+        "--debug_dataset",
+    )
     text = result.stdout + result.stderr
     assert "49408" in text and "49409" in text and "49410" in text
     assert not list(out.glob("*.pt"))
@@ -286,8 +362,14 @@ def test_debug_dataset_shows_new_token_ids_without_training(char_data, tiny_sd1,
 def test_output_config_then_config_file(char_data, tiny_sd1, tmp_path):
     config = tmp_path / "run.toml"
     out = tmp_path / "o"
-    run_train(*common(char_data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
-              "--max_train_steps=1", "--output_name=fromconfig", f"--config_file={config}", "--output_config")  # fmt: skip
+    run_train(
+        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--max_train_steps=1",
+        "--output_name=fromconfig",
+        f"--config_file={config}",
+        "--output_config",
+    )
     assert config.is_file() and not out.exists()
     run_train(f"--config_file={config}")
     assert (out / "fromconfig.pt").is_file()
@@ -300,15 +382,32 @@ def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):
     out = tmp_path / "o"
     prompts = tmp_path / "p.txt"
     prompts.write_text("mychar4 --w 64 --h 64 --s 2 --d 3\n")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29517"]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        "--main_process_port=29517",
+    ]
     result = run_train(
         *common(char_data, out, tiny_sd1 / "model.safetensors"),
-        "--max_train_steps=3", "--token_string=mychar4", "--init_word=toy", "--save_every_n_steps=2",
-        "--save_state", "--save_model_as=safetensors", "--learning_rate=1e-2", "--console_log_level=DEBUG",
-        f"--sample_prompts={prompts}", "--sample_every_n_steps=2", launcher=launcher,
+        "--max_train_steps=3",
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--save_every_n_steps=2",
+        "--save_state",
+        "--save_model_as=safetensors",
+        "--learning_rate=1e-2",
+        "--console_log_level=DEBUG",
+        f"--sample_prompts={prompts}",
+        "--sample_every_n_steps=2",
+        launcher=launcher,
         env={"ACCELERATE_USE_CPU": "true"},
-    )  # fmt: skip
+    )
     assert "x2 process(es)" in result.stderr and "3 steps each" in result.stderr  # 6 batches split in two
     assert (out / "mychar4.safetensors").is_file() and (out / "mychar4-step00000002.safetensors").is_file()
     assert (out / "mychar4-step00000002-state" / "progress.json").is_file()

@@ -13,8 +13,16 @@ from test_train_cli import common, make_images, run_train
 
 pytestmark = pytest.mark.slow
 
-TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-                 "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]  # fmt: skip
+TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes=2",
+    "--num_machines=1",
+    "--mixed_precision=no",
+    "--dynamo_backend=no",
+]
 
 
 def launch_two(port: int) -> dict:
@@ -40,8 +48,14 @@ def final_vectors(folder: Path):
     return load_file(str(folder / "mychar4.safetensors"))["emb_params"]
 
 
-TRAIN = ["--token_string=mychar4", "--init_word=toy", "--learning_rate=1e-2", "--save_model_as=safetensors",
-         "--console_log_level=DEBUG", "--optimizer_type=AdamW"]  # fmt: skip
+TRAIN = [
+    "--token_string=mychar4",
+    "--init_word=toy",
+    "--learning_rate=1e-2",
+    "--save_model_as=safetensors",
+    "--console_log_level=DEBUG",
+    "--optimizer_type=AdamW",
+]
 
 
 @pytest.mark.parametrize("scheduler", ["linear", "cosine_with_restarts"])
@@ -64,8 +78,13 @@ def test_accumulation_steps_at_each_epoch_end_and_resumes_exactly_from_every_sav
     epoch save and one resumed from a step save end with the uninterrupted run's vectors."""
     model = tiny_sd1 / "model.safetensors"
     args = [*TRAIN, "--max_train_steps=6", "--gradient_accumulation_steps=2", "--lr_scheduler=cosine"]
-    whole = run_train(*common(data, tmp_path / "whole", model), *args, "--save_every_n_epochs=1",
-                      "--save_every_n_steps=3", "--save_state")  # fmt: skip
+    whole = run_train(
+        *common(data, tmp_path / "whole", model),
+        *args,
+        "--save_every_n_epochs=1",
+        "--save_every_n_steps=3",
+        "--save_state",
+    )
     assert "6 steps (3 epochs, 2 steps each)" in whole.stderr
     steps = [(int(s), int(e)) for s, e in re.findall(r"step (\d+), epoch (\d+): \[", whole.stderr)]
     assert [e for _, e in steps] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # every batch of every epoch is used
@@ -80,8 +99,13 @@ def test_accumulation_steps_at_each_epoch_end_and_resumes_exactly_from_every_sav
 def test_two_processes_resume_exactly(data, tiny_sd1, tmp_path):
     model = tiny_sd1 / "model.safetensors"
     args = [*TRAIN, "--max_train_steps=4", "--lr_scheduler=linear"]
-    run_train(*common(data, tmp_path / "whole", model), *args, "--save_every_n_steps=2", "--save_state",
-              **launch_two(29533))  # fmt: skip
+    run_train(
+        *common(data, tmp_path / "whole", model),
+        *args,
+        "--save_every_n_steps=2",
+        "--save_state",
+        **launch_two(29533),
+    )
     state = tmp_path / "whole" / "mychar4-step00000002-state"
     run_train(*common(data, tmp_path / "resumed", model), *args, f"--resume={state}", **launch_two(29534))
     difference = final_vectors(tmp_path / "resumed") - final_vectors(tmp_path / "whole")

@@ -42,8 +42,14 @@ with open(sys.argv[1], "w") as f:
 def load_events(tmp_path, *args: str) -> list[dict]:
     record = tmp_path / "events.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", LOAD_ORDER, str(record), *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, env=env)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_ORDER, str(record), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(record.read_text())
 
@@ -52,8 +58,12 @@ def test_cached_latents_are_encoded_by_the_vae_alone_which_is_freed_before_the_u
     tiny_sd1, tmp_path
 ):
     make_images(tmp_path / "data" / "1_mychar4 toy", 2, caption="a photo of mychar4")
-    args = [*common(tmp_path / "data", tmp_path / "out", tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
-            "--init_word=toy", "--max_train_steps=1"]  # fmt: skip
+    args = [
+        *common(tmp_path / "data", tmp_path / "out", tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--max_train_steps=1",
+    ]
     assert load_events(tmp_path, *args, "--cache_latents") == [
         {"load": "vae"},
         {"load": "model", "with_vae": False, "vae_alone_alive": False},
@@ -82,9 +92,16 @@ def test_the_vae_read_first_caches_the_same_latents_and_learns_the_same_vectors(
         ("kept", [f"--sample_prompts={prompts}", "--sample_every_n_steps=1000"]),
     ):
         out = tmp_path / name
-        run_train(*common(tmp_path / "data", out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
-                  "--init_word=toy", "--max_train_steps=3", "--learning_rate=1e-2", "--cache_latents",
-                  "--save_model_as=safetensors", *extra)  # fmt: skip
+        run_train(
+            *common(tmp_path / "data", out, tiny_sd1 / "model.safetensors"),
+            "--token_string=mychar4",
+            "--init_word=toy",
+            "--max_train_steps=3",
+            "--learning_rate=1e-2",
+            "--cache_latents",
+            "--save_model_as=safetensors",
+            *extra,
+        )
         vectors[name] = load_file(str(out / "mychar4.safetensors"))["emb_params"]
     assert vectors["alone"].equal(vectors["kept"])
 
@@ -114,8 +131,14 @@ with open(sys.argv[1], "w") as f:
 def _run_recording_half_layers(tmp_path, run: str, *args: str) -> list[int]:
     record = tmp_path / f"{run}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", HALF_STORAGE, str(record), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", HALF_STORAGE, str(record), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(record.read_text())
 
@@ -137,17 +160,31 @@ def test_half_stored_frozen_weights_learn_the_same_vectors_as_highvram_fp32_weig
     for run, extra in (("default", []), ("highvram", ["--highvram"])):
         out = tmp_path / run
         stored[run] = _run_recording_half_layers(
-            tmp_path, run, *common(tmp_path / "data", out, fp16), "--token_string=mychar4", "--init_word=toy",
-            "--max_train_steps=2", "--learning_rate=1e-2", "--save_model_as=safetensors", "--gradient_checkpointing",
-            f"--sample_prompts={prompts}", "--sample_every_n_steps=2", *extra,
-        )  # fmt: skip
+            tmp_path,
+            run,
+            *common(tmp_path / "data", out, fp16),
+            "--token_string=mychar4",
+            "--init_word=toy",
+            "--max_train_steps=2",
+            "--learning_rate=1e-2",
+            "--save_model_as=safetensors",
+            "--gradient_checkpointing",
+            f"--sample_prompts={prompts}",
+            "--sample_every_n_steps=2",
+            *extra,
+        )
         vectors[run] = load_file(str(out / "mychar4.safetensors"))["emb_params"]
         samples[run] = [p.read_bytes() for p in sorted((out / "sample").glob("*.png"))]
     assert stored["highvram"] == [0] and stored["default"][0] > 10
     assert vectors["default"].equal(vectors["highvram"])
     assert samples["default"] and samples["default"] == samples["highvram"]  # the same pixels
     compiled = _run_recording_half_layers(
-        tmp_path, "compiled", *common(tmp_path / "data", tmp_path / "compiled", fp16), "--token_string=mychar4",
-        "--max_train_steps=1", "--torch_compile", "--dynamo_backend=eager",
-    )  # fmt: skip
+        tmp_path,
+        "compiled",
+        *common(tmp_path / "data", tmp_path / "compiled", fp16),
+        "--token_string=mychar4",
+        "--max_train_steps=1",
+        "--torch_compile",
+        "--dynamo_backend=eager",
+    )
     assert compiled == [0]

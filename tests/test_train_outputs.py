@@ -38,12 +38,22 @@ def test_files_are_named_after_the_token_string_without_output_name(data, tiny_s
     out = tmp_path / "o"
     run_train(
         *common(data, out, tiny_sd1 / "model.safetensors"),
-        "--token_string=mychar4", "--init_word=toy", "--max_train_steps=4", "--save_every_n_epochs=1",
-        "--save_model_as=safetensors", "--save_state", f"--sample_prompts={prompts}", "--sample_every_n_epochs=1",
-    )  # fmt: skip
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--max_train_steps=4",
+        "--save_every_n_epochs=1",
+        "--save_model_as=safetensors",
+        "--save_state",
+        f"--sample_prompts={prompts}",
+        "--sample_every_n_epochs=1",
+    )
     assert {p.name for p in out.iterdir()} == {
-        "mychar4-000001.safetensors", "mychar4-000001-state", "mychar4.safetensors", "mychar4-state", "sample"
-    }  # fmt: skip
+        "mychar4-000001.safetensors",
+        "mychar4-000001-state",
+        "mychar4.safetensors",
+        "mychar4-state",
+        "sample",
+    }
     samples = sorted(p.name for p in (out / "sample").glob("*.png"))
     assert samples and all(re.match(r"mychar4_e00000[12]_00_\d{14}_3\.png$", s) for s in samples), samples
     with safe_open(str(out / "mychar4.safetensors"), "pt") as f:
@@ -58,10 +68,14 @@ def test_a_phrase_init_word_is_laid_over_the_vectors_as_the_mode_says(data, tiny
     out = tmp_path / "o"
     result = run_train(
         *common(data, out, tiny_sd1 / "model.safetensors"),
-        "--token_string=mychar4", "--init_word=hello world", "--num_vectors_per_token=3",
-        "--max_train_steps=1", "--learning_rate=0", "--save_model_as=safetensors",
+        "--token_string=mychar4",
+        "--init_word=hello world",
+        "--num_vectors_per_token=3",
+        "--max_train_steps=1",
+        "--learning_rate=0",
+        "--save_model_as=safetensors",
         *([f"--init_word_mode={mode}"] if mode else []),
-    )  # fmt: skip
+    )
     model = load_sd_model(tiny_sd1 / "model.safetensors")
     hello, world = model.tokenizer("hello world", add_special_tokens=False).input_ids
     table = model.text_encoder.get_input_embeddings().weight
@@ -78,8 +92,13 @@ def test_a_phrase_init_word_is_laid_over_the_vectors_as_the_mode_says(data, tiny
 
 def test_save_model_as_ckpt_writes_name_ckpt(data, tiny_sd1, tmp_path, monkeypatch):
     out = tmp_path / "o"
-    result = run_train(*common(data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
-                       "--init_word=toy", "--max_train_steps=1", "--save_model_as=ckpt")  # fmt: skip
+    result = run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--max_train_steps=1",
+        "--save_model_as=ckpt",
+    )
     assert sorted(p.name for p in out.iterdir()) == ["mychar4.ckpt"]
     assert "do not load .ckpt embeddings" in result.stderr  # the WebUI family and SD.Next skip them
     import client_rules
@@ -94,25 +113,48 @@ def test_save_model_as_ckpt_writes_name_ckpt(data, tiny_sd1, tmp_path, monkeypat
 def test_step_saves_and_states_rotate_as_kohya(data, tiny_sd1, tmp_path):
     """--save_last_n_steps counts steps: with one save per step and N=1, the last two saves stay."""
     out = tmp_path / "o"
-    run_train(*common(data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4", "--init_word=toy",
-              "--output_name=foo", "--max_train_steps=3", "--save_every_n_steps=1", "--save_last_n_steps=1",
-              "--save_state")  # fmt: skip
+    run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--output_name=foo",
+        "--max_train_steps=3",
+        "--save_every_n_steps=1",
+        "--save_last_n_steps=1",
+        "--save_state",
+    )
     assert sorted(p.name for p in out.iterdir()) == [
-        "foo-state", "foo-step00000002-state", "foo-step00000002.pt", "foo-step00000003-state",
-        "foo-step00000003.pt", "foo.pt",
-    ]  # fmt: skip
+        "foo-state",
+        "foo-step00000002-state",
+        "foo-step00000002.pt",
+        "foo-step00000003-state",
+        "foo-step00000003.pt",
+        "foo.pt",
+    ]
 
 
 def test_logs_go_to_a_folder_per_run_with_kohyas_tags(data, tiny_sd1, tmp_path):
+    """Each run logs into its own folder with kohya's tags; like kohya, no hparams run is written
+    unless --log_config asks for the config, which then holds no secret."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = tmp_path / "logs"
-    for _ in range(2):
-        run_train(*common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), "--token_string=mychar4",
-                  "--init_word=toy", "--max_train_steps=4", f"--logging_dir={logs}", "--log_prefix=run_")  # fmt: skip
+    secret = "sekrit-4711"
+    for extra in ([], ["--log_config", f"--wandb_api_key={secret}"]):
+        run_train(
+            *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
+            "--token_string=mychar4",
+            "--init_word=toy",
+            "--max_train_steps=4",
+            f"--logging_dir={logs}",
+            "--log_prefix=run_",
+            *extra,
+        )
     runs = sorted(logs.iterdir())
     assert len(runs) == 2  # one folder per run (a run takes seconds, so the time stamps differ)
     assert all(re.fullmatch(r"run_\d{14}", run.name) for run in runs)
+    plain = [p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file()]
+    assert len(plain) == 1 and plain[0].parent == Path("textual_inversion")  # no hparams run
     events = sorted((runs[-1] / "textual_inversion").glob("events.out.tfevents.*"))
     assert events
     accumulator = EventAccumulator(str(events[-1]))
@@ -120,12 +162,21 @@ def test_logs_go_to_a_folder_per_run_with_kohyas_tags(data, tiny_sd1, tmp_path):
     tags = set(accumulator.Tags()["scalars"])
     assert {"loss", "lr", "loss/epoch", "loss/average", "norm/vector0"} <= tags
     assert [e.step for e in accumulator.Scalars("loss/epoch")] == [1, 2]  # 2 batches per epoch, 4 steps
+    logged = b"".join(p.read_bytes() for p in runs[1].rglob("*") if p.is_file())
+    assert b"token_string" in logged and b"mychar4" in logged  # the config is recorded
+    assert secret.encode() not in logged and str(tiny_sd1).encode() not in logged  # no secret, no path
 
 
 def test_metadata_records_the_timestep_range(data, tiny_sd1, tmp_path):
     out = tmp_path / "o"
-    run_train(*common(data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4", "--init_word=toy",
-              "--max_train_steps=1", "--min_timestep=100", "--save_model_as=safetensors")  # fmt: skip
+    run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--max_train_steps=1",
+        "--min_timestep=100",
+        "--save_model_as=safetensors",
+    )
     with safe_open(str(out / "mychar4.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.timestep_range"] == "100,1000"
 
@@ -155,8 +206,14 @@ def test_the_readme_example_chain_runs_as_written(tiny_sd1, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     script = str(ROOT / "train_textual_inversion.py")
     train = [script if arg == "train_textual_inversion.py" else arg for arg in train]
-    result = subprocess.run(train + ["--max_data_loader_n_workers=0"], cwd=work, env=env, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        train + ["--max_data_loader_n_workers=0"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     generate = [
         sys.executable,

@@ -59,8 +59,15 @@ def validation_losses(stderr: str) -> dict[int, str]:
     return {int(s): v for s, v in re.findall(r"step (\d+): validation loss (\S+)", stderr)}
 
 
-ARGS = ["--token_string=mychar4", "--init_word=toy", "--learning_rate=5e-2", "--save_model_as=safetensors",
-        "--max_train_steps=4", "--validation_split=0.34", "--validate_every_n_steps=1"]  # fmt: skip
+ARGS = [
+    "--token_string=mychar4",
+    "--init_word=toy",
+    "--learning_rate=5e-2",
+    "--save_model_as=safetensors",
+    "--max_train_steps=4",
+    "--validation_split=0.34",
+    "--validate_every_n_steps=1",
+]
 
 
 @pytest.mark.slow
@@ -72,24 +79,36 @@ def test_validation_losses_repeat_across_runs_and_resume_and_the_best_is_kept(da
     assert "1 images held out for validation" in first.stderr
     second = run_train(*common(data, tmp_path / "b", model), *ARGS)
     assert validation_losses(second.stderr) == losses
-    resumed = run_train(*common(data, tmp_path / "c", model), *ARGS,
-                        f"--resume={tmp_path / 'a' / 'mychar4-step00000002-state'}")  # fmt: skip
+    resumed = run_train(
+        *common(data, tmp_path / "c", model),
+        *ARGS,
+        f"--resume={tmp_path / 'a' / 'mychar4-step00000002-state'}",
+    )
     assert validation_losses(resumed.stderr) == {3: losses[3], 4: losses[4]}
     best_step = min(losses, key=lambda s: float(losses[s]))
     with safe_open(str(tmp_path / "a" / "mychar4-best.safetensors"), "pt") as f:
         assert f.metadata()["ti_trainer.step"] == str(best_step)
     if best_step == 4:
-        assert torch.equal(load_file(str(tmp_path / "a" / "mychar4-best.safetensors"))["emb_params"],
-                           load_file(str(tmp_path / "a" / "mychar4.safetensors"))["emb_params"])  # fmt: skip
+        assert torch.equal(
+            load_file(str(tmp_path / "a" / "mychar4-best.safetensors"))["emb_params"],
+            load_file(str(tmp_path / "a" / "mychar4.safetensors"))["emb_params"],
+        )
 
 
 @pytest.mark.slow
 def test_early_stopping_ends_a_run_whose_loss_is_flat(data, tiny_sd1, tmp_path):
     """With a learning rate of 0 the fixed-batch loss never changes: DVAR's ratio is 0 once the window is full."""
     out = tmp_path / "o"
-    result = run_train(*common(data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4", "--init_word=toy",
-                       "--learning_rate=0", "--max_train_steps=20", "--early_stopping", "--early_stopping_window=3",
-                       "--save_model_as=pt")  # fmt: skip
+    result = run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--learning_rate=0",
+        "--max_train_steps=20",
+        "--early_stopping",
+        "--early_stopping_window=3",
+        "--save_model_as=pt",
+    )
     assert "early stopping at step 3" in result.stderr
     assert "fixed training batch" in result.stderr
     assert torch.load(out / "mychar4.pt", weights_only=True)["step"] == 3
@@ -98,9 +117,16 @@ def test_early_stopping_ends_a_run_whose_loss_is_flat(data, tiny_sd1, tmp_path):
 @pytest.mark.slow
 def test_preserved_norms_stay_at_the_init_words(data, tiny_sd1, tmp_path):
     out = tmp_path / "o"
-    run_train(*common(data, out, tiny_sd1 / "model.safetensors"), "--token_string=mychar4", "--init_word=toy",
-              "--learning_rate=0.5", "--max_train_steps=3", "--preserve_embedding_norm", "--num_vectors_per_token=2",
-              "--save_model_as=safetensors")  # fmt: skip
+    run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--learning_rate=0.5",
+        "--max_train_steps=3",
+        "--preserve_embedding_norm",
+        "--num_vectors_per_token=2",
+        "--save_model_as=safetensors",
+    )
     model = load_sd_model(tiny_sd1 / "model.safetensors")
     toy = model.tokenizer("toy", add_special_tokens=False).input_ids[0]
     start = model.text_encoder.get_input_embeddings().weight[toy]
@@ -111,9 +137,13 @@ def test_preserved_norms_stay_at_the_init_words(data, tiny_sd1, tmp_path):
 
 @pytest.mark.parametrize(
     "flag, words",
-    [("--validate_every_n_steps=0", "must be 1"), ("--early_stopping_threshold=0", "between 0 and 1"), ("--early_stopping_window=1", "2 or more"),
-     ("--max_validation_steps=0", "must be 1")],
-)  # fmt: skip
+    [
+        ("--validate_every_n_steps=0", "must be 1"),
+        ("--early_stopping_threshold=0", "between 0 and 1"),
+        ("--early_stopping_window=1", "2 or more"),
+        ("--max_validation_steps=0", "must be 1"),
+    ],
+)
 def test_hostile_validation_options_are_refused_by_name(flag, words, tmp_path):
     """The options become settings once, at the command line: a bad value stops there, with its flag.
 
@@ -122,8 +152,15 @@ def test_hostile_validation_options_are_refused_by_name(flag, words, tmp_path):
     from library.errors import UserError
     from library.training.args import parse_args, run_settings
 
-    args = parse_args(["--pretrained_model_name_or_path=m", f"--train_data_dir={tmp_path}", "--output_dir=o",
-                       "--token_string=mychar4", flag])  # fmt: skip
+    args = parse_args(
+        [
+            "--pretrained_model_name_or_path=m",
+            f"--train_data_dir={tmp_path}",
+            "--output_dir=o",
+            "--token_string=mychar4",
+            flag,
+        ]
+    )
     with pytest.raises(UserError, match=re.escape(words)):
         run_settings(args)
 
@@ -142,6 +179,11 @@ def test_hostile_validation_options_end_in_one_line_or_a_warning(data, tiny_sd1,
     assert "validation_split 1.5" in _error_line(run_train(*base, "--validation_split=1.5", check=False))
     alone = tmp_path / "alone"
     make_images(alone / "1_mychar4", 1, caption="mychar4")
-    result = run_train(*common(alone, tmp_path / "p", model), "--token_string=mychar4", "--max_train_steps=2",
-                       "--validation_split=0.5", "--early_stopping")  # fmt: skip
+    result = run_train(
+        *common(alone, tmp_path / "p", model),
+        "--token_string=mychar4",
+        "--max_train_steps=2",
+        "--validation_split=0.5",
+        "--early_stopping",
+    )
     assert "holds out no image" in result.stderr and "cannot stop early" in result.stderr

@@ -477,9 +477,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=BuildConfig.seed)
     parser.add_argument("--quick", action="store_true", help="tiny budget: checks that the script runs")
     parser.add_argument(
-        "--modules", type=Path, default=None,
+        "--modules",
+        type=Path,
+        default=None,
         help="also keep the trained modules here (fp32); with --export-only, read them instead of training",
-    )  # fmt: skip
+    )
     parser.add_argument("--export-only", action="store_true", help="export and judge --modules; no training")
     args = parser.parse_args(argv)
     config = replace(QUICK if args.quick else BuildConfig(), seed=args.seed, family=args.family)

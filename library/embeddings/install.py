@@ -46,15 +46,22 @@ def install_embeddings(
         names = placeholder_names(word, embedding.num_vectors)
         taken = taken_names(tokenizer, names)
         if taken:
-            raise UserError(f"{path}: the word '{taken[0]}' (from the file name) is already a token of the "
-                            f"tokenizer or of another embedding; {_rename_advice(path, embedding)}")  # fmt: skip
+            raise UserError(
+                f"{path}: the word '{taken[0]}' (from the file name) is already a token of the "
+                f"tokenizer or of another embedding; {_rename_advice(path, embedding)}"
+            )
         token_ids = add_word_tokens(tokenizer, names)
         if token_ids is None:
             raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
         loaded.append((token_ids, embedding.vectors))
         installed[word] = embedding.num_vectors
-        logger.info("embedding %s: word '%s', %d vector(s) (%s layout)", path, word, embedding.num_vectors,
-                    embedding.layout)  # fmt: skip
+        logger.info(
+            "embedding %s: word '%s', %d vector(s) (%s layout)",
+            path,
+            word,
+            embedding.num_vectors,
+            embedding.layout,
+        )
     typical_norm = float(text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
     for (_, vectors), path in zip(loaded, paths):
         _warn_if_oversized(path, vectors, typical_norm)
@@ -83,5 +90,8 @@ def _warn_if_oversized(path, vectors: torch.Tensor, typical_norm: float) -> None
         logger.warning(
             "%s: a vector's norm is %.3g, %.0f times the vocabulary's typical %.3g; the word will drown the rest "
             "of the prompt or overflow to black images (a diverged training run?)",
-            path, largest, largest / typical_norm, typical_norm,
-        )  # fmt: skip
+            path,
+            largest,
+            largest / typical_norm,
+            typical_norm,
+        )

@@ -15,7 +15,6 @@ import glob
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from library.errors import UserError
 from library.generation.run import GenerationSettings
@@ -159,8 +158,13 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--network_merge", action="store_true", help="not supported yet")
     add("--network_pre_calc", action="store_true", help="not supported yet")
     add("--network_regional_mask_max_color_codes", type=int, default=None, help="not supported yet")
-    add("--textual_inversion_embeddings", type=str, default=None, nargs="*",
-        help="embedding files (.safetensors, .pt, .bin, WebUI .png/.webp); the file name is the word to use")  # fmt: skip
+    add(
+        "--textual_inversion_embeddings",
+        type=str,
+        default=None,
+        nargs="*",
+        help="embedding files (.safetensors, .pt, .bin, WebUI .png/.webp); the file name is the word to use",
+    )
     add("--XTI_embeddings", type=str, default=None, nargs="*", help="not supported yet")
     add(
         "--clip_skip",
@@ -230,49 +234,45 @@ def setup_parser() -> argparse.ArgumentParser:
     return p
 
 
-# option -> (its default, what it is, what to do instead)
 _NETWORKS = ("additional networks (LoRA etc.)", "merge the network into the checkpoint first")
 _CONTROL_NET = ("ControlNet", "")
 _GUIDANCE = ("CLIP/VGG16 guided generation", "")
 _DEEP_SHRINK = ("Deep Shrink", "")
 _GRADUAL = ("gradual latent", "")
-UNSUPPORTED_OPTIONS: dict[str, tuple[Any, tuple[str, str]]] = {
-    "network_module": (None, _NETWORKS),
-    "network_weights": (None, _NETWORKS),
-    "network_mul": (None, _NETWORKS),
-    "network_args": (None, _NETWORKS),
-    "network_show_meta": (False, _NETWORKS),
-    "network_merge_n_models": (None, _NETWORKS),
-    "network_merge": (False, _NETWORKS),
-    "network_pre_calc": (False, _NETWORKS),
-    "network_regional_mask_max_color_codes": (None, _NETWORKS),
-    "XTI_embeddings": (None, ("Extended Textual Inversion (XTI)", "use --textual_inversion_embeddings")),
-    "clip_guidance_scale": (0.0, _GUIDANCE),
-    "clip_image_guidance_scale": (0.0, _GUIDANCE),
-    "vgg16_guidance_scale": (0.0, _GUIDANCE),
-    "vgg16_guidance_layer": (20, _GUIDANCE),
-    "guide_image_path": (None, ("guide images (CLIP/VGG16 guidance, ControlNet)", "")),
-    "highres_fix_upscaler": (
-        None,
-        ("upscaler modules for the highres fix", "leave it out to upscale with LANCZOS"),
-    ),
-    "highres_fix_upscaler_args": (None, ("upscaler modules for the highres fix", "")),
-    "highres_fix_disable_control_net": (False, _CONTROL_NET),
-    "control_net_models": (None, _CONTROL_NET),
-    "control_net_preps": (None, _CONTROL_NET),
-    "control_net_weights": (None, _CONTROL_NET),
-    "control_net_ratios": (None, _CONTROL_NET),
-    "ds_depth_1": (None, _DEEP_SHRINK),
-    "ds_timesteps_1": (650, _DEEP_SHRINK),
-    "ds_depth_2": (None, _DEEP_SHRINK),
-    "ds_timesteps_2": (650, _DEEP_SHRINK),
-    "ds_ratio": (0.5, _DEEP_SHRINK),
-    "gradual_latent_timesteps": (None, _GRADUAL),
-    "gradual_latent_ratio": (0.5, _GRADUAL),
-    "gradual_latent_ratio_step": (0.125, _GRADUAL),
-    "gradual_latent_every_n_steps": (3, _GRADUAL),
-    "gradual_latent_s_noise": (1.0, _GRADUAL),
-    "gradual_latent_unsharp_params": (None, _GRADUAL),
+UNSUPPORTED_OPTIONS: dict[str, tuple[str, str]] = {  # name: (what it is, what to do instead)
+    "network_module": _NETWORKS,
+    "network_weights": _NETWORKS,
+    "network_mul": _NETWORKS,
+    "network_args": _NETWORKS,
+    "network_show_meta": _NETWORKS,
+    "network_merge_n_models": _NETWORKS,
+    "network_merge": _NETWORKS,
+    "network_pre_calc": _NETWORKS,
+    "network_regional_mask_max_color_codes": _NETWORKS,
+    "XTI_embeddings": ("Extended Textual Inversion (XTI)", "use --textual_inversion_embeddings"),
+    "clip_guidance_scale": _GUIDANCE,
+    "clip_image_guidance_scale": _GUIDANCE,
+    "vgg16_guidance_scale": _GUIDANCE,
+    "vgg16_guidance_layer": _GUIDANCE,
+    "guide_image_path": ("guide images (CLIP/VGG16 guidance, ControlNet)", ""),
+    "highres_fix_upscaler": ("upscaler modules for the highres fix", "leave it out to upscale with LANCZOS"),
+    "highres_fix_upscaler_args": ("upscaler modules for the highres fix", ""),
+    "highres_fix_disable_control_net": _CONTROL_NET,
+    "control_net_models": _CONTROL_NET,
+    "control_net_preps": _CONTROL_NET,
+    "control_net_weights": _CONTROL_NET,
+    "control_net_ratios": _CONTROL_NET,
+    "ds_depth_1": _DEEP_SHRINK,
+    "ds_timesteps_1": _DEEP_SHRINK,
+    "ds_depth_2": _DEEP_SHRINK,
+    "ds_timesteps_2": _DEEP_SHRINK,
+    "ds_ratio": _DEEP_SHRINK,
+    "gradual_latent_timesteps": _GRADUAL,
+    "gradual_latent_ratio": _GRADUAL,
+    "gradual_latent_ratio_step": _GRADUAL,
+    "gradual_latent_every_n_steps": _GRADUAL,
+    "gradual_latent_s_noise": _GRADUAL,
+    "gradual_latent_unsharp_params": _GRADUAL,
 }
 
 
@@ -281,10 +281,11 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
 
     An empty list (``--network_module`` with no value) counts as not given, as in kohya's script.
     """
-    refuse_options(args, {
-        name: (default, f"{feature} is not supported by this generator yet" + (f"; {hint}" if hint else ""))
-        for name, (default, (feature, hint)) in UNSUPPORTED_OPTIONS.items()
-    })  # fmt: skip
+    reasons = {
+        name: f"{feature} is not supported by this generator yet" + (f"; {hint}" if hint else "")
+        for name, (feature, hint) in UNSUPPORTED_OPTIONS.items()
+    }
+    refuse_options(args, setup_parser(), reasons)
 
 
 def check_options(args: argparse.Namespace) -> None:

@@ -119,13 +119,13 @@ def make_scheduler(sampler: str, scheduler_config: dict, v_parameterization: boo
             f"--sampler {name} needs the scipy package: pip install scipy (or use another sampler)"
         )
     accepted = set(inspect.signature(cls.__init__).parameters)
-    kwargs = {key: scheduler_config[key] for key in _SHARED_SCHEDULER_KEYS if key in scheduler_config}
-    kwargs = {key: value for key, value in kwargs.items() if key in accepted}
-    kwargs.update(extra)
-    kwargs["prediction_type"] = "v_prediction" if v_parameterization else "epsilon"
+    options = {key: scheduler_config[key] for key in _SHARED_SCHEDULER_KEYS if key in scheduler_config}
+    options = {key: value for key, value in options.items() if key in accepted}
+    options.update(extra)
+    options["prediction_type"] = "v_prediction" if v_parameterization else "epsilon"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # diffusers deprecates algorithm_type "dpmsolver"
-        return cls(**kwargs)
+        return cls(**options)
 
 
 @dataclass
@@ -222,18 +222,18 @@ class _NegativeScaleUNet(torch.nn.Module):
     def device(self) -> torch.device:
         return self.unet.device
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **kwargs):
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **unet_options):
         half = sample.shape[0] // 2
         negative, positive = encoder_hidden_states.chunk(2)
         if torch.is_tensor(timestep) and timestep.dim() > 0 and timestep.shape[0] == sample.shape[0]:
             timestep = torch.cat([timestep[:half]] * 3)
-        kwargs["return_dict"] = False
+        unet_options["return_dict"] = False
         uncond = self.uncond_embeds.to(device=positive.device, dtype=positive.dtype)
         out = self.unet(
             torch.cat([sample[:half]] * 3),
             timestep,
             encoder_hidden_states=torch.cat([uncond, negative, positive]),
-            **kwargs,
+            **unet_options,
         )[0]
         pred_uncond, pred_negative, pred_text = out.chunk(3)
         first = pred_uncond + self.negative_factor * (pred_negative - pred_uncond)
@@ -390,7 +390,7 @@ class ImageGenerator:
 
         texts = prompts + negatives + ([""] if use_negative_scale else [])
         embeds = self.encode(texts).hidden
-        kwargs: dict[str, Any] = {
+        pipe_options: dict[str, Any] = {
             "prompt_embeds": embeds[:count],
             "negative_prompt_embeds": embeds[count : 2 * count],
             "num_inference_steps": steps,
@@ -398,20 +398,27 @@ class ImageGenerator:
             "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
         }
         decode_here = output_type == "pil" and self.vae_batch_size is not None and self.vae_batch_size < count
-        kwargs["output_type"] = "latent" if decode_here else output_type
+        pipe_options["output_type"] = "latent" if decode_here else output_type
 
         if init is None:
             pipe = self.txt2img
-            kwargs.update(width=width, height=height)
+            pipe_options.update(width=width, height=height)
             if (request.sampler or "ddim").lower() in ANCESTRAL_SAMPLERS:
-                kwargs["latents"] = kohya_start_latents(kwargs["generator"], self.unet.dtype, height, width, steps,
-                                                        pipe.vae_scale_factor, self.unet.config.in_channels)  # fmt: skip
+                pipe_options["latents"] = kohya_start_latents(
+                    pipe_options["generator"],
+                    self.unet.dtype,
+                    height,
+                    width,
+                    steps,
+                    pipe.vae_scale_factor,
+                    self.unet.config.in_channels,
+                )
         elif mask is None:
             pipe = self.img2img
-            kwargs.update(image=_prepare_images(init, width, height, "RGB"), strength=strength)
+            pipe_options.update(image=_prepare_images(init, width, height, "RGB"), strength=strength)
         else:
             pipe = self.inpaint
-            kwargs.update(
+            pipe_options.update(
                 image=_prepare_images(init, width, height, "RGB"),
                 mask_image=_prepare_images(mask, width, height, "L"),
                 width=width,
@@ -428,11 +435,11 @@ class ImageGenerator:
             )
             pipe.unet = wrapper
             try:
-                result = pipe(**kwargs).images
+                result = pipe(**pipe_options).images
             finally:
                 pipe.unet = self.unet
         else:
-            result = pipe(**kwargs).images
+            result = pipe(**pipe_options).images
         if decode_here:
             result = self.decode_latents(result, pipe)
         return result

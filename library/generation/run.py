@@ -293,8 +293,13 @@ class Run:
             if self.highres is None and not (self.settings.W and self.settings.H):
                 # kohya: img2img renders at the source image's size, rounded down to 32
                 width, height = init.size
-                settings = BatchSettings(**{**settings.__dict__, "width": max(32, width - width % 32),
-                                       "height": max(32, height - height % 32)})  # fmt: skip
+                settings = BatchSettings(
+                    **{
+                        **settings.__dict__,
+                        "width": max(32, width - width % 32),
+                        "height": max(32, height - height % 32),
+                    }
+                )
         if self.mask_images:
             mask = self.mask_images[step % len(self.mask_images)]
         self.item_count += 1

@@ -5,9 +5,23 @@ build their parsers and check a command line before torch and diffusers load).
 """
 
 SAMPLER_NAMES = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
-    "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
-)  # fmt: skip
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm_2",
+    "dpm_2_a",
+    "dpmsolver",
+    "dpmsolver++",
+    "dpmsingle",
+    "k_lms",
+    "k_euler",
+    "k_euler_a",
+    "k_dpm_2",
+    "k_dpm_2_a",
+)
 
 MAX_SEED = 0x7FFFFFFF  # kohya draws seeds from [0, 2^31 - 1]
 DEFAULT_SIZE = 512

@@ -31,10 +31,17 @@ VAE_PREFIX = "first_stage_model."
 
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
-}  # fmt: skip
+}
 MAX_HEADER_BYTES = 100 * 2**20
 
 
@@ -88,8 +95,10 @@ class Checkpoint:
                     raise ValueError(f"header of {length} bytes")
                 header = json.loads(f.read(length))
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
-            raise UserError(f"{self.path}: not a readable .safetensors file (truncated or corrupt: {exc}); "
-                            "download it again") from None  # fmt: skip
+            raise UserError(
+                f"{self.path}: not a readable .safetensors file (truncated or corrupt: {exc}); "
+                "download it again"
+            ) from None
         self._data_start = 8 + length
         for key, entry in header.items():
             if key == "__metadata__":

@@ -202,9 +202,14 @@ def infer_text_config(text_sd: dict[str, torch.Tensor], family: str) -> CLIPText
 
 
 def _build(
-    model_cls, config, state: dict[str, torch.Tensor], what: str, path: Path, dtype: torch.dtype,
+    model_cls,
+    config,
+    state: dict[str, torch.Tensor],
+    what: str,
+    path: Path,
+    dtype: torch.dtype,
     exact_half_storage: bool = False,
-):  # fmt: skip
+):
     """Instantiate without memory (meta device) and move ``state``'s tensors in, cast to ``dtype``.
 
     The tensors are taken out of ``state`` one by one as they are cast, so the file's copy of a
@@ -287,9 +292,12 @@ def text_family(keys: Iterable[str]) -> str:
 
 
 def load_vae_weights(
-    vae_sd: dict[str, torch.Tensor], family: str, path: Path, dtype: torch.dtype = torch.float32,
+    vae_sd: dict[str, torch.Tensor],
+    family: str,
+    path: Path,
+    dtype: torch.dtype = torch.float32,
     exact_half_storage: bool = False,
-) -> AutoencoderKL:  # fmt: skip
+) -> AutoencoderKL:
     """An ``AutoencoderKL`` from LDM-named or diffusers-named VAE weights, cast to ``dtype``."""
     if any(k.startswith(VAE_PREFIX) for k in vae_sd):
         vae_sd = strip_prefix(vae_sd, VAE_PREFIX)
@@ -326,10 +334,16 @@ def load_model(
 ) -> SDModel:
     """The model the command line names (``ModelSettings``), in ``dtype`` (its VAE in ``vae_dtype``)."""
     return load_sd_model(
-        settings.path, v2=settings.v2, v_parameterization=settings.v_parameterization, vae=settings.vae,
-        tokenizer_cache_dir=settings.tokenizer_cache_dir, dtype=dtype, vae_dtype=vae_dtype, with_vae=with_vae,
+        settings.path,
+        v2=settings.v2,
+        v_parameterization=settings.v_parameterization,
+        vae=settings.vae,
+        tokenizer_cache_dir=settings.tokenizer_cache_dir,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        with_vae=with_vae,
         exact_half_storage=settings.exact_half_storage,
-    )  # fmt: skip
+    )
 
 
 def load_model_vae(settings: ModelSettings, dtype: torch.dtype) -> AutoencoderKL:
@@ -372,8 +386,15 @@ def load_sd_model(
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     path = _existing_model_path(path)
     load = _load_diffusers_folder if path.is_dir() else _load_single_file
-    model = load(path, v_parameterization, tokenizer_cache_dir, dtype, vae_dtype,
-                 with_vae=with_vae and vae is None, exact_half_storage=exact_half_storage)  # fmt: skip
+    model = load(
+        path,
+        v_parameterization,
+        tokenizer_cache_dir,
+        dtype,
+        vae_dtype,
+        with_vae=with_vae and vae is None,
+        exact_half_storage=exact_half_storage,
+    )
     _warn_on_v2_mismatch(path, v2, model.family.name)
     if with_vae and vae is not None:
         model.vae = load_vae(vae, model.family.name, vae_dtype, exact_half_storage)
@@ -450,9 +471,14 @@ def _scheduler_config(family: str, v_parameterization: bool) -> dict:
 
 
 def _load_single_file(
-    path: Path, v_parameterization: bool, tokenizer_cache_dir, dtype: torch.dtype, vae_dtype: torch.dtype,
-    with_vae: bool = True, exact_half_storage: bool = False,
-) -> SDModel:  # fmt: skip
+    path: Path,
+    v_parameterization: bool,
+    tokenizer_cache_dir,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    with_vae: bool = True,
+    exact_half_storage: bool = False,
+) -> SDModel:
     """One component at a time: its tensors read, converted to diffusers names and cast into the model."""
     checkpoint = Checkpoint(path)
     keys = checkpoint.keys()
@@ -461,8 +487,15 @@ def _load_single_file(
     text_state = checkpoint.read(k for k in keys if k.startswith(text_prefix))
     text_sd = _sd2_text_weights(text_state, path) if family == "sd2" else _sd1_text_weights(text_state)
     text_state.clear()
-    text_encoder = _build(CLIPTextModel, infer_text_config(text_sd, family), text_sd, "text encoder", path, dtype,
-                          exact_half_storage)  # fmt: skip
+    text_encoder = _build(
+        CLIPTextModel,
+        infer_text_config(text_sd, family),
+        text_sd,
+        "text encoder",
+        path,
+        dtype,
+        exact_half_storage,
+    )
 
     unet_state = checkpoint.read(k for k in keys if k.startswith(UNET_PREFIX))
     unet_config = infer_unet_config(strip_prefix(unet_state, UNET_PREFIX), family)
@@ -474,8 +507,13 @@ def _load_single_file(
 
     vae = None
     if with_vae:
-        vae = load_vae_weights(checkpoint.read(k for k in keys if k.startswith(VAE_PREFIX)), family, path,
-                               vae_dtype, exact_half_storage)  # fmt: skip
+        vae = load_vae_weights(
+            checkpoint.read(k for k in keys if k.startswith(VAE_PREFIX)),
+            family,
+            path,
+            vae_dtype,
+            exact_half_storage,
+        )
     return SDModel(
         tokenizers=[load_tokenizer(family == "sd2", tokenizer_cache_dir=tokenizer_cache_dir)],
         text_encoders=[text_encoder],
@@ -537,17 +575,23 @@ def _narrowed_if(exact_half_storage: bool, model: torch.nn.Module, dtype: torch.
 
 
 def _load_diffusers_folder(
-    path: Path, v_parameterization: bool, tokenizer_cache_dir, dtype: torch.dtype, vae_dtype: torch.dtype,
-    with_vae: bool = True, exact_half_storage: bool = False,
-) -> SDModel:  # fmt: skip
+    path: Path,
+    v_parameterization: bool,
+    tokenizer_cache_dir,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    with_vae: bool = True,
+    exact_half_storage: bool = False,
+) -> SDModel:
     family = _folder_family(path)
     try:
         # diffusers and transformers build on the meta device and cast each tensor as they read it
         unet = UNet2DConditionModel.from_pretrained(
             path, subfolder="unet", local_files_only=True, torch_dtype=dtype
         )
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
-                                                     torch_dtype=dtype)  # fmt: skip
+        text_encoder = CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", local_files_only=True, torch_dtype=dtype
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: cannot read this diffusers folder ({exc})") from exc
     unet = _narrowed_if(exact_half_storage, unet.to(dtype), dtype)

@@ -80,9 +80,11 @@ def _textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
         "each token a run of vectors) or mean (every vector the phrase's mean); not a kohya option",
     )
     g.add_argument(
-        "--num_vectors_per_token", type=int, default=default("num_vectors_per_token"),
+        "--num_vectors_per_token",
+        type=int,
+        default=default("num_vectors_per_token"),
         help="vectors (tokens) the word uses",
-    )  # fmt: skip
+    )
     g.add_argument(
         "--weights",
         type=str,
@@ -130,9 +132,25 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
         "--mem_eff_attn", action="store_true", help="memory-efficient attention (SDPA provides it)"
     )
     g.add_argument("--torch_compile", action="store_true")
-    g.add_argument("--dynamo_backend", type=str, default=default("dynamo_backend"),
-                   choices=["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs",
-                            "ofi", "fx2trt", "onnxrt", "tensort", "ipex", "tvm"])  # fmt: skip
+    g.add_argument(
+        "--dynamo_backend",
+        type=str,
+        default=default("dynamo_backend"),
+        choices=[
+            "eager",
+            "aot_eager",
+            "inductor",
+            "aot_ts_nvfuser",
+            "nvprims_nvfuser",
+            "cudagraphs",
+            "ofi",
+            "fx2trt",
+            "onnxrt",
+            "tensort",
+            "ipex",
+            "tvm",
+        ],
+    )
     g.add_argument(
         "--ddp_timeout",
         type=int,
@@ -368,24 +386,42 @@ def write_config(args: argparse.Namespace) -> Path:
 
 DEEPSPEED = "is a DeepSpeed option; DeepSpeed is not supported"
 HUB = "the Hugging Face hub is not supported (this tool works offline); upload or download the files yourself"
-REFUSED_OPTIONS = {  # name: (default, why)
-    "deepspeed": (False, "DeepSpeed is not supported: a Textual Inversion run trains a few vectors and needs no sharding"),
-    "fp8_base": (False, "not supported: it needs fp8 CUDA kernels and saves little for Textual Inversion"),
-    **{name: (default, DEEPSPEED) for name, default in (
-        ("zero_stage", 2), ("fp16_master_weights_and_gradients", False), ("zero3_init_flag", False),
-        ("zero3_save_16bit_model", False), ("offload_optimizer_device", None), ("offload_optimizer_nvme_path", None),
-        ("offload_param_device", None), ("offload_param_nvme_path", None))},
-    **{name: (default, HUB) for name, default in (
-        ("huggingface_repo_id", None), ("huggingface_repo_type", None), ("huggingface_path_in_repo", None),
-        ("huggingface_token", None), ("huggingface_repo_visibility", None), ("save_state_to_huggingface", False),
-        ("resume_from_huggingface", False), ("async_upload", False))},
-}  # fmt: skip
+REFUSED_OPTIONS = {  # name: why (each option's default is its declaration's)
+    "deepspeed": "DeepSpeed is not supported: a Textual Inversion run trains a few vectors and needs no sharding",
+    "fp8_base": "not supported: it needs fp8 CUDA kernels and saves little for Textual Inversion",
+    **dict.fromkeys(
+        (
+            "zero_stage",
+            "fp16_master_weights_and_gradients",
+            "zero3_init_flag",
+            "zero3_save_16bit_model",
+            "offload_optimizer_device",
+            "offload_optimizer_nvme_path",
+            "offload_param_device",
+            "offload_param_nvme_path",
+        ),
+        DEEPSPEED,
+    ),
+    **dict.fromkeys(
+        (
+            "huggingface_repo_id",
+            "huggingface_repo_type",
+            "huggingface_path_in_repo",
+            "huggingface_token",
+            "huggingface_repo_visibility",
+            "save_state_to_huggingface",
+            "resume_from_huggingface",
+            "async_upload",
+        ),
+        HUB,
+    ),
+}
 NO_EFFECT_OPTIONS = ("lowram", "ddp_gradient_as_bucket_view", "ddp_static_graph")
 
 
 def refuse_unsupported(args: argparse.Namespace) -> None:
     """One clear line for each kohya option this trainer cannot honour; info for no-op hints."""
-    refuse_options(args, REFUSED_OPTIONS)
+    refuse_options(args, build_parser(), REFUSED_OPTIONS)
     for name in NO_EFFECT_OPTIONS:
         if getattr(args, name):
             logger.info(

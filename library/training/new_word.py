@@ -113,8 +113,13 @@ def init_word_vectors(
     if k > 1 and k != num_vectors and mode != "mean":
         logger.warning(
             "--init_word %r has %d tokens but --num_vectors_per_token is %d: the init words are %s "
-            "(--init_word_mode %s)", init_word, k, num_vectors, "repeated" if k < num_vectors else "truncated", mode,
-        )  # fmt: skip
+            "(--init_word_mode %s)",
+            init_word,
+            k,
+            num_vectors,
+            "repeated" if k < num_vectors else "truncated",
+            mode,
+        )
     if k > 1 or num_vectors > 1:
         logger.info(
             "--init_word %r: %s",

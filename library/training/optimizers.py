@@ -192,18 +192,18 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_key_value_args(items: Iterable[str] | None, flag: str) -> dict[str, Any]:
     """kohya's key=value parsing: values are Python literals (0.01, True, (0.9, 0.999), 0.9,0.999, 'x')."""
-    kwargs: dict[str, Any] = {}
+    hyper: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"{flag}: '{item}' is not key=value (e.g. {flag} weight_decay=0.01)")
         try:
-            kwargs[key.strip()] = ast.literal_eval(text.strip())
+            hyper[key.strip()] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
             raise UserError(
                 f"{flag}: the value of '{item}' is not a Python literal (quote strings: key='text')"
             ) from None
-    return kwargs
+    return hyper
 
 
 def resolve_step_count(value: int | float | str | None, total_steps: int, flag: str) -> int:
@@ -344,18 +344,18 @@ def _warn_if_adaptive_lr_too_low(params: list[Any], lr: float) -> None:
 
 
 def _prepare_adafactor(
-    params: list[Any], kwargs: dict[str, Any], lr: float, settings: OptimizerSettings
+    params: list[Any], hyper: dict[str, Any], lr: float, settings: OptimizerSettings
 ) -> float | None:
     """kohya's Adafactor handling; returns the lr to pass (None when Adafactor picks its own step size).
 
     relative_step defaults to True (and warmup_init forces it). Then --learning_rate only seeds the
     'adafactor' lr schedule that create_lr_scheduler uses, and per-group lrs are dropped.
     """
-    kwargs.setdefault("relative_step", True)
-    if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+    hyper.setdefault("relative_step", True)
+    if not hyper["relative_step"] and hyper.get("warmup_init", False):
         logger.info("Adafactor: warmup_init=True needs relative_step=True; setting relative_step=True")
-        kwargs["relative_step"] = True
-    if kwargs["relative_step"]:
+        hyper["relative_step"] = True
+    if hyper["relative_step"]:
         if lr != 0.0:
             logger.warning("Adafactor with relative_step: --learning_rate is used as the initial lr only")
         dropped = [group.pop("lr", None) for group in params if isinstance(group, dict)]
@@ -368,7 +368,7 @@ def _prepare_adafactor(
         logger.warning("Adafactor: --max_grad_norm clips gradients; consider --max_grad_norm 0")
     if settings.lr_scheduler != "constant_with_warmup":
         logger.warning("Adafactor without relative_step: --lr_scheduler constant_with_warmup may work better")
-    if kwargs.get("clip_threshold", 1.0) != 1.0:
+    if hyper.get("clip_threshold", 1.0) != 1.0:
         logger.warning("Adafactor: clip_threshold=1.0 may work better")
     return lr
 
@@ -386,7 +386,7 @@ def create_optimizer(
     if not params:
         raise ValueError("create_optimizer got no parameters to train")
     optimizer_type, flag = _optimizer_choice(settings)
-    kwargs = parse_key_value_args(settings.optimizer_args, "--optimizer_args")
+    hyper = parse_key_value_args(settings.optimizer_args, "--optimizer_args")
     lr = settings.learning_rate
     type_key = optimizer_type.lower()
     known = _KNOWN_OPTIMIZERS.get(type_key)
@@ -398,16 +398,16 @@ def create_optimizer(
             _warn_if_adaptive_lr_too_low(params, lr)
         optimizer_class = _import_known_class(known, flag)
         if known.nesterov:
-            if "momentum" not in kwargs:
+            if "momentum" not in hyper:
                 logger.info("SGD with Nesterov needs momentum; using momentum=0.9")
-                kwargs["momentum"] = 0.9
-            kwargs["nesterov"] = True
+                hyper["momentum"] = 0.9
+            hyper["nesterov"] = True
         if type_key == "adafactor":
-            lr = _prepare_adafactor(params, kwargs, lr, settings)
+            lr = _prepare_adafactor(params, hyper, lr, settings)
 
-    logger.info(f"use {optimizer_class.__name__} optimizer | {kwargs}")
+    logger.info(f"use {optimizer_class.__name__} optimizer | {hyper}")
     try:
-        optimizer = optimizer_class(params, lr=lr, **kwargs)
+        optimizer = optimizer_class(params, lr=lr, **hyper)
     except TypeError as exc:
         raise UserError(f"--optimizer_args do not fit {optimizer_class.__name__}: {exc}") from None
     except ValueError as exc:  # optimizers validate their hyper-parameters with ValueError
@@ -417,7 +417,7 @@ def create_optimizer(
 
     optimizer_train_mode(optimizer)  # schedule-free optimizers start in train mode (kohya does the same)
     optimizer_name = f"{optimizer_class.__module__}.{optimizer_class.__name__}"
-    optimizer_args = ",".join(f"{key}={value}" for key, value in kwargs.items())
+    optimizer_args = ",".join(f"{key}={value}" for key, value in hyper.items())
     return optimizer_name, optimizer_args, optimizer
 
 
@@ -503,7 +503,7 @@ def _require_no_warmup(num_warmup_steps: int, what: str) -> None:
 
 
 def _custom_scheduler(
-    optimizer: Any, scheduler_type: str, kwargs: dict[str, Any], num_warmup_steps: int
+    optimizer: Any, scheduler_type: str, hyper: dict[str, Any], num_warmup_steps: int
 ) -> Any:
     """--lr_scheduler_type: a bare name from torch.optim.lr_scheduler, or module.Class."""
     _require_no_warmup(num_warmup_steps, f"--lr_scheduler_type {scheduler_type}")
@@ -515,9 +515,9 @@ def _custom_scheduler(
         raise UserError(
             f"--lr_scheduler_type {scheduler_type}: no class {class_name} in {module_name}"
         ) from None
-    logger.info(f"use {scheduler_type} | {kwargs} as lr scheduler")
+    logger.info(f"use {scheduler_type} | {hyper} as lr scheduler")
     try:
-        return scheduler_class(_unwrap(optimizer), **kwargs)
+        return scheduler_class(_unwrap(optimizer), **hyper)
     except TypeError as exc:
         raise UserError(f"--lr_scheduler_args do not fit {scheduler_type}: {exc}") from None
 
@@ -537,7 +537,7 @@ def create_lr_scheduler(optimizer: Any, settings: OptimizerSettings, num_trainin
     decay = resolve_step_count(settings.lr_decay_steps, total_steps, "--lr_decay_steps")
     num_cycles = settings.lr_scheduler_num_cycles
     min_lr_ratio = settings.lr_scheduler_min_lr_ratio
-    kwargs = parse_key_value_args(settings.lr_scheduler_args, "--lr_scheduler_args")
+    hyper = parse_key_value_args(settings.lr_scheduler_args, "--lr_scheduler_args")
     inner = _unwrap(optimizer)
 
     if is_schedule_free(optimizer):
@@ -550,7 +550,7 @@ def create_lr_scheduler(optimizer: Any, settings: OptimizerSettings, num_trainin
 
     scheduler_type = settings.lr_scheduler_type or ""
     if scheduler_type:
-        return _custom_scheduler(optimizer, scheduler_type, kwargs, warmup)
+        return _custom_scheduler(optimizer, scheduler_type, hyper, warmup)
 
     if is_relative_step_adafactor(optimizer) or name.startswith("adafactor"):
         if not is_relative_step_adafactor(optimizer):
@@ -574,7 +574,7 @@ def create_lr_scheduler(optimizer: Any, settings: OptimizerSettings, num_trainin
         from diffusers.optimization import get_piecewise_constant_schedule
 
         try:
-            return get_piecewise_constant_schedule(inner, **kwargs)
+            return get_piecewise_constant_schedule(inner, **hyper)
         except (TypeError, ValueError) as exc:
             raise UserError(
                 f"--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules='1:100,0.1' ({exc})"
@@ -626,6 +626,6 @@ def create_lr_scheduler(optimizer: Any, settings: OptimizerSettings, num_trainin
             "min_lr_ratio": min_lr_ratio if min_lr_ratio is not None else 0.0,
         }
     try:
-        return schedule_function(inner, **call, **kwargs)
+        return schedule_function(inner, **call, **hyper)
     except TypeError as exc:
         raise UserError(f"--lr_scheduler_args do not fit --lr_scheduler {name}: {exc}") from None

@@ -103,8 +103,13 @@ class SampleSchedule:
             logger.warning(
                 "--sample_prompts is set but no --sample_every_n_steps/epochs or --sample_at_first"
             )
-        return cls(prompts, settings.sample_every_n_steps, settings.sample_every_n_epochs, num_vectors,
-                   settings.sample_sampler)  # fmt: skip
+        return cls(
+            prompts,
+            settings.sample_every_n_steps,
+            settings.sample_every_n_epochs,
+            num_vectors,
+            settings.sample_sampler,
+        )
 
     def due_at_step(self, step: int) -> bool:
         return bool(

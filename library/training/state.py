@@ -103,15 +103,29 @@ class SaveSettings:
         if self.save_n_epoch_ratio:
             every_n_epochs = max(1, num_epochs // self.save_n_epoch_ratio)
         return SaveCadence(
-            self.save_every_n_steps, every_n_epochs, self.save_last_n_steps, self.save_last_n_epochs,
-            self.save_last_n_steps_state, self.save_last_n_epochs_state, num_epochs,
-        )  # fmt: skip
+            self.save_every_n_steps,
+            every_n_epochs,
+            self.save_last_n_steps,
+            self.save_last_n_epochs,
+            self.save_last_n_steps_state,
+            self.save_last_n_epochs_state,
+            num_epochs,
+        )
 
 
 METADATA_OPTIONS = (
-    "title", "author", "description", "license", "tags", "trigger_phrase", "usage_hint", "merged_from",
-    "preprocessor", "thumbnail", "is_negative_embedding",
-)  # fmt: skip
+    "title",
+    "author",
+    "description",
+    "license",
+    "tags",
+    "trigger_phrase",
+    "usage_hint",
+    "merged_from",
+    "preprocessor",
+    "thumbnail",
+    "is_negative_embedding",
+)
 
 
 @dataclass(frozen=True)
@@ -197,19 +211,26 @@ class RunSaver:
         self.metadata = metadata
 
     def embedding(
-        self, file_name: str, vectors: Vectors | None = None, step: int | None = None,
+        self,
+        file_name: str,
+        vectors: Vectors | None = None,
+        step: int | None = None,
         extra_metadata: dict[str, str] | None = None,
-    ) -> Path:  # fmt: skip
+    ) -> Path:
         """One embedding file: the run's vectors now, or ``vectors``."""
         run = self.run
         path = self.folder / file_name
         if run.accelerator.is_main_process:
             vectors = run.word.vectors if vectors is None else vectors
             save_embedding(
-                path, {key: value.detach().float().cpu() for key, value in vectors.items()}, self.name,
-                step=run.progress.global_step if step is None else step, checkpoint_name=run.model.name,
-                metadata={**self.metadata(), **(extra_metadata or {})}, dtype=self.settings.dtype,
-            )  # fmt: skip
+                path,
+                {key: value.detach().float().cpu() for key, value in vectors.items()},
+                self.name,
+                step=run.progress.global_step if step is None else step,
+                checkpoint_name=run.model.name,
+                metadata={**self.metadata(), **(extra_metadata or {})},
+                dtype=self.settings.dtype,
+            )
             logger.info("saved %s", path)
         return path
 
@@ -217,8 +238,9 @@ class RunSaver:
         run = self.run
         if run.accelerator.is_main_process:
             optimizer_eval_mode(run.optimizer)
-            save_training_state(self.folder / folder_name, run.word.vectors, run.optimizer, run.lr_scheduler,
-                                run.progress)  # fmt: skip
+            save_training_state(
+                self.folder / folder_name, run.word.vectors, run.optimizer, run.lr_scheduler, run.progress
+            )
             optimizer_train_mode(run.optimizer)
         run.accelerator.wait_for_everyone()
 
@@ -231,8 +253,11 @@ class RunSaver:
         for state in (False, True) if with_state else (False,):
             old = self.cadence.older_save(state=state, step=step, epoch=epoch)
             if old and self.run.accelerator.is_main_process:
-                name = state_folder_name(self.name, **old) if state else embedding_file_name(
-                    self.name, self.extension, **old)  # fmt: skip
+                name = (
+                    state_folder_name(self.name, **old)
+                    if state
+                    else embedding_file_name(self.name, self.extension, **old)
+                )
                 remove_save(self.folder / name)
 
     @property
@@ -244,8 +269,9 @@ class RunSaver:
         if self.run.accelerator.is_main_process and self.final_path.exists():
             logger.warning(
                 "%s exists from an earlier run; this run's result replaces it, and the old file is kept as %s.bak",
-                self.final_path, self.final_path.name,
-            )  # fmt: skip
+                self.final_path,
+                self.final_path.name,
+            )
 
     def final(self) -> None:
         """``name.ext`` and, with ``--save_state``/``--save_state_on_train_end``, ``name-state``.
@@ -310,8 +336,12 @@ def _read_state_file(folder: Path, name: str, read: Callable[[Path], Any]) -> An
             raise _damaged(
                 folder, name, f"contains pickled code ({code.group(1)}) and was not loaded"
             ) from None
-        raise _damaged(folder, name, f"was refused by the safe loader ({refusal_detail(str(exc))}): it is "
-                       "damaged or was not written by this trainer") from None  # fmt: skip
+        raise _damaged(
+            folder,
+            name,
+            f"was refused by the safe loader ({refusal_detail(str(exc))}): it is "
+            "damaged or was not written by this trainer",
+        ) from None
     except Exception as exc:  # cut files: EOFError, SafetensorError, JSONDecodeError, zip and torch errors
         raise _damaged(folder, name, f"is damaged ({type(exc).__name__}: {_first_line(exc)})") from None
 

@@ -54,9 +54,17 @@ class DiffusionLoss:
 
     @classmethod
     def build(
-        cls, model, text: TextConditioner, *, noise: NoiseSettings, loss: LossSettings, precision: Precision,
-        seed: int, latent_scale: float, autocast: Callable[[], contextlib.AbstractContextManager],
-    ) -> DiffusionLoss:  # fmt: skip
+        cls,
+        model,
+        text: TextConditioner,
+        *,
+        noise: NoiseSettings,
+        loss: LossSettings,
+        precision: Precision,
+        seed: int,
+        latent_scale: float,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> DiffusionLoss:
         schedule = make_training_schedule(loss.v_parameterization, noise.zero_terminal_snr, model.unet.device)
         return cls(
             text, model.unet, model.vae, latent_scale, schedule, noise, loss, precision, seed, autocast

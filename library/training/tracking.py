@@ -38,10 +38,18 @@ class TrackerSettings:
 
 
 # kohya leaves these out of a logged config too: they name folders on the user's machine
-PATH_OPTIONS = frozenset({
-    "pretrained_model_name_or_path", "vae", "tokenizer_cache_dir", "train_data_dir", "conditioning_data_dir",
-    "reg_data_dir", "output_dir", "logging_dir",
-})  # fmt: skip
+PATH_OPTIONS = frozenset(
+    {
+        "pretrained_model_name_or_path",
+        "vae",
+        "tokenizer_cache_dir",
+        "train_data_dir",
+        "conditioning_data_dir",
+        "reg_data_dir",
+        "output_dir",
+        "logging_dir",
+    }
+)
 
 
 def logged_config(options: dict[str, Any], settings: TrackerSettings) -> dict[str, Any] | None:
@@ -73,13 +81,15 @@ class TrainLogger:
         self.epoch_loss = 0.0
         self.epoch_steps = 0
         if self.enabled:
-            init_kwargs = {}
+            tracker_options = {}
             if settings.log_tracker_config:
-                init_kwargs = _read_tracker_config(settings.log_tracker_config)
+                tracker_options = _read_tracker_config(settings.log_tracker_config)
             if settings.wandb_run_name:
-                init_kwargs.setdefault("wandb", {})["name"] = settings.wandb_run_name
+                tracker_options.setdefault("wandb", {})["name"] = settings.wandb_run_name
             accelerator.init_trackers(
-                settings.log_tracker_name or "textual_inversion", config=config, init_kwargs=init_kwargs
+                settings.log_tracker_name or "textual_inversion",
+                config=config,
+                init_kwargs=tracker_options,
             )
 
     def log_step(

@@ -148,16 +148,20 @@ def make_validation(run: Run, loss: DiffusionLoss, saver: RunSaver, log: Callabl
     if options.early_stopping and options.early_stopping_window > evaluations:
         logger.warning(
             "--early_stopping: the window of %d validation values is longer than this run's %d evaluations, so it "
-            "cannot stop early; lower --early_stopping_window", options.early_stopping_window, evaluations,
-        )  # fmt: skip
+            "cannot stop early; lower --early_stopping_window",
+            options.early_stopping_window,
+            evaluations,
+        )
     source = dataset.validation if held_out else dataset
     batches = source.fixed_batches(options.max_validation_steps or (None if held_out else 1))
     noise = run.settings.noise
     timesteps = validation_timesteps(noise.min_timestep, noise.max_timestep)
     logger.info(
-        "validation: %d %s batch(es), timesteps %s", len(batches), "held-out" if held_out else "fixed training",
+        "validation: %d %s batch(es), timesteps %s",
+        len(batches),
+        "held-out" if held_out else "fixed training",
         timesteps,
-    )  # fmt: skip
+    )
     seed = run.settings.data.validation_seed
     validator = Validator(batches, loss, run.seed if seed is None else seed, timesteps)
 
@@ -190,14 +194,22 @@ class ValidationRun:
             self.progress.best_loss, self.progress.best_step = value, step
             self.save_best(step, value)
         logger.info(
-            "step %d: validation loss %.5f (best %.5f at step %d)%s", step, value, self.progress.best_loss,
-            self.progress.best_step, "" if ratio is None else f", variance ratio {ratio:.3f}",
-        )  # fmt: skip
+            "step %d: validation loss %.5f (best %.5f at step %d)%s",
+            step,
+            value,
+            self.progress.best_loss,
+            self.progress.best_step,
+            "" if ratio is None else f", variance ratio {ratio:.3f}",
+        )
         self.log(step, value, kind, ratio)
         if self.settings.early_stopping and stopper.should_stop(ratio):
             logger.info(
                 "early stopping at step %d: the validation loss has flattened (the variance of its last %d values "
-                "is %.3f of its overall variance, below %.3f)", step, stopper.window, ratio, stopper.threshold,
-            )  # fmt: skip
+                "is %.3f of its overall variance, below %.3f)",
+                step,
+                stopper.window,
+                ratio,
+                stopper.threshold,
+            )
             return True
         return False

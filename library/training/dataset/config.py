@@ -344,21 +344,52 @@ class DatasetParams:
 # kohya's command-line names where they differ from the config keys
 _CLI_NAME = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 SUBSET_KEYS = (
-    "num_repeats", "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
-    "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix", "caption_extension",
-    "class_tokens", "cache_info", "token_warmup_min", "token_warmup_step", "caption_dropout_rate",
-    "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "color_aug", "flip_aug", "face_crop_aug_range",
-    "random_crop", "alpha_mask", "resize_interpolation", "is_reg",
-)  # fmt: skip
+    "num_repeats",
+    "shuffle_caption",
+    "caption_separator",
+    "keep_tokens",
+    "keep_tokens_separator",
+    "secondary_separator",
+    "enable_wildcard",
+    "caption_prefix",
+    "caption_suffix",
+    "caption_extension",
+    "class_tokens",
+    "cache_info",
+    "token_warmup_min",
+    "token_warmup_step",
+    "caption_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate",
+    "color_aug",
+    "flip_aug",
+    "face_crop_aug_range",
+    "random_crop",
+    "alpha_mask",
+    "resize_interpolation",
+    "is_reg",
+)
 DATASET_KEYS = (
-    "batch_size", "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-    "bucket_no_upscale", "skip_image_resolution", "validation_split", "validation_seed",
-)  # fmt: skip
+    "batch_size",
+    "resolution",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
+    "skip_image_resolution",
+    "validation_split",
+    "validation_seed",
+)
 # keys that are no command-line option (kohya's TI parser has none for them), with kohya's defaults
 _CONFIG_ONLY_DEFAULTS = {
-    "class_tokens": None, "is_reg": False, "caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0, "skip_image_resolution": None,
-}  # fmt: skip
+    "class_tokens": None,
+    "is_reg": False,
+    "caption_dropout_rate": 0.0,
+    "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0.0,
+    "skip_image_resolution": None,
+}
 
 
 def key_default(key: str) -> Any:
@@ -563,8 +594,11 @@ def datasets_from_args(options: DataOptions) -> list[DatasetParams]:
     """The datasets of a run: from --dataset_config, else from the folder / metadata options."""
     cli = cli_values(options)
     if options.dataset_config is not None:
-        given = {"train_data_dir": options.train_data_dir, "reg_data_dir": options.reg_data_dir,
-                 "in_json": options.in_json}  # fmt: skip
+        given = {
+            "train_data_dir": options.train_data_dir,
+            "reg_data_dir": options.reg_data_dir,
+            "in_json": options.in_json,
+        }
         ignored = [flag for flag, value in given.items() if value]
         if ignored:
             logger.warning(

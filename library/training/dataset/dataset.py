@@ -181,8 +181,10 @@ class TrainDataset(torch.utils.data.Dataset):
         plan = self.batches_for_epoch(0)
         batches = []
         for index, batch in enumerate(plan[:count] if count else plan):
-            items = [self.build_item(self.records[r], 0, index, position, use_cache=self.latents_cached)
-                     for position, r in enumerate(batch.records)]  # fmt: skip
+            items = [
+                self.build_item(self.records[r], 0, index, position, use_cache=self.latents_cached)
+                for position, r in enumerate(batch.records)
+            ]
             batches.append(self._collate_items(items))
         return batches
 
@@ -273,9 +275,18 @@ class TrainDataset(torch.utils.data.Dataset):
         )
         bucket = (rgb.shape[1], rgb.shape[0])
         return Item(
-            record.key, caption, weight, image, None, latent_mask, bucket, resized, crop, flipped,
+            record.key,
+            caption,
+            weight,
+            image,
+            None,
+            latent_mask,
+            bucket,
+            resized,
+            crop,
+            flipped,
             pixels=np.ascontiguousarray(rgb) if keep_pixels else None,
-        )  # fmt: skip
+        )
 
     def prepare_pixels(
         self, record: ImageRecord, epoch: int, batch_index: int, position: int, augment: bool
@@ -398,15 +409,23 @@ class TrainDataset(torch.utils.data.Dataset):
                 "%d caption(s) put the word '%s' (%d tokens) past the %d-token window, where it is cut off and "
                 "learns nothing, e.g. %s: move the word to the front, shorten the caption, or use fewer "
                 "--num_vectors_per_token",
-                len(word_cut), rule.token_string, rule.num_vectors, limit, word_cut[0].path,
-            )  # fmt: skip
+                len(word_cut),
+                rule.token_string,
+                rule.num_vectors,
+                limit,
+                word_cut[0].path,
+            )
         elif too_long:
             record, count = too_long[0]
             logger.warning(
                 "%d caption(s) are longer than the %d-token window (with the word's %d tokens) and lose their "
                 "end, e.g. %s: %d tokens; --max_token_length 150 or 225 gives longer windows",
-                len(too_long), limit, rule.num_vectors, record.path, count,
-            )  # fmt: skip
+                len(too_long),
+                limit,
+                rule.num_vectors,
+                record.path,
+                count,
+            )
 
     @staticmethod
     def _text_for_token_check(record: ImageRecord) -> str:
@@ -569,8 +588,10 @@ def build_train_dataset(
         if params.validation_split and not held_out:
             logger.warning(
                 "%s: validation_split %g holds out no image (a folder needs at least 2 training images); no "
-                "held-out validation set", params.source, params.validation_split,
-            )  # fmt: skip
+                "held-out validation set",
+                params.source,
+                params.validation_split,
+            )
         train_parts.append((params, train))
         if held_out:
             held_out_parts.append((params, held_out))
@@ -602,8 +623,16 @@ def build_train_dataset(
             )
     if held_out_parts:
         val_parts, val_records = _bucketed(held_out_parts, repeats=False)
-        dataset.validation = TrainDataset(val_parts, val_records, tokenizer, caption_rule, seed,
-                                          options.max_token_length, options.prior_loss_weight, 0)  # fmt: skip
+        dataset.validation = TrainDataset(
+            val_parts,
+            val_records,
+            tokenizer,
+            caption_rule,
+            seed,
+            options.max_token_length,
+            options.prior_loss_weight,
+            0,
+        )
         dataset.validation.skip_cache_check = options.skip_cache_check
         logger.info("%d images held out for validation", len(val_records))
     logger.info("dataset:\n%s", dataset.summary())
@@ -746,8 +775,12 @@ def _warn_about_enlarged_images(records) -> None:
         logger.warning(
             "%d image(s) are enlarged more than %dx to reach the training resolution, e.g. %s: %dx%d to %dx%d; "
             "they add blur, not detail: use larger pictures or a lower --resolution",
-            len(enlarged), MAX_QUIET_UPSCALE, first.path, *first.size, *first.resized,
-        )  # fmt: skip
+            len(enlarged),
+            MAX_QUIET_UPSCALE,
+            first.path,
+            *first.size,
+            *first.resized,
+        )
 
 
 def _with_bucketing(params: DatasetParams) -> DatasetParams:

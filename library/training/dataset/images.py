@@ -121,8 +121,10 @@ def _as_8_bit(image: Image.Image, path: Path) -> Image.Image:
     (``F``) have no agreed range and are refused by name.
     """
     if image.mode == "F":
-        raise UserError(f"cannot read image {path}: 32-bit float pixels (mode F) have no agreed range; "
-                        "save it as an 8- or 16-bit PNG")  # fmt: skip
+        raise UserError(
+            f"cannot read image {path}: 32-bit float pixels (mode F) have no agreed range; "
+            "save it as an 8- or 16-bit PNG"
+        )
     if image.mode not in HIGH_BIT_GREY_MODES:
         return image
     values = np.asarray(image, dtype=np.float64)
