@@ -89,7 +89,9 @@ def open_image(path, keep_alpha: bool = False, what: str = "image") -> Image.Ima
             image = ImageOps.exif_transpose(opened)
             image.load()
     except UnidentifiedImageError:
-        raise UserError(f"cannot read {what} {path}: not an image Pillow can read; replace or remove it") from None
+        raise UserError(
+            f"cannot read {what} {path}: not an image Pillow can read; replace or remove it"
+        ) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot read {what} {path}: {exc}; replace or remove it") from None
     image = _as_8_bit(image, path)
