@@ -1,11 +1,12 @@
 """Writing files safely: one atomic write, output folders checked before work starts, and the
 leftovers of an interrupted save cleaned up.
 
-Every file the trainer and the generator write (embeddings, latent caches, images, state files)
-goes through ``write_atomically``: to a hidden temporary name next to the target, then renamed
-over it, so a reader sees the old file or the whole new one, never half a file, and a failed
-write leaves the old file as it was. A process killed during a save leaves the hidden temporary
-behind; ``remove_interrupted_saves`` clears those at the next start.
+Every file the trainer and the generator write (embeddings, latent caches, images) goes through
+``write_atomically`` (images through ``save_image``): to a hidden temporary name next to the
+target, then renamed over it, so a reader sees the old file or the whole new one, never half a
+file, and a failed write leaves the old file as it was. A folder (a training state) is written
+the same way by ``write_folder_atomically``. A process killed during a save leaves the hidden
+temporary behind; ``remove_interrupted_saves`` clears those at the next start.
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI (requirements.txt)
     import tomli as tomllib
 
-__all__ = ["ensure_writable_folder", "remove_interrupted_saves", "tomllib", "write_atomically"]
+__all__ = [
+    "ensure_writable_folder",
+    "remove_interrupted_saves",
+    "save_image",
+    "tomllib",
+    "write_atomically",
+    "write_folder_atomically",
+]
 
 logger = logging.getLogger(__name__)
 
-# ".<name>.<8 hex>.tmp" files from write_atomically, ".<name>-state-<random>" folders of state saves
+# ".<name>.<8 hex>.tmp" files from write_atomically, ".<name>-state-<8 hex>" state folders from
+# write_folder_atomically (older versions: 8 random letters, digits or underscores)
 _TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 _TEMPORARY_FOLDER = re.compile(r"^\..+-state-[a-z0-9_]{8}$")
 
@@ -59,6 +68,32 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         temp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
+def save_image(image, path: Path, **options) -> None:
+    """A PIL image written atomically, in the format its suffix names (``options`` as ``Image.save``'s,
+    e.g. ``pnginfo``)."""
+    path = Path(path)
+    image_format = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    write_atomically(path, lambda f: image.save(f, format=image_format, **options))
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], object]) -> None:
+    """Fill a hidden temporary folder next to ``folder`` with ``write(temporary)``, then put it in
+    place of ``folder``: a reader sees the old folder or the whole new one."""
+    folder = Path(folder)
+    temporary = folder.with_name(f".{folder.name}-{secrets.token_hex(4)}")
+    try:
+        temporary.mkdir()
+        write(temporary)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(temporary, folder)
+    except BaseException as exc:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {folder}: {exc.strerror or exc}") from exc
         raise
 
 

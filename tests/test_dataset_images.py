@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,20 @@ def test_float_images_are_refused_by_name(tmp_path):
     Image.fromarray(np.ones((8, 8), dtype=np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(UserError, match="float.tiff: 32-bit float pixels"):
         load_image(tmp_path / "float.tiff", keep_alpha=False)
+
+
+def test_the_generator_reads_source_images_by_the_same_rule(tmp_path):
+    """--image_path turns a phone photo upright, puts transparency on white and accepts any suffix
+    case, exactly as the trainer reads its pictures (one reader, ``library.images``)."""
+    from library.generation.run import load_images
+
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    _rotated_jpeg(folder / "phone.JPG", orientation=6)
+    make_image(folder / "t.png", (16, 8), mode="RGBA")
+    (folder / "notes.txt").write_text("not an image")
+    images = load_images(str(folder), "--image_path")
+    assert [Path(image.source_path).name for image in images] == ["phone.JPG", "t.png"]
+    for image in images:
+        assert np.array_equal(np.asarray(image), load_image(Path(image.source_path), keep_alpha=False))
+    assert images[0].size == (20, 40)

@@ -186,7 +186,7 @@ def test_caching_is_refused_with_color_aug_or_random_crop(tmp_path, vae):
         _dataset(root, "64", "--color_aug")
     args = make_args("--train_data_dir", str(root), "--resolution", "64", "--random_crop")
     dataset = build_train_dataset(args, tokenizer_with(), None, seed=0)
-    with pytest.raises(UserError, match="cannot be cached"):
+    with pytest.raises(UserError, match="cannot be used with color_aug or random_crop"):
         _cache(dataset, vae)
 
 

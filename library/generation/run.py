@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
+from library.files import save_image
 from library.generation.samplers import DEFAULT_SCALE, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED
+from library.images import IMAGE_EXTENSIONS, has_image_extension, open_image, png_text
 
 logger = logging.getLogger("gen_img")
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -59,33 +59,29 @@ class GenerationSettings:
 
 
 def load_images(path: str, flag: str) -> list:
-    """An image file, or every .png/.jpg/.jpeg/.webp of a folder in name order, as RGB/L images."""
-    from PIL import Image
-
+    """An image file, or every image of a folder in name order, as the trainer reads its pictures
+    (``library.images``: EXIF orientation, transparency on white, any letter case of the suffix)."""
     source = Path(path)
     if source.is_dir():
-        files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in source.iterdir() if f.is_file() and has_image_extension(f))
         if not files:
-            raise UserError(f"{flag} {path}: the folder holds no .png/.jpg/.jpeg/.webp images")
+            raise UserError(f"{flag} {path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     elif source.is_file():
         files = [source]
     else:
         raise UserError(f"{flag} {path}: not found")
     images = []
     for file in files:
-        try:
-            image = Image.open(file)
-            image.load()
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{flag} {file}: cannot read this image ({exc})") from exc
+        image = open_image(file, what=f"{flag} image")
         image.source_path = str(file)  # the name --use_original_file_name reuses
+        image.saved_text = png_text(file)  # a PNG's saved prompt, for img2img without a prompt
         images.append(image)
     return images
 
 
 def prompt_from_metadata(image) -> str:
     """kohya: an img2img run without a prompt reuses the prompt saved in the source PNG."""
-    text = getattr(image, "text", None) or {}
+    text = getattr(image, "saved_text", None) or {}
     if "prompt" not in text:
         raise UserError(
             f"--image_path {image.source_path}: no prompt given and the image has no 'prompt' in its PNG "
@@ -345,7 +341,7 @@ class Run:
             for key, value in self.metadata(item, settings, image, first_pass).items():
                 info.add_text(key, value)
             path = self.namer.name(item, index, prefix)
-            image.save(path, pnginfo=info)
+            save_image(image, path, pnginfo=info)
             self.namer.written.append(path)
             logger.info("saved %s (seed %d)", path, item.seed)
 

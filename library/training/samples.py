@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from library.errors import UserError
-from library.files import tomllib
+from library.files import save_image, tomllib
 from library.generation.prompts import PromptSpec, parse_prompt_options
 from library.text.tokenizer import CHUNK_TOKENS
 
@@ -153,7 +153,7 @@ def sample_images(run: Run, schedule: SampleSchedule, *, epoch: int | None) -> l
                     + ("" if seed is None else f"_{seed}")
                     + ".png"
                 )
-                images[0].save(folder / name)
+                save_image(images[0], folder / name)
                 written.append(folder / name)
         generator.close()
         torch.set_rng_state(rng_state)

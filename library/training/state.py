@@ -15,7 +15,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from library.embeddings.formats import refusal_detail, save_embedding
 from library.errors import UserError
-from library.files import ensure_writable_folder, remove_interrupted_saves
+from library.files import ensure_writable_folder, remove_interrupted_saves, write_folder_atomically
 from library.training.cadence import SaveCadence
 from library.training.optimizers import optimizer_eval_mode, optimizer_train_mode
 
@@ -291,26 +290,21 @@ class RunSaver:
 
 
 def save_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler, progress: Progress) -> None:
-    """Write a state folder atomically (a temporary folder renamed into place)."""
-    folder = Path(folder)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
-    )  # files.remove_interrupted_saves
-    try:
+    """Write a state folder atomically (``library.files.write_folder_atomically``)."""
+
+    def write(into: Path) -> None:
         rows = {
             _state_key(key, vectors): value.detach().float().cpu().contiguous()
             for key, value in vectors.items()
         }
-        save_file(rows, str(tmp / "vectors.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        (tmp / "progress.json").write_text(json.dumps({"format": STATE_FORMAT, **asdict(progress)}, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_file(rows, str(into / "vectors.safetensors"))
+        torch.save(optimizer.state_dict(), into / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), into / "lr_scheduler.pt")
+        (into / "progress.json").write_text(
+            json.dumps({"format": STATE_FORMAT, **asdict(progress)}, indent=1)
+        )
+
+    write_folder_atomically(folder, write)
     logger.info("saved training state to %s", folder)
 
 

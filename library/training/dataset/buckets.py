@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets and the per-epoch batch order.
+"""Aspect-ratio buckets, each image's bucket, and the per-epoch batch order.
 
 The bucket set and the choice of bucket per image are kohya's (``make_bucket_resolutions`` and
 ``BucketManager.select_bucket``), so an image lands in the same bucket and crop as in kohya and
@@ -12,12 +12,21 @@ all datasets are permuted again.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from library.errors import UserError
+from library.training.dataset.augment import cover_size
+
+if TYPE_CHECKING:
+    from library.training.dataset.config import DatasetParams
+    from library.training.dataset.sources import ImageRecord
+
+logger = logging.getLogger(__name__)
 
 ORDER_STREAM = 1  # separates the batch-order random stream from the per-item streams
 
@@ -201,3 +210,85 @@ def plan_epoch(
                 )
     order = order_rng(seed, epoch).permutation(len(batches))
     return [batches[i] for i in order]
+
+
+# ---------------------------------------------------------------------------------------------
+# each image's bucket
+
+
+def assign_buckets(params: DatasetParams, records: list[ImageRecord]) -> DatasetParams:
+    """Each record's bucket and resized size (kohya's rules); returns the dataset's parameters, with
+    bucketing switched on when the metadata fixes the buckets (``train_resolution``)."""
+    if params.is_finetune and all(r.fixed_bucket is not None for r in records):
+        if params.bucket_no_upscale:
+            raise UserError(
+                f"{params.source}: the metadata has train_resolution (precomputed buckets), "
+                "so bucket_no_upscale cannot be used"
+            )
+        logger.info("%s: using the buckets (train_resolution) from the metadata", params.source)
+        for record in records:
+            if record.fixed_bucket[0] % 8 or record.fixed_bucket[1] % 8:
+                raise UserError(
+                    f"{record.path}: train_resolution {record.fixed_bucket} must be multiples of 8"
+                )
+            record.bucket = record.fixed_bucket
+            record.resized = cover_size(*record.size, record.bucket)
+        return replace(params, enable_bucket=True)
+    if params.resolution is None:
+        raise UserError(f"{params.source}: the resolution is required (--resolution 512 or resolution = 512)")
+    check_bucket_settings(
+        params.source,
+        params.resolution,
+        params.enable_bucket,
+        params.min_bucket_reso,
+        params.max_bucket_reso,
+        params.bucket_reso_steps,
+    )
+    if params.enable_bucket and params.bucket_no_upscale:
+        logger.info(
+            "%s: bucket_no_upscale makes buckets from image sizes; min/max_bucket_reso are not used",
+            params.source,
+        )
+    face_subsets = {r.subset.source for r in records if r.subset.face_crop_aug_range}
+    if face_subsets and params.enable_bucket:
+        logger.warning(
+            "%s: face_crop_aug_range has no effect with enable_bucket (as in kohya); disable buckets to use it",
+            params.source,
+        )
+    selector = BucketSelector(
+        params.resolution,
+        params.enable_bucket,
+        params.min_bucket_reso,
+        params.max_bucket_reso,
+        params.bucket_reso_steps,
+        params.bucket_no_upscale,
+    )
+    for record in records:
+        try:
+            choice = selector.select(*record.size)
+        except ValueError:
+            raise UserError(
+                f"{record.path} ({record.size[0]}x{record.size[1]}) is smaller than one bucket step "
+                f"({params.bucket_reso_steps}px) and bucket_no_upscale forbids enlarging it; remove the image"
+            ) from None
+        record.bucket, record.resized = choice.bucket, choice.resized
+    _warn_about_enlarged_images(records)
+    return params
+
+
+MAX_QUIET_UPSCALE = 4  # an image enlarged more than this carries little of what it is trained to show
+
+
+def _warn_about_enlarged_images(records) -> None:
+    enlarged = [r for r in records if r.resized[0] > MAX_QUIET_UPSCALE * r.size[0]]
+    if enlarged:
+        first = max(enlarged, key=lambda r: r.resized[0] / r.size[0])
+        logger.warning(
+            "%d image(s) are enlarged more than %dx to reach the training resolution, e.g. %s: %dx%d to %dx%d; "
+            "they add blur, not detail: use larger pictures or a lower --resolution",
+            len(enlarged),
+            MAX_QUIET_UPSCALE,
+            first.path,
+            *first.size,
+            *first.resized,
+        )

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,17 +37,16 @@ from library.training.dataset.args import DataOptions
 from library.training.dataset.augment import (
     Purpose,
     color_aug,
-    cover_size,
     crop_offset,
     face_crop,
     item_rng,
     should_flip,
 )
-from library.training.dataset.buckets import BucketSelector, PlannedBatch, check_bucket_settings, plan_epoch
+from library.training.dataset.buckets import PlannedBatch, plan_epoch
 from library.training.dataset.captions import CaptionSettings, TokenCaptionRule, process_caption
-from library.training.dataset.config import DatasetParams, datasets_from_args
+from library.training.dataset.config import DatasetParams
 from library.training.dataset.images import load_image, load_mask_image, resize_array
-from library.training.dataset.sources import ImageRecord, load_dataset_records
+from library.training.dataset.sources import ImageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -438,13 +435,19 @@ class TrainDataset(torch.utils.data.Dataset):
         """Every batch is read from latents held in memory: no file to read, no image to decode."""
         return self.latents_cached and all(record.latents is not None for record in self.records)
 
-    def _uncacheable_subsets(self) -> list[str]:
-        found = []
+    def check_cacheable(self) -> None:
+        """Latents cannot be cached for images that change every epoch (color_aug, random_crop)."""
+        uncacheable = []
         for record in self.records:
             subset = record.subset
-            if (subset.color_aug or subset.random_crop) and subset.source not in found:
-                found.append(subset.source)
-        return found
+            if (subset.color_aug or subset.random_crop) and subset.source not in uncacheable:
+                uncacheable.append(subset.source)
+        if uncacheable:
+            raise UserError(
+                "--cache_latents/--cache_latents_to_disk cannot be used with color_aug or random_crop, which "
+                f"change the image every epoch (set in: {', '.join(uncacheable)}); remove the caching or "
+                "those augmentations"
+            )
 
     # ------------------------------------------------------------------ latent cache
 
@@ -466,13 +469,7 @@ class TrainDataset(torch.utils.data.Dataset):
         memory every process encodes all images, since any process may get any batch.
         ``skip_cache_check`` defaults to ``--skip_cache_check`` of the command line.
         """
-        uncacheable = self._uncacheable_subsets()
-        if uncacheable:
-            raise UserError(
-                "latents cannot be cached with color_aug or random_crop, which change the image every "
-                f"epoch (set in: {', '.join(uncacheable)}); remove --cache_latents/--cache_latents_to_disk "
-                "or those augmentations"
-            )
+        self.check_cacheable()
         if skip_cache_check is None:
             skip_cache_check = self.skip_cache_check
         if any(
@@ -559,231 +556,3 @@ def make_train_dataloader(dataset: TrainDataset, options: DataOptions) -> torch.
         num_workers=workers,
         persistent_workers=persistent,
     )
-
-
-# ---------------------------------------------------------------------- building
-
-
-def build_train_dataset(
-    options: DataOptions, tokenizer, caption_rule: TokenCaptionRule | None, seed: int | None
-) -> TrainDataset:
-    """The training dataset of a run, from a kohya-style command line / dataset config.
-
-    Every problem a user can fix raises ``UserError`` before any model work starts.
-    """
-    _check_run_options(options)
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-        logger.info("no --seed: the dataset uses seed %d", seed)
-    datasets = datasets_from_args(options)
-    train_parts, held_out_parts = [], []
-    reg_images = 0
-    for params in datasets:
-        found, reg_count = load_dataset_records(params)
-        reg_images += reg_count
-        if not found:
-            logger.warning("%s: no images", params.source)
-            continue
-        train, held_out = split_for_validation(found, params.validation_split, params.validation_seed, seed)
-        if params.validation_split and not held_out:
-            logger.warning(
-                "%s: validation_split %g holds out no image (a folder needs at least 2 training images); no "
-                "held-out validation set",
-                params.source,
-                params.validation_split,
-            )
-        train_parts.append((params, train))
-        if held_out:
-            held_out_parts.append((params, held_out))
-    parts, records = _bucketed(train_parts)
-    if not records:
-        raise UserError(
-            "no training images were found; check --train_data_dir / --in_json / --dataset_config"
-        )
-    _check_masks(options, records)
-    dataset = TrainDataset(
-        parts,
-        records,
-        tokenizer,
-        caption_rule,
-        seed,
-        options.max_token_length,
-        options.prior_loss_weight,
-        reg_images,
-    )
-    dataset.skip_cache_check = options.skip_cache_check
-    if len(dataset) == 0:
-        raise UserError("the dataset has zero batches; check num_repeats and the image folders")
-    if options.cache_latents or options.cache_latents_to_disk:
-        uncacheable = dataset._uncacheable_subsets()
-        if uncacheable:
-            raise UserError(
-                "--cache_latents/--cache_latents_to_disk cannot be used with color_aug or random_crop "
-                f"(set in: {', '.join(uncacheable)}): cached latents cannot change each epoch"
-            )
-    if held_out_parts:
-        val_parts, val_records = _bucketed(held_out_parts, repeats=False)
-        dataset.validation = TrainDataset(
-            val_parts,
-            val_records,
-            tokenizer,
-            caption_rule,
-            seed,
-            options.max_token_length,
-            options.prior_loss_weight,
-            0,
-        )
-        dataset.validation.skip_cache_check = options.skip_cache_check
-        logger.info("%d images held out for validation", len(val_records))
-    logger.info("dataset:\n%s", dataset.summary())
-    return dataset
-
-
-def split_for_validation(
-    records: list[ImageRecord], share: float, validation_seed: int | None, seed: int
-) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """``share`` of each subset's training images held out (chosen by ``validation_seed``, else the
-    run's seed), at least one when the share asks for any and the subset has two or more;
-    regularization images are never held out."""
-    if not share:
-        return records, []
-    rng = random.Random(seed if validation_seed is None else validation_seed)
-    held: set[int] = set()
-    by_subset: dict[str, list[int]] = {}
-    for index, record in enumerate(records):
-        if not record.is_reg:
-            by_subset.setdefault(record.subset.source, []).append(index)
-    for indices in by_subset.values():
-        count = min(len(indices) - 1, max(1, round(len(indices) * share)))
-        shuffled = sorted(indices, key=lambda i: records[i].key)
-        rng.shuffle(shuffled)
-        held.update(shuffled[:count])
-    return [r for i, r in enumerate(records) if i not in held], [
-        r for i, r in enumerate(records) if i in held
-    ]
-
-
-def _bucketed(
-    parts_records: list[tuple[DatasetParams, list[ImageRecord]]], repeats: bool = True
-) -> tuple[list[DatasetPart], list[ImageRecord]]:
-    """Parts with their buckets of record indices (each record ``num_repeats`` times, or once)."""
-    parts: list[DatasetPart] = []
-    records: list[ImageRecord] = []
-    for params, found in parts_records:
-        part = DatasetPart(params)
-        _assign_buckets(part, found)
-        for record in found:
-            record.extra["part"] = len(parts)
-            index = len(records)
-            records.append(record)
-            part.buckets.setdefault(record.bucket, []).extend(
-                [index] * (record.num_repeats if repeats else 1)
-            )
-        parts.append(part)
-    return parts, records
-
-
-def _check_run_options(options: DataOptions) -> None:
-    if options.dataset_class:
-        raise UserError(
-            "--dataset_class (a custom dataset class) is not supported; use --dataset_config instead"
-        )
-    if options.conditioning_data_dir and options.dataset_config is None:
-        raise UserError(
-            "--conditioning_data_dir is used per subset: set conditioning_data_dir in a --dataset_config "
-            "[[datasets.subsets]] table (with --masked_loss)"
-        )
-
-
-def _check_masks(options: DataOptions, records: list[ImageRecord]) -> None:
-    has_conditioning = any(r.mask_path is not None for r in records)
-    if has_conditioning and not options.masked_loss:
-        raise UserError("conditioning_data_dir holds loss masks: add --masked_loss to use them")
-    if options.masked_loss and not has_conditioning and not any(r.subset.alpha_mask for r in records):
-        logger.warning(
-            "--masked_loss has no mask to use: add --alpha_mask (transparency as mask) or "
-            "conditioning_data_dir in the dataset config; training without masks"
-        )
-
-
-def _assign_buckets(part: DatasetPart, records: list[ImageRecord]) -> None:
-    params = part.params
-    if params.is_finetune and all(r.fixed_bucket is not None for r in records):
-        if params.bucket_no_upscale:
-            raise UserError(
-                f"{params.source}: the metadata has train_resolution (precomputed buckets), "
-                "so bucket_no_upscale cannot be used"
-            )
-        logger.info("%s: using the buckets (train_resolution) from the metadata", params.source)
-        part.params = _with_bucketing(params)
-        for record in records:
-            if record.fixed_bucket[0] % 8 or record.fixed_bucket[1] % 8:
-                raise UserError(
-                    f"{record.path}: train_resolution {record.fixed_bucket} must be multiples of 8"
-                )
-            record.bucket = record.fixed_bucket
-            record.resized = cover_size(*record.size, record.bucket)
-        return
-    if params.resolution is None:
-        raise UserError(f"{params.source}: the resolution is required (--resolution 512 or resolution = 512)")
-    check_bucket_settings(
-        params.source,
-        params.resolution,
-        params.enable_bucket,
-        params.min_bucket_reso,
-        params.max_bucket_reso,
-        params.bucket_reso_steps,
-    )
-    if params.enable_bucket and params.bucket_no_upscale:
-        logger.info(
-            "%s: bucket_no_upscale makes buckets from image sizes; min/max_bucket_reso are not used",
-            params.source,
-        )
-    face_subsets = {r.subset.source for r in records if r.subset.face_crop_aug_range}
-    if face_subsets and params.enable_bucket:
-        logger.warning(
-            "%s: face_crop_aug_range has no effect with enable_bucket (as in kohya); disable buckets to use it",
-            params.source,
-        )
-    selector = BucketSelector(
-        params.resolution,
-        params.enable_bucket,
-        params.min_bucket_reso,
-        params.max_bucket_reso,
-        params.bucket_reso_steps,
-        params.bucket_no_upscale,
-    )
-    for record in records:
-        try:
-            choice = selector.select(*record.size)
-        except ValueError:
-            raise UserError(
-                f"{record.path} ({record.size[0]}x{record.size[1]}) is smaller than one bucket step "
-                f"({params.bucket_reso_steps}px) and bucket_no_upscale forbids enlarging it; remove the image"
-            ) from None
-        record.bucket, record.resized = choice.bucket, choice.resized
-    _warn_about_enlarged_images(records)
-
-
-MAX_QUIET_UPSCALE = 4  # an image enlarged more than this carries little of what it is trained to show
-
-
-def _warn_about_enlarged_images(records) -> None:
-    enlarged = [r for r in records if r.resized[0] > MAX_QUIET_UPSCALE * r.size[0]]
-    if enlarged:
-        first = max(enlarged, key=lambda r: r.resized[0] / r.size[0])
-        logger.warning(
-            "%d image(s) are enlarged more than %dx to reach the training resolution, e.g. %s: %dx%d to %dx%d; "
-            "they add blur, not detail: use larger pictures or a lower --resolution",
-            len(enlarged),
-            MAX_QUIET_UPSCALE,
-            first.path,
-            *first.size,
-            *first.resized,
-        )
-
-
-def _with_bucketing(params: DatasetParams) -> DatasetParams:
-    from dataclasses import replace
-
-    return replace(params, enable_bucket=True)

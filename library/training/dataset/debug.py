@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from library.files import save_image
 from library.text.encoding import tokenize_prompts
 
 THUMB = 192  # longest side of a thumbnail in the contact sheet
@@ -135,6 +136,6 @@ def write_contact_sheets(
             for line_number, line in enumerate(lines):
                 draw.text((x, y + THUMB + 2 + line_number * line_height), line, fill=(0, 0, 0), font=font)
         path = output_dir / f"debug_dataset_{sheet_number:03d}.png"
-        sheet.save(path)
+        save_image(sheet, path)
         paths.append(path)
     return paths

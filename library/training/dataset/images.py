@@ -16,43 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import Image, UnidentifiedImageError
 
 from library.errors import UserError
+from library.images import IMAGE_EXTENSIONS, open_image
 
 logger = logging.getLogger(__name__)
 
-BASE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # 90-degree turns swap width and height
-
-
-def _optional_extensions() -> tuple[str, ...]:
-    """AVIF and JPEG XL only when a Pillow plugin can decode them."""
-    extra = []
-    try:
-        if features.check("avif"):
-            extra.append(".avif")
-    except Exception:  # pragma: no cover - very old Pillow
-        pass
-    if ".avif" not in extra:
-        try:
-            import pillow_avif  # noqa: F401
-
-            extra.append(".avif")
-        except ImportError:
-            pass
-    for plugin in ("pillow_jxl", "jxlpy"):
-        try:
-            __import__(plugin)
-            extra.append(".jxl")
-            break
-        except ImportError:
-            continue
-    return tuple(extra)
-
-
-IMAGE_EXTENSIONS = BASE_EXTENSIONS + _optional_extensions()
 
 
 def is_image_file(path: Path) -> bool:
@@ -103,63 +75,10 @@ def unreadable_images_error(bad: list[ImageReadError], good_count: int) -> UserE
     )
 
 
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-
-
-HIGH_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def _as_8_bit(image: Image.Image, path: Path) -> Image.Image:
-    """16-bit (and 32-bit integer) grey images scaled to 8 bits; Pillow's own conversion clips them.
-
-    ``convert("RGB")`` of a 16-bit PNG keeps values above 255 as 255, which turns almost every
-    picture white. Pillow opens 16-bit greys as ``I;16`` or ``I``; both are scaled from the 16-bit
-    range (a 32-bit ``I`` image whose values exceed it is scaled from its own maximum). Float images
-    (``F``) have no agreed range and are refused by name.
-    """
-    if image.mode == "F":
-        raise UserError(
-            f"cannot read image {path}: 32-bit float pixels (mode F) have no agreed range; "
-            "save it as an 8- or 16-bit PNG"
-        )
-    if image.mode not in HIGH_BIT_GREY_MODES:
-        return image
-    values = np.asarray(image, dtype=np.float64)
-    top = max(65535.0, float(values.max()))
-    return Image.fromarray(np.clip(np.round(values / top * 255), 0, 255).astype(np.uint8), mode="L")
-
-
 def load_image(path: Path, keep_alpha: bool) -> np.ndarray:
-    """Pixels as uint8 HxWx3, or HxWx4 with ``keep_alpha`` (alpha 255 when the file has none).
-
-    EXIF orientation is applied. Without ``keep_alpha`` a transparent image is composited onto
-    white, so transparent areas do not turn into random colours.
-    """
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            image.load()
-    except UnidentifiedImageError:
-        raise UserError(
-            f"cannot read image {path}: not an image Pillow can read; replace or remove it"
-        ) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; replace or remove it") from None
-    image = _as_8_bit(image, path)
-    if _has_alpha(image):
-        rgba = image.convert("RGBA")
-        if keep_alpha:
-            return np.asarray(rgba, dtype=np.uint8).copy()
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8).copy()
-    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    if keep_alpha:
-        opaque = np.full(rgb.shape[:2] + (1,), 255, dtype=np.uint8)
-        return np.concatenate([rgb, opaque], axis=2)
-    return rgb
+    """Pixels as uint8 HxWx3, or HxWx4 with ``keep_alpha``, read by the shared rule
+    (``library.images.open_image``: EXIF orientation, 16-bit greys, transparency)."""
+    return np.asarray(open_image(path, keep_alpha=keep_alpha), dtype=np.uint8).copy()
 
 
 def load_mask_image(path: Path, expected_size: tuple[int, int]) -> np.ndarray:
