@@ -15,20 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import ROOT, common, error_line, make_images, picture_folder, run_train
 from PIL import Image
 from safetensors.torch import load_file
-from test_train_cli import ROOT, _error_line, common, make_images, run_train
-
-pytestmark = pytest.mark.slow
 
 WORD = ["--token_string=mychar4", "--init_word=toy"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_images(root / "1_mychar4 toy", 2, caption="a photo of mychar4 toy, number {i}")
-    return root
+data = picture_folder(2)
 
 
 def test_a_diverging_run_keeps_vectors_a_finite_loss_vouched_for(data, tiny_sd1, tmp_path):
@@ -44,7 +38,7 @@ def test_a_diverging_run_keeps_vectors_a_finite_loss_vouched_for(data, tiny_sd1,
         "--save_model_as=safetensors",
         check=False,
     )
-    line = _error_line(result)
+    line = error_line(result)
     assert result.stderr.rstrip().splitlines()[-1] == line  # no progress bar printed after the error
     (saved,) = out.glob("mychar4-last-good-step*.safetensors")
     vectors = load_file(str(saved))["emb_params"]
@@ -60,7 +54,7 @@ def test_an_infinite_learning_rate_blames_the_vectors(data, tiny_sd1, tmp_path):
         "--max_train_steps=3",
         check=False,
     )
-    assert "the vectors became" in _error_line(result)
+    assert "the vectors became" in error_line(result)
 
 
 def damage(state: Path, how: str) -> str:
@@ -113,7 +107,7 @@ def test_a_damaged_state_folder_is_named_in_one_line(how, state, data, tiny_sd1,
         f"--resume={copy}",
         check=False,
     )
-    line = _error_line(result)
+    line = error_line(result)
     assert str(copy / name) in line and "weights_only" not in result.stderr
     assert not Path("/tmp/pwned-by-state").exists()
 
@@ -134,7 +128,7 @@ def test_unwritable_outputs_are_found_before_the_model_loads(data, tmp_path):
     model = tmp_path / "no-model-needed.safetensors"  # never reached: the folder check comes first
     for out, words in ((a_file, "this is a file"), (a_file / "sub", "cannot create the folder")):
         result = run_train(*common(data, out, model), *WORD, check=False)
-        assert words in _error_line(result) and "--output_dir" in _error_line(result)
+        assert words in error_line(result) and "--output_dir" in error_line(result)
     generate = subprocess.run(
         [
             sys.executable,
@@ -159,7 +153,7 @@ def test_a_read_only_output_folder_is_found_before_the_model_loads(data, tmp_pat
     out.mkdir()
     out.chmod(0o555)
     result = run_train(*common(data, out, tmp_path / "none.safetensors"), *WORD, check=False)
-    assert "cannot write into this folder" in _error_line(result)
+    assert "cannot write into this folder" in error_line(result)
 
 
 def test_a_second_run_keeps_the_first_result_and_leftovers_are_cleaned(data, tiny_sd1, tmp_path):
@@ -230,4 +224,4 @@ def test_json_state_with_extra_fields_is_named(state, data, tiny_sd1, tmp_path):
     result = run_train(
         *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), *WORD, f"--resume={copy}", check=False
     )
-    assert "progress.json does not hold the counters" in _error_line(result)
+    assert "progress.json does not hold the counters" in error_line(result)

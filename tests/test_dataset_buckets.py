@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dataset_helpers import SMALL_BUCKETS, make_args, make_dreambooth, tokenizer_with
 from PIL import Image
-from test_dataset_helpers import SMALL_BUCKETS, make_args, make_dreambooth, tokenizer_with
 
 from library.errors import UserError
 from library.training.dataset import build_train_dataset

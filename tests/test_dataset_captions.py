@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from test_dataset_helpers import make_args, make_dreambooth, tokenizer_with
+from dataset_helpers import make_args, make_dreambooth, tokenizer_with
 
 from library.errors import UserError
 from library.training.dataset import OBJECT_TEMPLATES, STYLE_TEMPLATES, TokenCaptionRule, build_train_dataset

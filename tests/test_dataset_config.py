@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from test_dataset_helpers import make_args, make_dreambooth, tokenizer_with
+from dataset_helpers import make_args, make_dreambooth, tokenizer_with
 
 from library.errors import UserError
 from library.training.dataset import build_train_dataset

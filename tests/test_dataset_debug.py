@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from dataset_helpers import SMALL_BUCKETS, make_args, make_dreambooth, make_image, tokenizer_with
 from PIL import Image
-from test_dataset_helpers import SMALL_BUCKETS, make_args, make_dreambooth, make_image, tokenizer_with
 
 from library.training.dataset import TokenCaptionRule, build_train_dataset
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dataset_helpers import make_args, make_dreambooth, make_image, tokenizer_with
 from PIL import Image
-from test_dataset_helpers import make_args, make_dreambooth, make_image, tokenizer_with
 
 from library.errors import UserError
 from library.training.dataset import build_train_dataset

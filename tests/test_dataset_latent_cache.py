@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_dataset_helpers import make_args, make_dreambooth, make_image, tiny_vae, tokenizer_with
+from dataset_helpers import make_args, make_dreambooth, make_image, tiny_vae, tokenizer_with
 
 from library.errors import UserError
 from library.training.dataset import build_train_dataset, latent_cache, make_train_dataloader

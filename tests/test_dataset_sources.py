@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 
 import pytest
-from test_dataset_helpers import make_args, make_dreambooth, make_image, tokenizer_with
+from dataset_helpers import make_args, make_dreambooth, make_image, tokenizer_with
 
 from library.errors import UserError
 from library.training.dataset import build_train_dataset

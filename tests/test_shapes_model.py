@@ -7,16 +7,13 @@ Fixed seeds everywhere, so the numbers are the same on every run of the same mac
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
-from test_train_cli import run_train
+from cli_helpers import run_train
 
 from library.models.loading import load_sd_model
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, base_model_accuracy, evaluate_embedding
 from tools.demo import WORD, draw_training_pictures
-
-pytestmark = pytest.mark.slow
 
 
 def test_the_judge_is_right_on_fresh_renders():

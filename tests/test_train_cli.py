@@ -2,76 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
-from PIL import Image
+from cli_helpers import common, error_line, make_images, picture_folder, run_train
 from safetensors.torch import load_file
 from webui_rules import assert_webui_loadable
 
 from library.embeddings.formats import load_embedding_file, save_embedding
 from library.host_memory import glibc_version
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = str(ROOT / "train_textual_inversion.py")
-pytestmark = pytest.mark.slow
-
-
-def run_train(
-    *args: str, check: bool = True, launcher: list[str] | None = None, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        **(env or {}),
-    }
-    cmd = (launcher or [sys.executable]) + [TRAIN, *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def make_images(
-    folder: Path, count: int, size: tuple[int, int] = (64, 64), caption: str | None = None
-) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(str(folder)) + count)
-    for i in range(count):
-        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        pixels[: size[1] // 2] = [200, 40 * i % 255, 90]  # some structure
-        Image.fromarray(pixels).save(folder / f"img{i}.png")
-        if caption is not None:
-            (folder / f"img{i}.txt").write_text(caption.format(i=i))
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory) -> Path:
-    """kohya DreamBooth layout: <repeats>_<class tokens> folders; captions in .txt files."""
-    root = tmp_path_factory.mktemp("data")
-    make_images(root / "2_mychar4 toy", 3, caption="a photo of mychar4 toy, number {i}")
-    return root
-
-
-def common(data: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return [
-        f"--pretrained_model_name_or_path={model}",
-        f"--train_data_dir={data}",
-        f"--output_dir={out}",
-        "--resolution=64,64",
-        "--caption_extension=.txt",
-        "--max_data_loader_n_workers=0",
-        "--seed=42",
-        *extra,
-    ]
+char_data = picture_folder(3, repeats=2)  # kohya DreamBooth layout: <repeats>_<class tokens> folders
 
 
 def text_output(
@@ -202,20 +145,13 @@ def test_vectors_that_never_move_are_reported(char_data, tiny_sd2, tmp_path):
     assert "SD 2.x" in result.stderr  # detected from the file without --v2
 
 
-def _error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return lines[0]
-
-
 def test_token_missing_from_captions_stops_before_training(tiny_sd1, tmp_path):
     data = tmp_path / "data"
     make_images(data / "1_toy", 2, caption="a photo of a toy")
     result = run_train(
         *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), "--token_string=mychar4", check=False
     )
-    assert "mychar4" in _error_line(result)
+    assert "mychar4" in error_line(result)
     assert not (tmp_path / "o" / "mychar4.pt").exists()
 
 
@@ -223,7 +159,7 @@ def test_token_already_in_vocabulary_is_refused_with_a_suggestion(char_data, tin
     result = run_train(
         *common(char_data, tmp_path / "o", tiny_sd1 / "model.safetensors"), "--token_string=toy", check=False
     )
-    line = _error_line(result)
+    line = error_line(result)
     assert "'toy' already exists" in line and "--token_string toyx" in line
 
 
@@ -235,7 +171,7 @@ def test_an_unsupported_option_is_refused_in_one_line(char_data, tiny_sd1, tmp_p
         "--deepspeed",
         check=False,
     )
-    assert "DeepSpeed" in _error_line(result)
+    assert "DeepSpeed" in error_line(result)
 
 
 def test_missing_model_is_one_line(char_data, tmp_path):
@@ -244,7 +180,7 @@ def test_missing_model_is_one_line(char_data, tmp_path):
         "--token_string=mychar4",
         check=False,
     )
-    assert "nope.safetensors" in _error_line(result)
+    assert "nope.safetensors" in error_line(result)
 
 
 def _batches_by_step(stderr: str) -> dict[int, tuple[int, str]]:
@@ -317,7 +253,7 @@ def test_nan_guard_keeps_the_last_good_vectors(char_data, tiny_sd1, tmp_path):
         "--save_model_as=safetensors",
         check=False,
     )
-    line = _error_line(result)
+    line = error_line(result)
     assert "the loss became nan" in line and "learning_rate" in line
     saved = list(out.glob("mychar4-last-good-step*.safetensors"))
     assert len(saved) == 1 and torch.isfinite(load_file(str(saved[0]))["emb_params"]).all()
@@ -374,7 +310,7 @@ def test_output_config_then_config_file(char_data, tiny_sd1, tmp_path):
     run_train(f"--config_file={config}")
     assert (out / "fromconfig.pt").is_file()
     config.write_text(config.read_text() + "\nlearning_rat = 0.1\n")
-    assert "learning_rat" in _error_line(run_train(f"--config_file={config}", check=False))
+    assert "learning_rat" in error_line(run_train(f"--config_file={config}", check=False))
 
 
 def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import common, picture_folder, run_train
 from safetensors.torch import load_file
-from test_train_cli import common, make_images, run_train
-
-pytestmark = pytest.mark.slow
 
 TWO_PROCESSES = [
     sys.executable,
@@ -32,12 +30,7 @@ def launch_two(port: int) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """3 images x 1 repeat: an odd number of batches per epoch."""
-    root = tmp_path_factory.mktemp("data")
-    make_images(root / "1_mychar4 toy", 3, caption="a photo of mychar4 toy, number {i}")
-    return root
+data = picture_folder(3)  # an odd number of batches per epoch
 
 
 def learning_rates(stderr: str) -> dict[int, float]:

@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
+from cli_helpers import ROOT, common, make_images, run_train
 from safetensors.torch import load_file
-from test_train_cli import ROOT, common, make_images, run_train
 
 # Runs the trainer in a fresh process, recording each model load and whether the VAE read alone
 # is still alive when the rest of the model is read.

@@ -1,6 +1,6 @@
 """The files a kohya command line gives: names, rotation, logs and metadata as kohya's trainer writes them.
 
-Each test runs the real trainer CLI on the tiny SD1 model (``test_train_cli.run_train``).
+Each test runs the real trainer CLI on the tiny SD1 model (``cli_helpers.run_train``).
 """
 
 from __future__ import annotations
@@ -14,22 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import ROOT, common, make_images, picture_folder, run_train
 from client_rules import CLIENTS, READS_EXTENSION
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train_cli import ROOT, common, make_images, run_train
 
 from library import IMPLEMENTATION
 from library.models.loading import load_sd_model
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_images(root / "1_mychar4 toy", 2, caption="a photo of mychar4 toy, number {i}")
-    return root
+data = picture_folder(2)
 
 
 def test_files_are_named_after_the_token_string_without_output_name(data, tiny_sd1, tmp_path):

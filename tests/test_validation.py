@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import common, make_images, picture_folder, run_train
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train_cli import common, make_images, run_train
 
 from library.errors import UserError
 from library.models.loading import load_sd_model
@@ -48,11 +47,7 @@ def test_cadence_defaults():
 # --- through the CLI -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_images(root / "1_mychar4 toy", 3, caption="a photo of mychar4 toy, number {i}")
-    return root
+data = picture_folder(3)
 
 
 def validation_losses(stderr: str) -> dict[int, str]:
@@ -70,7 +65,6 @@ ARGS = [
 ]
 
 
-@pytest.mark.slow
 def test_validation_losses_repeat_across_runs_and_resume_and_the_best_is_kept(data, tiny_sd1, tmp_path):
     model = tiny_sd1 / "model.safetensors"
     first = run_train(*common(data, tmp_path / "a", model), *ARGS, "--save_every_n_steps=2", "--save_state")
@@ -95,7 +89,6 @@ def test_validation_losses_repeat_across_runs_and_resume_and_the_best_is_kept(da
         )
 
 
-@pytest.mark.slow
 def test_early_stopping_ends_a_run_whose_loss_is_flat(data, tiny_sd1, tmp_path):
     """With a learning rate of 0 the fixed-batch loss never changes: DVAR's ratio is 0 once the window is full."""
     out = tmp_path / "o"
@@ -114,7 +107,6 @@ def test_early_stopping_ends_a_run_whose_loss_is_flat(data, tiny_sd1, tmp_path):
     assert torch.load(out / "mychar4.pt", weights_only=True)["step"] == 3
 
 
-@pytest.mark.slow
 def test_preserved_norms_stay_at_the_init_words(data, tiny_sd1, tmp_path):
     out = tmp_path / "o"
     run_train(
@@ -165,9 +157,8 @@ def test_hostile_validation_options_are_refused_by_name(flag, words, tmp_path):
         run_settings(args)
 
 
-@pytest.mark.slow
 def test_hostile_validation_options_end_in_one_line_or_a_warning(data, tiny_sd1, tmp_path):
-    from test_train_cli import _error_line
+    from cli_helpers import error_line
 
     model = tiny_sd1 / "model.safetensors"
     base = [
@@ -176,7 +167,7 @@ def test_hostile_validation_options_end_in_one_line_or_a_warning(data, tiny_sd1,
         "--init_word=toy",
         "--max_train_steps=2",
     ]
-    assert "validation_split 1.5" in _error_line(run_train(*base, "--validation_split=1.5", check=False))
+    assert "validation_split 1.5" in error_line(run_train(*base, "--validation_split=1.5", check=False))
     alone = tmp_path / "alone"
     make_images(alone / "1_mychar4", 1, caption="mychar4")
     result = run_train(

@@ -1,0 +1,85 @@
+"""Running the real CLIs in tests: the trainer as a subprocess, pictures to train on, the common
+options of a tiny-model run, and the one error line a refused run prints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "train_textual_inversion.py")
+CAPTION = "a photo of mychar4 toy, number {i}"
+
+
+def run_train(
+    *args: str, check: bool = True, launcher: list[str] | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The trainer CLI in its own process (one thread, offline); fails the test on a non-zero exit
+    unless ``check`` is False."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    cmd = (launcher or [sys.executable]) + [TRAIN, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def make_images(
+    folder: Path, count: int, size: tuple[int, int] = (64, 64), caption: str | None = None
+) -> None:
+    """``count`` random pictures with some structure, each with a caption file when ``caption`` is given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)) + count)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        pixels[: size[1] // 2] = [200, 40 * i % 255, 90]  # some structure
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        if caption is not None:
+            (folder / f"img{i}.txt").write_text(caption.format(i=i))
+
+
+def picture_folder(count: int, repeats: int = 1):
+    """A module fixture: a kohya DreamBooth folder ``<repeats>_mychar4 toy`` of ``count`` captioned
+    pictures (one copy per test module, so a latent cache written into it stays in the module)."""
+
+    @pytest.fixture(scope="module")
+    def folder(tmp_path_factory) -> Path:
+        root = tmp_path_factory.mktemp("data")
+        make_images(root / f"{repeats}_mychar4 toy", count, caption=CAPTION)
+        return root
+
+    return folder
+
+
+def common(data: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    """The options every tiny-model run shares."""
+    return [
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={data}",
+        f"--output_dir={out}",
+        "--resolution=64,64",
+        "--caption_extension=.txt",
+        "--max_data_loader_n_workers=0",
+        "--seed=42",
+        *extra,
+    ]
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one ``error: ...`` line of a refused run (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
