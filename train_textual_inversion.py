@@ -34,15 +34,14 @@ from library.training.accelerator import (
 )
 from library.training.args import RunSettings, settings_from_command_line
 from library.training.cadence import RunLength
-from library.training.checks import warn_if_resume_is_done
 from library.training.dataset import TokenCaptionRule, build_train_dataset, make_train_dataloader
 from library.training.events import RunEvents
-from library.training.new_word import NewWord, add_placeholder_tokens, initial_vectors
+from library.training.new_word import NewWord, add_placeholder_tokens
 from library.training.optimizers import create_lr_scheduler, create_optimizer, optimizer_train_mode
 from library.training.run import Run
-from library.training.state import Progress, load_training_state, prepare_output_folders, saved_seed
+from library.training.state import Progress, prepare_output_folders, resume_or_start, saved_seed
 from library.training.step import DiffusionLoss
-from library.training.tracking import TrainLogger, logged_config
+from library.training.tracking import TrainLogger
 
 logger = logging.getLogger("train_textual_inversion")
 
@@ -59,21 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     prepare_output_folders(settings.saving, settings.tracking, accelerator.is_main_process)
 
     # 1. The new word: token_string, token_string1, ... in the tokenizer(s).
-    word = settings.word
+    token_string = settings.word.token_string
     tokenizers = load_tokenizers(settings.model)
-    num_vectors = len(add_placeholder_tokens(tokenizers, word.token_string, word.num_vectors_per_token))
+    num_vectors = len(add_placeholder_tokens(tokenizers, token_string, settings.word.num_vectors_per_token))
 
     # 2. The data. Checked before the model loads, so a mistake costs seconds, not minutes.
-    caption_rule = TokenCaptionRule(word.token_string, num_vectors, word.template)
+    caption_rule = TokenCaptionRule(token_string, num_vectors, settings.word.template)
     dataset = build_train_dataset(settings.data, tokenizers[0], caption_rule, seed)
     dataset.verify_token_in_captions()
     if settings.data.debug_dataset:
         dataset.debug_dataset(settings.saving.folder)
         return
-    loop = settings.loop
-    length = RunLength.plan(
-        len(dataset), accelerator.num_processes, k, loop.max_train_steps, loop.max_train_epochs
-    )
+    length = RunLength.for_loop(settings.loop, len(dataset), accelerator.num_processes)
     dataset.set_run_length(length.max_train_steps, length.steps_per_epoch, k, accelerator.num_processes)
 
     # 3. The model, frozen and cast as it loads, with the new vectors spliced into its token lookup.
@@ -85,25 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     vae_alone = caching and not settings.sampling.sample_prompts
     if vae_alone:
         latent_scale = cache_latents_with_vae_alone(dataset, settings, accelerator, precision.vae_dtype)
-    model_settings = settings.model
-    if (
-        settings.compute.torch_compile
-    ):  # the compiler keeps tensors the shared widening buffer would overwrite
-        model_settings = model_settings.with_fp32_weights()
-    model = load_model(model_settings, precision.weight_dtype, precision.vae_dtype, with_vae=not vae_alone)
+    model = load_model(settings.model, precision.weight_dtype, precision.vae_dtype, with_vae=not vae_alone)
     for tokenizer in tokenizers:
         set_family_padding(tokenizer, model.family.name)
     if model.vae is not None:
         latent_scale = model.vae.config.scaling_factor
-    tables = {
-        key: e.get_input_embeddings().weight.detach()
-        for key, e in zip(model.family.encoder_keys, model.text_encoders)
-    }
-    start = initial_vectors(word, tokenizers[0], tables, num_vectors, seed, model.family)
     freeze_and_move(model, device)
-    new_word = NewWord.splice_into(model.text_encoders, {key: rows.to(device) for key, rows in start.items()})
+    word = NewWord.start(model, tokenizers[0], settings.word, num_vectors, seed)
     text = model.text_conditioner(
-        tokenizers, clip_skip=loop.clip_skip, max_token_length=settings.data.max_token_length
+        tokenizers, clip_skip=settings.loop.clip_skip, max_token_length=settings.data.max_token_length
     )
     text.drop_unused_layers()  # the layers past --clip_skip never run
     model.unet = configure_for_training(model.unet, model.text_encoders, settings.compute, device)
@@ -111,67 +97,19 @@ def main(argv: list[str] | None = None) -> None:
         cache_latents(dataset, model.vae, settings, accelerator, precision.vae_dtype)
 
     # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
-    optimizer_name, _, optimizer = create_optimizer(new_word.parameters, settings.optimizer)
-    lr_scheduler = create_lr_scheduler(optimizer, settings.optimizer, length.max_train_steps)
+    optimizer_name, _, optimizer = create_optimizer(word.parameters, settings.optimizer)
+    scheduler = create_lr_scheduler(optimizer, settings.optimizer, length.max_train_steps)
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling on CUDA
     loader = accelerator.prepare_data_loader(
         make_train_dataloader(dataset, settings.data), device_placement=True
     )
-    progress = Progress(seed=seed)
-    if settings.saving.resume:
-        progress = load_training_state(settings.saving.resume, new_word.vectors, optimizer, lr_scheduler)
-        logger.info(
-            "resumed from %s at step %d (epoch %d)",
-            settings.saving.resume,
-            progress.global_step,
-            progress.epoch + 1,
-        )
-        warn_if_resume_is_done(progress.global_step, length.max_train_steps)
-
+    progress = resume_or_start(settings.saving, word, optimizer, scheduler, seed, length)
     run = Run(
-        settings,
-        accelerator,
-        precision,
-        seed,
-        model,
-        text,
-        new_word,
-        dataset,
-        length,
-        optimizer,
-        lr_scheduler,
-        progress,
-        start_vectors=new_word.snapshot(),
+        settings, accelerator, precision, model, text, word, dataset, length, optimizer, scheduler, progress
     )
-    diffusion_loss = DiffusionLoss.build(
-        model,
-        text,
-        noise=settings.noise,
-        loss=settings.loss,
-        precision=precision,
-        seed=seed,
-        latent_scale=latent_scale,
-        autocast=accelerator.autocast,
-    )
-    tracker = TrainLogger(
-        accelerator, settings.tracking, logged_config(settings.options, settings.tracking), optimizer_name
-    )
-    events = RunEvents(run, diffusion_loss, tracker)
-    start_norms = {
-        key: norms.to(device) for key, norms in new_word.norms().items()
-    }  # --preserve_embedding_norm
-
-    logger.info(
-        "training %d vectors of dimension %s for %d steps (%d epochs, %d steps each) on %s x%d process(es), %s",
-        num_vectors,
-        " + ".join(str(t.shape[1]) for t in tables.values()),
-        length.max_train_steps,
-        length.num_epochs,
-        length.steps_per_epoch,
-        device,
-        accelerator.num_processes,
-        precision.mixed_precision,
-    )
+    diffusion_loss = DiffusionLoss.build(run, latent_scale)
+    events = RunEvents(run, diffusion_loss, TrainLogger.for_run(run, optimizer_name))
+    logger.info("training %s", run.describe())
     if settings.sampling.sample_at_first and progress.global_step == 0:
         events.render_samples(0)
 
@@ -179,13 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":  # the load's temporaries are returned; the steps' activations are then reused
         keep_freed_memory_in_process()
     optimizer_train_mode(optimizer)
-    with tqdm(
-        total=length.max_train_steps,
-        initial=progress.global_step,
-        desc="steps",
-        smoothing=0.1,
-        disable=not accelerator.is_local_main_process,
-    ) as bar:
+    with progress_bar(run) as bar:
         while not events.finished:
             for batch in epoch_batches(accelerator, loader, progress):
                 logger.debug("step %d, epoch %d: %s", progress.global_step, progress.epoch, batch["keys"])
@@ -197,19 +129,18 @@ def main(argv: list[str] | None = None) -> None:
                 if not accelerator.sync_gradients:
                     continue
 
-                # one optimizer step on the gradient averaged over processes
-                events.guard.before_step(new_word.vectors)
-                for vectors in new_word.parameters:
+                # one optimizer step on the gradient averaged over processes, clipped over every
+                # encoder's rows (kohya's SDXL trainer clips only the last encoder's)
+                events.guard.before_step(word.vectors)
+                for vectors in word.parameters:
                     vectors.grad = accelerator.reduce(vectors.grad, reduction="mean")
-                if (
-                    settings.optimizer.max_grad_norm
-                ):  # over every encoder's rows (kohya clips only the last's)
-                    accelerator.clip_grad_norm_(new_word.parameters, settings.optimizer.max_grad_norm)
+                if settings.optimizer.max_grad_norm:
+                    accelerator.clip_grad_norm_(word.parameters, settings.optimizer.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if loop.preserve_embedding_norm:
-                    new_word.preserve_norms(start_norms)
+                if settings.loop.preserve_embedding_norm:
+                    word.preserve_norms(run.start_norms)
                 progress.global_step += 1
                 bar.update(1)
                 events.after_step(loss, bar)  # checks, logs, saves, samples, validation
@@ -269,6 +200,17 @@ def cache_latents_with_vae_alone(
     del vae
     hand_back_freed_memory()
     return latent_scale
+
+
+def progress_bar(run: Run) -> tqdm:
+    """Steps done of the run, on the main process only."""
+    return tqdm(
+        total=run.length.max_train_steps,
+        initial=run.progress.global_step,
+        desc="steps",
+        smoothing=0.1,
+        disable=not run.accelerator.is_local_main_process,
+    )
 
 
 def epoch_batches(accelerator, loader, progress: Progress):

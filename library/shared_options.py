@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from library.options import default_of
@@ -39,10 +39,6 @@ class ModelSettings:
     def exact_half_storage(self) -> bool:
         """Frozen fp32 layers keep the file's exact fp16 weights unless memory is plentiful."""
         return not self.highvram
-
-    def with_fp32_weights(self) -> ModelSettings:
-        """These settings with the frozen weights kept in fp32, as ``--highvram`` keeps them."""
-        return replace(self, highvram=True)
 
 
 def add_model_options(parser: argparse.ArgumentParser, path_option: str, path_help: str) -> None:

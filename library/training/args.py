@@ -489,7 +489,13 @@ class RunSettings:
 def run_settings(args: argparse.Namespace) -> RunSettings:
     """Every concern's settings from the parsed options; each checks itself as it is built."""
     return RunSettings(
-        model=settings_from(ModelSettings, args, path=args.pretrained_model_name_or_path),
+        # torch.compile keeps tensors that the shared buffer of half-stored weights would overwrite
+        model=settings_from(
+            ModelSettings,
+            args,
+            path=args.pretrained_model_name_or_path,
+            highvram=args.highvram or args.torch_compile,
+        ),
         word=settings_from(WordSettings, args),
         data=settings_from(DataOptions, args),
         noise=settings_from(NoiseSettings, args),

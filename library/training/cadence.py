@@ -86,6 +86,17 @@ class RunLength:
     num_epochs: int
 
     @classmethod
+    def for_loop(cls, loop, dataset_batches: int, num_processes: int) -> RunLength:
+        """The run length ``LoopSettings`` ask for over a dataset of ``dataset_batches`` batches."""
+        return cls.plan(
+            dataset_batches,
+            num_processes,
+            loop.gradient_accumulation_steps,
+            loop.max_train_steps,
+            loop.max_train_epochs,
+        )
+
+    @classmethod
     def plan(
         cls,
         dataset_batches: int,

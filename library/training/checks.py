@@ -91,14 +91,3 @@ def warn_if_vectors_frozen(step: int, start: Vectors, vectors: Vectors) -> None:
             "string and that --learning_rate is not 0",
             step,
         )
-
-
-def warn_if_resume_is_done(resumed_step: int, max_train_steps: int) -> None:
-    """A state saved at or past --max_train_steps resumes into a run with nothing left to do."""
-    if resumed_step >= max_train_steps:
-        logger.warning(
-            "the resumed state is at step %d and --max_train_steps is %d: no step is left, the embedding is "
-            "saved as it is; raise --max_train_steps (or --max_train_epochs) to train on",
-            resumed_step,
-            max_train_steps,
-        )

@@ -212,6 +212,17 @@ class NewWord:
         self.vectors: dict[str, nn.Parameter] = {key: splice.vectors for key, splice in splices.items()}
 
     @classmethod
+    def start(cls, model, tokenizer, word: WordSettings, num_vectors: int, seed: int) -> NewWord:
+        """The word's start rows (``initial_vectors``) spliced into each of the model's text encoders."""
+        tables = {
+            key: encoder.get_input_embeddings().weight.detach()
+            for key, encoder in zip(model.family.encoder_keys, model.text_encoders)
+        }
+        return cls.splice_into(
+            model.text_encoders, initial_vectors(word, tokenizer, tables, num_vectors, seed, model.family)
+        )
+
+    @classmethod
     def splice_into(cls, encoders: list, start: dict[str, torch.Tensor]) -> NewWord:
         """Each encoder's token lookup gets its start rows as trainable vectors."""
         return cls(

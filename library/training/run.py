@@ -6,7 +6,7 @@ saving, the events after each step, sample images and validation read what they 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,6 @@ class Run:
     settings: RunSettings
     accelerator: Any
     precision: Precision
-    seed: int
     model: SDModel
     text: TextConditioner  # captions -> conditioning, through the new word's vectors
     word: NewWord
@@ -53,8 +52,20 @@ class Run:
     length: RunLength
     optimizer: Any
     lr_scheduler: Any
-    progress: Progress
-    start_vectors: dict[str, torch.Tensor]  # the word's rows before step 1 (norm preservation, checks)
+    progress: Progress  # where the run is; its seed (a resumed run keeps its own)
+    start_vectors: dict[str, torch.Tensor] = field(init=False)  # the word's rows as this process began
+
+    def __post_init__(self) -> None:
+        self.start_vectors = self.word.snapshot()
+
+    @property
+    def seed(self) -> int:
+        return self.progress.seed
+
+    @property
+    def start_norms(self) -> dict[str, torch.Tensor]:
+        """Each vector's norm at the start: what ``--preserve_embedding_norm`` holds it to."""
+        return {key: vectors.norm(dim=1) for key, vectors in self.start_vectors.items()}
 
     @property
     def output_name(self) -> str:
@@ -67,6 +78,16 @@ class Run:
     @property
     def finished_steps(self) -> bool:
         return self.progress.global_step >= self.length.max_train_steps
+
+    def describe(self) -> str:
+        """One line for the log: how many vectors of which width, how long, where, in what precision."""
+        widths = " + ".join(str(v.shape[1]) for v in self.word.vectors.values())
+        length = self.length
+        return (
+            f"{self.word.num_vectors} vectors of dimension {widths} for {length.max_train_steps} steps "
+            f"({length.num_epochs} epochs, {length.steps_per_epoch} steps each) on {self.accelerator.device} "
+            f"x{self.accelerator.num_processes} process(es), {self.precision.mixed_precision}"
+        )
 
     def embedding_metadata(self) -> dict[str, str]:
         """SAI model-spec metadata for ``.safetensors`` (kohya's keys), from the run and --metadata_*."""

@@ -379,6 +379,24 @@ def _state_key(key: str, vectors: Vectors) -> str:
     return "vectors" if len(vectors) == 1 else key
 
 
+def resume_or_start(saving: SaveSettings, word, optimizer, lr_scheduler, seed: int, length) -> Progress:
+    """A new run's progress, or with ``--resume`` the state folder's restored into the live objects."""
+    if not saving.resume:
+        return Progress(seed=seed)
+    progress = load_training_state(saving.resume, word.vectors, optimizer, lr_scheduler)
+    logger.info(
+        "resumed from %s at step %d (epoch %d)", saving.resume, progress.global_step, progress.epoch + 1
+    )
+    if progress.global_step >= length.max_train_steps:
+        logger.warning(
+            "the resumed state is at step %d and --max_train_steps is %d: no step is left, the embedding is "
+            "saved as it is; raise --max_train_steps (or --max_train_epochs) to train on",
+            progress.global_step,
+            length.max_train_steps,
+        )
+    return progress
+
+
 def load_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler) -> Progress:
     """Restore a state folder written by ``save_training_state`` into the live objects."""
     folder = Path(folder)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from library.training.noise import (
     sample_noise_and_timesteps,
     training_target,
 )
+
+if TYPE_CHECKING:
+    from library.training.run import Run
 
 
 def step_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -53,21 +56,23 @@ class DiffusionLoss:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     @classmethod
-    def build(
-        cls,
-        model,
-        text: TextConditioner,
-        *,
-        noise: NoiseSettings,
-        loss: LossSettings,
-        precision: Precision,
-        seed: int,
-        latent_scale: float,
-        autocast: Callable[[], contextlib.AbstractContextManager],
-    ) -> DiffusionLoss:
-        schedule = make_training_schedule(loss.v_parameterization, noise.zero_terminal_snr, model.unet.device)
+    def build(cls, run: Run, latent_scale: float) -> DiffusionLoss:
+        """The run's loss: its frozen model, text conditioning, noise and loss settings, precision, seed."""
+        settings, unet = run.settings, run.model.unet
+        schedule = make_training_schedule(
+            settings.loss.v_parameterization, settings.noise.zero_terminal_snr, unet.device
+        )
         return cls(
-            text, model.unet, model.vae, latent_scale, schedule, noise, loss, precision, seed, autocast
+            run.text,
+            unet,
+            run.model.vae,
+            latent_scale,
+            schedule,
+            settings.noise,
+            settings.loss,
+            run.precision,
+            run.seed,
+            run.accelerator.autocast,
         )
 
     def __call__(

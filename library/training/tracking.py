@@ -92,6 +92,13 @@ class TrainLogger:
                 init_kwargs=tracker_options,
             )
 
+    @classmethod
+    def for_run(cls, run, optimizer_name: str) -> TrainLogger:
+        """The run's logger: its trackers, with its options as config when ``--log_config`` asks."""
+        settings = run.settings
+        config = logged_config(settings.options, settings.tracking)
+        return cls(run.accelerator, settings.tracking, config, optimizer_name)
+
     def log_step(
         self, step: int, loss: float, optimizer, lr_scheduler, vectors: dict[str, torch.Tensor], bar
     ) -> None:
