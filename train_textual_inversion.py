@@ -35,6 +35,7 @@ from library.training.accelerator import (
 from library.training.args import RunSettings, settings_from_command_line
 from library.training.cadence import RunLength
 from library.training.dataset import TokenCaptionRule, build_train_dataset, make_train_dataloader
+from library.training.dataset.latent_cache import LatentCaching
 from library.training.events import RunEvents
 from library.training.new_word import NewWord, add_placeholder_tokens
 from library.training.optimizers import create_lr_scheduler, create_optimizer, optimizer_train_mode
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     text.drop_unused_layers()  # the layers past --clip_skip never run
     model.unet = configure_for_training(model.unet, model.text_encoders, settings.compute, device)
     if caching and not vae_alone:  # the VAE stays: samples are decoded with it
-        cache_latents(dataset, model.vae, settings, accelerator, precision.vae_dtype)
+        cache_latents(dataset, model.vae, settings, accelerator)
 
     # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
     optimizer_name, _, optimizer = create_optimizer(word.parameters, settings.optimizer)
@@ -168,20 +169,12 @@ def run_seed(settings: RunSettings) -> int:
     return wanted if wanted is not None else random.randint(0, 2**31 - 1)
 
 
-def cache_latents(dataset, vae, settings: RunSettings, accelerator, vae_dtype: torch.dtype) -> None:
+def cache_latents(dataset, vae, settings: RunSettings, accelerator) -> None:
     """Encode every training (and held-out) image once; each process takes its share, all wait."""
-    data = settings.data
+    caching = LatentCaching.for_run(settings.data, accelerator.process_index, accelerator.num_processes)
     with torch.no_grad():
         for part in (dataset, dataset.validation) if dataset.validation else (dataset,):
-            part.cache_latents(
-                vae,
-                data.vae_batch_size,
-                data.cache_latents_to_disk,
-                accelerator.device,
-                vae_dtype,
-                accelerator.process_index,
-                accelerator.num_processes,
-            )
+            part.cache_latents(vae, caching)
     accelerator.wait_for_everyone()
 
 
@@ -195,7 +188,7 @@ def cache_latents_with_vae_alone(
     """
     vae = load_model_vae(settings.model, vae_dtype)
     vae.requires_grad_(False).to(accelerator.device)
-    cache_latents(dataset, vae, settings, accelerator, vae_dtype)
+    cache_latents(dataset, vae, settings, accelerator)
     latent_scale = vae.config.scaling_factor
     del vae
     hand_back_freed_memory()

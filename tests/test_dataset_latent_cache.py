@@ -40,8 +40,8 @@ def _dataset(root, resolution="64", *extra):
     return build_train_dataset(args, tokenizer_with(), None, seed=0)
 
 
-def _cache(dataset, vae, to_disk=True, batch=2, **kwargs):
-    dataset.cache_latents(vae, batch, to_disk, "cpu", torch.float32, **kwargs)
+def _cache(dataset, vae, to_disk=True, batch=2, skip_cache_check=False, **kwargs):
+    dataset.cache_latents(vae, latent_cache.LatentCaching(batch, to_disk, skip_cache_check, **kwargs))
 
 
 def test_disk_cache_uses_kohyas_name_and_keys(tmp_path, vae):
@@ -207,8 +207,11 @@ def test_same_image_at_two_resolutions_cannot_share_a_disk_cache(tmp_path, vae):
 def test_skip_cache_check_from_the_command_line_keeps_stale_files(tmp_path, vae, encode_calls):
     root = make_dreambooth(tmp_path / "train", {"1_sks": [(64, 64)]})
     _cache(_dataset(root, "64"), vae)
-    trusting = _dataset(root, "128", "--skip_cache_check")
-    _cache(trusting, vae)
+    options = make_args(
+        "--train_data_dir", str(root), "--resolution", "128", "--cache_latents_to_disk", "--skip_cache_check"
+    )
+    trusting = build_train_dataset(options, tokenizer_with(), None, seed=0)
+    trusting.cache_latents(vae, latent_cache.LatentCaching.for_run(options))
     assert sum(encode_calls) == 1  # the 64px file was trusted, not recomputed
     with pytest.raises(UserError, match="does not match the current resolution"):
         trusting[0]

@@ -66,7 +66,6 @@ def build_train_dataset(
         options.prior_loss_weight,
         reg_images,
     )
-    dataset.skip_cache_check = options.skip_cache_check
     if len(dataset) == 0:
         raise UserError("the dataset has zero batches; check num_repeats and the image folders")
     if options.cache_latents or options.cache_latents_to_disk:
@@ -83,7 +82,6 @@ def build_train_dataset(
             options.prior_loss_weight,
             0,
         )
-        dataset.validation.skip_cache_check = options.skip_cache_check
         logger.info("%d images held out for validation", len(val_records))
     logger.info("dataset:\n%s", dataset.summary())
     return dataset

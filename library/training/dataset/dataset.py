@@ -105,7 +105,6 @@ class TrainDataset(torch.utils.data.Dataset):
         balanced = sum(r.num_repeats for r in records if r.is_reg)
         self.num_reg_images = balanced if num_reg_images is None else num_reg_images
         self.latents_cached = False
-        self.skip_cache_check = False
         self.latent_stride = latent_cache.SD_LATENT_STRIDE  # set from the VAE when latents are cached
         self.validation: TrainDataset | None = None  # the held-out images (--validation_split)
         self._state = torch.zeros(5, dtype=torch.int64)
@@ -451,44 +450,21 @@ class TrainDataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ latent cache
 
-    def cache_latents(
-        self,
-        vae,
-        vae_batch_size: int,
-        cache_to_disk: bool,
-        device,
-        dtype,
-        process_index: int = 0,
-        num_processes: int = 1,
-        skip_cache_check: bool | None = None,
-    ) -> None:
-        """Encode the images once (see ``latent_cache``); batches then carry latents, not images.
+    def cache_latents(self, vae, caching: latent_cache.LatentCaching) -> None:
+        """Encode the images once with ``vae`` (see ``latent_cache``); batches then carry latents, not images.
 
-        With ``cache_to_disk`` each process encodes its share of the stale files (every
-        ``num_processes``-th image); the trainer must wait for all processes before training. In
-        memory every process encodes all images, since any process may get any batch.
-        ``skip_cache_check`` defaults to ``--skip_cache_check`` of the command line.
+        On disk each process encodes its share of the stale files; the trainer must wait for all
+        processes before training. In memory every process encodes all images, since any process
+        may get any batch.
         """
         self.check_cacheable()
-        if skip_cache_check is None:
-            skip_cache_check = self.skip_cache_check
         if any(
             r.face is not None and not self.parts[self._part_of(r)].params.enable_bucket for r in self.records
         ):
             logger.warning(
                 "face_crop_aug_range is not used with cached latents: centred crops are cached (as in kohya)"
             )
-        latent_cache.run_latent_caching(
-            self,
-            vae,
-            vae_batch_size,
-            cache_to_disk,
-            device,
-            dtype,
-            process_index,
-            num_processes,
-            skip_cache_check,
-        )
+        latent_cache.run_latent_caching(self, vae, caching)
         self.latents_cached = True
 
     # ------------------------------------------------------------------ debug

@@ -205,18 +205,39 @@ def _work_batches(records, vae_batch_size: int) -> list[list]:
     return batches
 
 
-def run_latent_caching(
-    dataset,
-    vae,
-    vae_batch_size: int,
-    cache_to_disk: bool,
-    device,
-    dtype,
-    process_index: int = 0,
-    num_processes: int = 1,
-    skip_check: bool = False,
-) -> None:
-    """Fill the memory or disk cache of every record of ``dataset`` (a ``TrainDataset``)."""
+@dataclass(frozen=True)
+class LatentCaching:
+    """How latents are cached: ``--vae_batch_size``, ``--cache_latents_to_disk``, ``--skip_cache_check``,
+    and this process's share of the disk cache (every ``num_processes``-th file)."""
+
+    batch_size: int = 1
+    to_disk: bool = False
+    skip_check: bool = False
+    process_index: int = 0
+    num_processes: int = 1
+
+    @classmethod
+    def for_run(cls, options, process_index: int = 0, num_processes: int = 1) -> LatentCaching:
+        """From the run's ``DataOptions`` and its place among the processes."""
+        return cls(
+            options.vae_batch_size,
+            options.cache_latents_to_disk,
+            options.skip_cache_check,
+            process_index,
+            num_processes,
+        )
+
+
+def run_latent_caching(dataset, vae, caching: LatentCaching) -> None:
+    """Fill the memory or disk cache of every record of ``dataset`` (a ``TrainDataset``) with ``vae``
+    (its device and dtype)."""
+    cache_to_disk, process_index, num_processes = (
+        caching.to_disk,
+        caching.process_index,
+        caching.num_processes,
+    )
+    skip_check, vae_batch_size = caching.skip_check, caching.batch_size
+    device, dtype = vae.device, vae.dtype
     records = dataset.records
     stride = dataset.latent_stride = latent_stride(vae)
     todo = list(records)
