@@ -40,7 +40,7 @@ from library.training.events import RunEvents
 from library.training.new_word import NewWord, add_placeholder_tokens
 from library.training.optimizers import create_lr_scheduler, create_optimizer, optimizer_train_mode
 from library.training.run import Run
-from library.training.state import Progress, prepare_output_folders, resume_or_start, saved_seed
+from library.training.state import Progress, check_resume, prepare_output_folders, resume_or_start, saved_seed
 from library.training.step import DiffusionLoss
 from library.training.tracking import TrainLogger
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = accelerator.prepare_data_loader(
         make_train_dataloader(dataset, settings.data), device_placement=True
     )
-    progress = resume_or_start(settings.saving, word, optimizer, scheduler, seed, length)
+    progress = resume_or_start(settings, word, optimizer, scheduler, seed, length)
     run = Run(
         settings, accelerator, precision, model, text, word, dataset, length, optimizer, scheduler, progress
     )
@@ -162,6 +162,7 @@ def run_seed(settings: RunSettings) -> int:
     """``--seed``, the resumed run's seed, or a fresh one (a resumed run keeps its own)."""
     wanted, resume = settings.loop.seed, settings.saving.resume
     if resume:
+        check_resume(resume, settings.optimizer)
         saved = saved_seed(resume)
         if wanted is not None and wanted != saved:
             logger.warning("--seed %d differs from the resumed run's seed %d; using %d", wanted, saved, saved)

@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -39,10 +40,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# ".<name>.<8 hex>.tmp" files from write_atomically, ".<name>-state-<8 hex>" state folders from
-# write_folder_atomically (older versions: 8 random letters, digits or underscores)
-_TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
-_TEMPORARY_FOLDER = re.compile(r"^\..+-state-[a-z0-9_]{8}$")
+# Temporaries carry their writer's process id: ".<name>.p<pid>.<8 hex>.tmp" files (write_atomically),
+# ".<name>-p<pid>-<8 hex>" folders (write_folder_atomically). Older versions wrote ".<name>.<8 hex>.tmp"
+# and ".<name>-state-<8 letters or digits>", without the writer.
+_TEMPORARY = re.compile(r"^\..+(?:\.p(?P<file_pid>\d+)\.[0-9a-f]{8}\.tmp|-p(?P<folder_pid>\d+)-[0-9a-f]{8})$")
+_OLD_TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+_OLD_TEMPORARY_FOLDER = re.compile(r"^\..+-state-[a-z0-9_]{8}$")
+OLD_TEMPORARY_AGE = (
+    3600.0  # seconds: an older version's temporary this old has no live writer (a save takes seconds)
+)
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -53,7 +59,7 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     an ``OSError`` (missing folder, full disk, no permission) becomes a one-line ``UserError``.
     """
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    temp = path.with_name(f".{path.name}.p{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as exc:
@@ -83,7 +89,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], object]) -> No
     """Fill a hidden temporary folder next to ``folder`` with ``write(temporary)``, then put it in
     place of ``folder``: a reader sees the old folder or the whole new one."""
     folder = Path(folder)
-    temporary = folder.with_name(f".{folder.name}-{secrets.token_hex(4)}")
+    temporary = folder.with_name(f".{folder.name}-p{os.getpid()}-{secrets.token_hex(4)}")
     try:
         temporary.mkdir()
         write(temporary)
@@ -122,20 +128,52 @@ def ensure_writable_folder(folder: Path, flag: str) -> None:
 
 
 def remove_interrupted_saves(folder: Path) -> None:
-    """Delete the hidden temporaries a killed process left in ``folder`` (never finished files)."""
+    """Delete the hidden temporaries that killed processes left in ``folder``, never finished files.
+
+    A temporary is removed only when its writer is gone: another run saving into the same folder
+    at this moment keeps its temporaries (an older version's, which do not name their writer, are
+    removed once they are an hour old).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return
     removed = []
     for entry in folder.iterdir():
-        if entry.is_file() and _TEMPORARY_FILE.match(entry.name):
-            entry.unlink(missing_ok=True)
-        elif entry.is_dir() and _TEMPORARY_FOLDER.match(entry.name):
+        if not _left_by_a_dead_writer(entry):
+            continue
+        if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
         else:
-            continue
+            entry.unlink(missing_ok=True)
         removed.append(entry.name)
     if removed:
         logger.info(
             "removed %d unfinished file(s) of an interrupted save: %s", len(removed), ", ".join(removed)
         )
+
+
+def _left_by_a_dead_writer(entry: Path) -> bool:
+    match = _TEMPORARY.match(entry.name)
+    if match:
+        pid = int(match.group("file_pid") or match.group("folder_pid"))
+        return (entry.is_dir() == (match.group("folder_pid") is not None)) and not process_alive(pid)
+    old = (entry.is_file() and _OLD_TEMPORARY_FILE.match(entry.name)) or (
+        entry.is_dir() and _OLD_TEMPORARY_FOLDER.match(entry.name)
+    )
+    try:
+        return bool(old) and time.time() - entry.stat().st_mtime > OLD_TEMPORARY_AGE
+    except OSError:
+        return False
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (``os.kill`` with signal 0 asks without sending)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's), or the system cannot say: leave its files alone
+    return True

@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,9 @@ def test_a_read_only_output_folder_is_found_before_the_model_loads(data, tmp_pat
     assert "cannot write into this folder" in error_line(result)
 
 
-def test_a_second_run_keeps_the_first_result_and_leftovers_are_cleaned(data, tiny_sd1, tmp_path):
+def test_a_second_run_keeps_the_first_result_and_removes_only_leftovers_of_dead_writers(
+    data, tiny_sd1, tmp_path
+):
     out = tmp_path / "o"
     args = [
         *common(data, out, tiny_sd1 / "model.safetensors"),
@@ -166,12 +169,66 @@ def test_a_second_run_keeps_the_first_result_and_leftovers_are_cleaned(data, tin
     ]
     run_train(*args)
     first = (out / "mychar4.pt").read_bytes()
-    (out / ".mychar4.pt.0123abcd.tmp").write_bytes(b"half")  # what a killed save leaves
-    (out / ".mychar4-state-abcd_123").mkdir()
+    dead, alive = _dead_pid(), os.getpid()
+    (out / f".mychar4.pt.p{dead}.0123abcd.tmp").write_bytes(b"half")  # what a killed save leaves
+    (out / f".mychar4-state-p{dead}-0123abcd").mkdir()
+    (out / f".other.pt.p{alive}.0123abcd.tmp").write_bytes(b"being written")  # another run's save, now
+    (out / f".other-state-p{alive}-0123abcd").mkdir()
+    old_file, young_file = out / ".mychar4.pt.0123abcd.tmp", out / ".x.pt.4567cdef.tmp"  # older versions'
+    old_file.write_bytes(b"half")
+    young_file.write_bytes(b"half")
+    os.utime(old_file, (time.time() - 7200, time.time() - 7200))
     second = run_train(*args, "--seed=7")
     assert "exists from an earlier run" in second.stderr
     assert (out / "mychar4.pt.bak").read_bytes() == first and (out / "mychar4.pt").read_bytes() != first
-    assert sorted(p.name for p in out.iterdir()) == ["mychar4.pt", "mychar4.pt.bak"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "mychar4.pt",
+            "mychar4.pt.bak",
+            young_file.name,
+            f".other.pt.p{alive}.0123abcd.tmp",
+            f".other-state-p{alive}-0123abcd",
+        ]
+    )
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_two_runs_saving_into_one_folder_leave_each_other_alone(data, tiny_sd1, tmp_path):
+    """Two real trainers in one --output_dir, one saving every step while the other starts (and
+    cleans up leftovers): both finish, and every file of each is there."""
+    out = tmp_path / "o"
+    base = [*common(data, out, tiny_sd1 / "model.safetensors"), *WORD, "--learning_rate=1e-2"]
+    long_run = [
+        *base,
+        "--max_train_steps=40",
+        "--save_every_n_steps=1",
+        "--save_state",
+        "--output_name=first",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_textual_inversion.py"), *long_run],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seconds = 0.0
+    while not list(out.glob("first-step*")) and seconds < 120:  # the first run is saving
+        time.sleep(0.05)
+        seconds += 0.05
+    run_train(*base, "--max_train_steps=2", "--output_name=second")
+    _, errors = first.communicate(timeout=600)
+    assert first.returncode == 0, errors[-3000:]
+    steps = sorted(p.name for p in out.glob("first-step*.pt"))
+    assert len(steps) == 40 and (out / "first.pt").is_file() and (out / "second.pt").is_file()
 
 
 def test_odd_pictures_and_captions_are_reported(tiny_sd1, tmp_path):
@@ -225,3 +282,37 @@ def test_json_state_with_extra_fields_is_named(state, data, tiny_sd1, tmp_path):
         *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"), *WORD, f"--resume={copy}", check=False
     )
     assert "progress.json does not hold the counters" in error_line(result)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KB tmpfs, where this machine lets the tests mount one (root in a sandbox); else skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: " + mounted.stderr.decode(errors="replace").strip())
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_earlier_result_and_says_so(data, tiny_sd1, tiny_disk):
+    out = tiny_disk / "o"
+    args = [*common(data, out, tiny_sd1 / "model.safetensors"), *WORD, "--max_train_steps=1"]
+    run_train(*args)
+    earlier = (out / "mychar4.pt").read_bytes()
+    filler = tiny_disk / "filler"
+    with filler.open("wb", buffering=0) as f:  # fill the disk to the last block
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    result = run_train(*args, "--seed=7", check=False)
+    line = error_line(result)
+    assert "No space left on device" in line and "the earlier run's mychar4.pt is untouched" in line
+    assert (out / "mychar4.pt").read_bytes() == earlier
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written temporary left

@@ -204,3 +204,39 @@ def test_the_generator_reads_source_images_by_the_same_rule(tmp_path):
     for image in images:
         assert np.array_equal(np.asarray(image), load_image(Path(image.source_path), keep_alpha=False))
     assert images[0].size == (20, 40)
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` pixels (the pixels themselves are not there)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_an_image_over_pillows_size_limit_is_named_not_a_traceback(tmp_path):
+    root = tmp_path / "train" / "1_sks"
+    root.mkdir(parents=True)
+    make_image(root / "fine.png")
+    _png_claiming(root / "bomb.png", 15000, 15000)
+    with pytest.raises(UserError, match=r"bomb.png: far too large to read safely .*1 other images are fine"):
+        _build("--train_data_dir", str(tmp_path / "train"), "--resolution", "64")
+
+
+def test_a_link_to_a_missing_image_is_named_not_dropped(tmp_path):
+    root = tmp_path / "train" / "1_sks"
+    root.mkdir(parents=True)
+    make_image(root / "fine.png")
+    (root / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(UserError, match=r"gone.png: a link to .*deleted.png, which does not exist"):
+        _build("--train_data_dir", str(tmp_path / "train"), "--resolution", "64")

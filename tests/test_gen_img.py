@@ -11,6 +11,7 @@ import base64
 import csv
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -276,12 +277,40 @@ def test_all_layouts_together_in_one_run(tmp_path, run_main, tiny_sd1_safetensor
     assert len({p.read_bytes() for p in written}) == 4
 
 
-@pytest.mark.parametrize("stem", ["cat", "kohyaword"])
-def test_a_file_named_like_an_existing_token_is_refused(stem, tmp_path, tiny_sd1_safetensors, embeddings_sd1):
+def test_a_file_named_like_an_existing_token_is_refused(tmp_path, tiny_sd1_safetensors, embeddings_sd1):
     model = load_sd_model(tiny_sd1_safetensors)
-    clash = write_embedding(tmp_path, "kohya", stem, torch.ones(1, 32))
-    with pytest.raises(UserError, match=rf"{stem}.safetensors: the word '{stem}' .* rename the file"):
+    clash = write_embedding(tmp_path, "kohya", "cat", torch.ones(1, 32))
+    with pytest.raises(UserError, match=r"cat.safetensors: the word 'cat' .* rename the file"):
         install_embeddings(model, [str(embeddings_sd1["kohya"]), str(clash)])
+
+
+def test_two_files_giving_one_word_name_each_other(tmp_path, tiny_sd1_safetensors, embeddings_sd1):
+    model = load_sd_model(tiny_sd1_safetensors)
+    other = write_embedding(tmp_path, "kohya", "kohyaword", torch.ones(1, 32))
+    with pytest.raises(
+        UserError, match=r"kohyaword.safetensors: gives the word 'kohyaword', as .* does; rename"
+    ):
+        install_embeddings(model, [str(embeddings_sd1["kohya"]), str(other)])
+
+
+def test_a_file_given_twice_is_loaded_once_with_a_note(tiny_sd1_safetensors, embeddings_sd1, caplog):
+    model = load_sd_model(tiny_sd1_safetensors)
+    path = str(embeddings_sd1["kohya"])
+    with caplog.at_level(logging.INFO):
+        assert install_embeddings(model, [path, path]) == {"kohyaword": 2}
+    assert "given more than once" in caplog.text
+
+
+def test_twenty_embeddings_at_once(tmp_path, tiny_sd1_safetensors):
+    model = load_sd_model(tiny_sd1_safetensors)
+    paths = [
+        str(write_embedding(tmp_path, "kohya", f"zqword{i}x", torch.full((i % 3 + 1, 32), i / 100)))
+        for i in range(20)
+    ]
+    words = install_embeddings(model, paths)
+    assert len(words) == 20 and sum(words.values()) == sum(i % 3 + 1 for i in range(20))
+    table = model.text_encoder.get_input_embeddings().weight
+    assert torch.allclose(table[-1], torch.full((32,), 0.19))  # the last file's last row
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".pt"])

@@ -246,6 +246,14 @@ def test_legacy_pickle_with_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
 
 
+def test_a_text_file_named_ckpt_is_not_called_code(tmp_path):
+    """A web page saved as model.ckpt used to be reported as 'pickled code'."""
+    path = tmp_path / "model.ckpt"
+    path.write_text("<html>404 Not Found</html>\n")
+    message = _error(path)
+    assert "not a checkpoint" in message and "code" not in message
+
+
 def test_folder_that_is_not_a_model(tmp_path):
     assert "not a diffusers model folder" in _error(tmp_path)
 

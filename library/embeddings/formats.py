@@ -429,8 +429,9 @@ def save_embedding(
     checkpoint_name: str | None,
     metadata: dict[str, str] | None,
     dtype: torch.dtype = torch.float32,
+    extension: str | None = None,
 ) -> None:
-    """Write ``vectors`` atomically in the layout chosen by the extension.
+    """Write ``vectors`` atomically in the layout chosen by the extension (``extension``, else the path's).
 
     ``vectors`` is one ``[n, dim]`` tensor, or each text encoder's rows by embedding-file key
     (``{"emb_params": ...}`` for SD 1.x/2.x).
@@ -445,7 +446,7 @@ def save_embedding(
     storage into the file), detached, made a plain CPU ``torch.Tensor`` and always 2-D.
     """
     path = Path(path)
-    ext = path.suffix.lower()
+    ext = (extension or path.suffix).lower()
     if ext not in WRITE_EXTENSIONS:
         raise UserError(f"{path}: cannot save an embedding as '{ext}'; use .safetensors, .pt or .ckpt")
     parts = {"emb_params": vectors} if isinstance(vectors, torch.Tensor) else dict(vectors)

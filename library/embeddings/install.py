@@ -30,9 +30,10 @@ def install_embeddings(
     would silently change meaning, so it is an error, as in kohya.
     """
     tokenizer, text_encoder = model.tokenizer, model.text_encoder
-    words = words or [Path(path).stem for path in paths]
+    paths, words = _without_repeats(paths, words)
     loaded: list[tuple[list[int], torch.Tensor]] = []
     installed: dict[str, int] = {}
+    source_of: dict[str, str] = {}
     for path, word in zip(paths, words):
         embedding = load_embedding_file(path)
         check_embedding_fits(embedding, model.text_dim, model.family, path)
@@ -44,6 +45,12 @@ def install_embeddings(
                 word,
             )
         names = placeholder_names(word, embedding.num_vectors)
+        clash = next((source_of[name.lower()] for name in names if name.lower() in source_of), None)
+        if clash is not None:
+            raise UserError(
+                f"{path}: gives the word '{word}', as {clash} does; rename one of the two files (the file name "
+                "is the word)"
+            )
         taken = taken_names(tokenizer, names)
         if taken:
             raise UserError(
@@ -55,6 +62,7 @@ def install_embeddings(
             raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
         loaded.append((token_ids, embedding.vectors))
         installed[word] = embedding.num_vectors
+        source_of.update({name.lower(): str(path) for name in names})
         logger.info(
             "embedding %s: word '%s', %d vector(s) (%s layout)",
             path,
@@ -71,6 +79,19 @@ def install_embeddings(
         for token_ids, vectors in loaded:
             table[token_ids] = vectors.to(device=table.device, dtype=table.dtype)
     return installed
+
+
+def _without_repeats(paths: list, words: list[str] | None) -> tuple[list, list[str]]:
+    """The paths (and their words: the file stems unless given) with a file named twice kept once."""
+    words = words or [Path(path).stem for path in paths]
+    kept: dict[Path, tuple] = {}
+    for path, word in zip(paths, words):
+        key = Path(path).resolve()
+        if key in kept:
+            logger.info("%s is given more than once; it is loaded once", path)
+            continue
+        kept[key] = (path, word)
+    return [path for path, _ in kept.values()], [word for _, word in kept.values()]
 
 
 def _rename_advice(path, embedding) -> str:

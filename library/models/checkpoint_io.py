@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import pickletools
 import struct
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -124,18 +126,72 @@ def _tensors_of(state, path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_PROTOCOL_OPCODE = 0x80  # torch's legacy format: a pickle of protocol 2 or later
+
+
 def _read_pickle_checkpoint(path: Path) -> dict:
+    with path.open("rb") as f:
+        start = f.read(4)
+    if not start.startswith(ZIP_MAGIC) and (not start or start[0] != PICKLE_PROTOCOL_OPCODE):
+        raise UserError(
+            f"{path}: not a checkpoint (neither a PyTorch file nor a .safetensors file; a text or web page "
+            "saved under this name?); download it again"
+        )
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols say nothing users can act on
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        foreign = foreign_globals(path)
+        if foreign:
+            raise UserError(
+                f"{path}: refused: the file contains pickled code ({', '.join(foreign[:3])}), which could run "
+                "code on your machine; use a .safetensors version of this model"
+            ) from None
         raise UserError(
-            f"{path}: refused: the file contains pickled code or objects other than weights, which could run "
-            "code on your machine; use a .safetensors version of this model"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            f"{path}: not a readable checkpoint (the safe loader refused it: {_first_line(exc)}); download it "
+            "again or use a .safetensors version"
+        ) from None
+    except Exception as exc:  # cut files: RuntimeError (zip), EOFError, KeyError (not a pickle), ...
         raise UserError(
-            f"{path}: not a readable checkpoint (truncated or corrupt: {exc}); download it again"
-        ) from exc
+            f"{path}: not a readable checkpoint (truncated or corrupt: {_first_line(exc)}); download it again"
+        ) from None
+
+
+# what torch.save writes into a checkpoint: anything else a pickle names is someone's code
+SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "numpy.", "_codecs.encode", "builtins.set")
+
+
+def foreign_globals(path: Path) -> list[str]:
+    """The callables a pickle would import (``module.name``) beyond what checkpoints hold, found by
+    reading its opcodes (``pickletools``), never by running it; a zip checkpoint's ``data.pkl`` too."""
+    data = path.read_bytes()
+    if data.startswith(ZIP_MAGIC):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                data = next((archive.read(n) for n in archive.namelist() if n.endswith("data.pkl")), b"")
+        except (zipfile.BadZipFile, OSError):
+            return []
+    names, strings = [], []
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                names.append(str(argument).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(argument, str):
+                strings.append(argument)
+    except Exception:  # a damaged pickle: whatever was read before the damage counts
+        pass
+    return [name for name in dict.fromkeys(names) if not name.startswith(SAFE_GLOBAL_PREFIXES)]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:160] + "..."
 
 
 def describe_non_sd_file(keys: Iterable[str]) -> str | None:

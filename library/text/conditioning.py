@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from library.errors import UserError
 from library.text.encoding import (
     drop_unused_layers,
     empty_windows,
@@ -61,6 +62,7 @@ class TextConditioner:
         self.tokenizers = list(tokenizers)
         self.encoders = list(encoders)
         self.clip_skip = clip_skip
+        check_clip_skip(clip_skip, self.encoders[0])
         self.max_token_length = max_token_length
         self.max_chunks = max_chunks
 
@@ -89,6 +91,16 @@ class TextConditioner:
         if bool((weights != 1.0).any()):
             hidden = apply_token_weights(hidden, join_windows(weights, empty_windows(tokenizer, ids)))
         return Conditioning(hidden)
+
+
+def check_clip_skip(clip_skip: int | None, encoder) -> None:
+    """``--clip_skip`` k must name one of the encoder's layers (1 = the last)."""
+    layers = len(getattr(encoder, "text_model", encoder).encoder.layers)
+    if clip_skip is not None and not 1 <= clip_skip <= layers:
+        raise UserError(
+            f"--clip_skip {clip_skip}: this model's text encoder has {layers} layers; use 1 to {layers} "
+            "(1 = the last, 2 = the one before it, as most SD 1.x models are used)"
+        )
 
 
 def weighted_windows(tokenizer, texts: list[str], max_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:

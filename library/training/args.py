@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +36,9 @@ from library.training.dataset.args import DataOptions
 from library.training.loss import LossSettings, add_loss_arguments
 from library.training.new_word import INIT_WORD_MODES, WordSettings
 from library.training.noise import NoiseSettings, add_noise_arguments
-from library.training.optimizers import OptimizerSettings, add_optimizer_arguments
+from library.training.optimizers import OptimizerSettings, add_optimizer_arguments, optimizer_class_for
 from library.training.run import LoopSettings
-from library.training.samples import SampleSettings
+from library.training.samples import SampleSettings, read_sample_prompts
 from library.training.state import METADATA_OPTIONS, MetadataSettings, SaveSettings
 from library.training.tracking import TrackerSettings
 from library.training.validation import ValidationSettings
@@ -433,13 +435,7 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
 
 def check_settings(settings: RunSettings) -> None:
     """What every run needs, checked before anything loads; options that do nothing here are named."""
-    model, word, data, loop, saving = (
-        settings.model,
-        settings.word,
-        settings.data,
-        settings.loop,
-        settings.saving,
-    )
+    model, word, data, saving = settings.model, settings.word, settings.data, settings.saving
     if not model.path:
         raise UserError("--pretrained_model_name_or_path is required")
     if not word.token_string:
@@ -450,12 +446,18 @@ def check_settings(settings: RunSettings) -> None:
         raise UserError("--use_object_template and --use_style_template exclude each other; choose one")
     if data.train_data_dir is None and data.dataset_config is None and data.in_json is None:
         raise UserError("no training data: pass --train_data_dir, --in_json or --dataset_config")
-    if loop.gradient_accumulation_steps < 1:
-        raise UserError("--gradient_accumulation_steps must be at least 1")
-    if loop.max_train_steps < 1 and loop.max_train_epochs is None:
-        raise UserError("--max_train_steps must be at least 1")
-    if loop.clip_skip is not None and loop.clip_skip < 1:
-        raise UserError("--clip_skip must be 1 or more (1 = the last layer)")
+    _check_word(word)
+    _check_counts(settings)
+    _check_rates(settings.optimizer)
+    check_output_name(saving.output_name)
+    if saving.resume and not Path(saving.resume).is_dir():
+        raise UserError(
+            f"--resume {saving.resume}: no such folder; pass a state folder written by --save_state "
+            "(name-state, name-step00000100-state, ...)"
+        )
+    if settings.sampling.sample_prompts:
+        read_sample_prompts(settings.sampling.sample_prompts)  # a missing or broken file, before the model
+    optimizer_class_for(settings.optimizer)  # an unknown optimizer or a missing package, before the model
     if saving.save_model_as == "ckpt":
         logger.warning(
             "--save_model_as ckpt: written as name.ckpt like kohya, but the WebUI, Forge and SD.Next do not "
@@ -463,6 +465,65 @@ def check_settings(settings: RunSettings) -> None:
         )
     settings.noise.warn_about_unused(model.v_parameterization)
     settings.loss.warn_about_unused()
+
+
+def _check_word(word: WordSettings) -> None:
+    """The new word must be one word the tokenizer can add; the init word must be another word."""
+    token = word.token_string
+    if any(character.isspace() for character in token) or token.strip(",()[]:") != token:
+        raise UserError(
+            f"--token_string {token!r}: the new word must be a single word without spaces, commas or "
+            "brackets, e.g. mychar"
+        )
+    if word.init_word and any(part.lower() == token.lower() for part in re.split(r"[\s,]+", word.init_word)):
+        raise UserError(
+            f"--init_word {word.init_word!r} contains the new word {token!r} itself, which has no vectors yet; "
+            "start from a word the model knows (e.g. the class: person, dog, style)"
+        )
+
+
+def _check_counts(settings: RunSettings) -> None:
+    """Counts and intervals: at least 1 where 0 would end in a traceback or a run that does nothing."""
+    loop, data, saving = settings.loop, settings.data, settings.saving
+    at_least_one = {
+        "train_batch_size": data.train_batch_size,
+        "vae_batch_size": data.vae_batch_size,
+        "dataset_repeats": data.dataset_repeats,
+        "gradient_accumulation_steps": loop.gradient_accumulation_steps,
+        "max_train_epochs": loop.max_train_epochs,
+        "save_every_n_steps": saving.save_every_n_steps,
+        "save_every_n_epochs": saving.save_every_n_epochs,
+        "save_n_epoch_ratio": saving.save_n_epoch_ratio,
+        "sample_every_n_steps": settings.sampling.sample_every_n_steps,
+        "sample_every_n_epochs": settings.sampling.sample_every_n_epochs,
+    }
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name} {value}: must be at least 1")
+    if loop.max_train_steps < 1 and loop.max_train_epochs is None:
+        raise UserError("--max_train_steps must be at least 1")
+    if loop.clip_skip is not None and loop.clip_skip < 1:
+        raise UserError("--clip_skip must be 1 or more (1 = the last layer)")
+    if data.max_data_loader_n_workers < 0:
+        raise UserError(f"--max_data_loader_n_workers {data.max_data_loader_n_workers}: must be 0 or more")
+
+
+def _check_rates(optimizer: OptimizerSettings) -> None:
+    for name in ("learning_rate", "max_grad_norm"):
+        value = getattr(optimizer, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name} {value}: must be a finite number of 0 or more (e.g. 5e-3)")
+
+
+def check_output_name(name: str | None) -> None:
+    """``--output_name`` is a file stem: every save must land inside ``--output_dir``."""
+    if name is None:
+        return
+    if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\")) or name != name.strip():
+        raise UserError(
+            f"--output_name {name!r}: must be a plain file name without folders (files are written into "
+            "--output_dir); to save elsewhere, change --output_dir"
+        )
 
 
 @dataclass(frozen=True)

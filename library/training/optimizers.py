@@ -323,6 +323,19 @@ def _import_dotted_class(optimizer_type: str) -> type:
     return optimizer_class
 
 
+def optimizer_class_for(settings: OptimizerSettings) -> type:
+    """The optimizer class the options name, imported: a wrong name or a missing package is found
+    here, before the model loads (``create_optimizer`` makes the optimizer with it)."""
+    optimizer_type, flag = _optimizer_choice(settings)
+    known = _KNOWN_OPTIMIZERS.get(optimizer_type.lower())
+    return _import_dotted_class(optimizer_type) if known is None else _import_known_class(known, flag)
+
+
+def optimizer_label(settings: OptimizerSettings) -> str:
+    """The optimizer as a resumable state records it: its type, lower-cased (kohya's legacy flags resolved)."""
+    return _optimizer_choice(settings)[0].lower()
+
+
 def _first_group_lr(params: list[Any], lr: float) -> tuple[float, int]:
     if params and isinstance(params[0], dict):
         first = params[0].get("lr", lr)

@@ -54,17 +54,23 @@ class Run:
     lr_scheduler: Any
     progress: Progress  # where the run is; its seed (a resumed run keeps its own)
     start_vectors: dict[str, torch.Tensor] = field(init=False)  # the word's rows as this process began
+    start_norms: dict[str, torch.Tensor] = field(init=False)  # what --preserve_embedding_norm holds them to
 
     def __post_init__(self) -> None:
         self.start_vectors = self.word.snapshot()
+        self.start_norms = self._norms_before_step_one()
 
     @property
     def seed(self) -> int:
         return self.progress.seed
 
-    @property
-    def start_norms(self) -> dict[str, torch.Tensor]:
-        """Each vector's norm at the start: what ``--preserve_embedding_norm`` holds it to."""
+    def _norms_before_step_one(self) -> dict[str, torch.Tensor]:
+        """Each vector's norm before the run's first step (kept in its state, so a resumed run holds
+        the same norms as the uninterrupted one)."""
+        recorded = self.progress.start_norms
+        if recorded:
+            device = next(iter(self.start_vectors.values())).device
+            return {key: torch.tensor(recorded[key], device=device) for key in self.start_vectors}
         return {key: vectors.norm(dim=1) for key, vectors in self.start_vectors.items()}
 
     @property

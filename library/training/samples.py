@@ -41,6 +41,13 @@ class SampleSettings:
     sample_at_first: bool = False
     sample_sampler: str = "ddim"
 
+    def __post_init__(self) -> None:
+        wants = self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first
+        if wants and not self.sample_prompts:
+            raise UserError(
+                "--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts"
+            )
+
 
 def read_sample_prompts(path: str | Path) -> list[PromptSpec]:
     """The prompts of a kohya sample-prompt file, each as a ``PromptSpec``."""
@@ -94,10 +101,6 @@ class SampleSchedule:
     @classmethod
     def from_settings(cls, settings: SampleSettings, num_vectors: int) -> SampleSchedule:
         wants = settings.sample_every_n_steps or settings.sample_every_n_epochs or settings.sample_at_first
-        if wants and not settings.sample_prompts:
-            raise UserError(
-                "--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts"
-            )
         prompts = read_sample_prompts(settings.sample_prompts) if settings.sample_prompts else []
         if settings.sample_prompts and not wants:
             logger.warning(

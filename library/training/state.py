@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
@@ -28,7 +29,12 @@ from library.embeddings.formats import refusal_detail, save_embedding
 from library.errors import UserError
 from library.files import ensure_writable_folder, remove_interrupted_saves, write_folder_atomically
 from library.training.cadence import SaveCadence
-from library.training.optimizers import optimizer_eval_mode, optimizer_train_mode
+from library.training.optimizers import (
+    OptimizerSettings,
+    optimizer_eval_mode,
+    optimizer_label,
+    optimizer_train_mode,
+)
 
 if TYPE_CHECKING:
     from library.training.run import Run
@@ -54,6 +60,12 @@ class Progress:
     validation_history: list[float] = field(default_factory=list)  # every validation loss so far
     best_loss: float | None = None  # the lowest of them, reached at best_step
     best_step: int = 0
+    # what the state was made with, so that a resume can refuse what it cannot serve (older states
+    # lack them); and the vectors' norms before step 1, which --preserve_embedding_norm keeps
+    optimizer_type: str | None = None
+    lr_scheduler: str | None = None
+    learning_rate: float | None = None
+    start_norms: dict[str, list[float]] = field(default_factory=dict)
 
 
 SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -215,6 +227,7 @@ class RunSaver:
         vectors: Vectors | None = None,
         step: int | None = None,
         extra_metadata: dict[str, str] | None = None,
+        announce: bool = True,
     ) -> Path:
         """One embedding file: the run's vectors now, or ``vectors``."""
         run = self.run
@@ -229,8 +242,10 @@ class RunSaver:
                 checkpoint_name=run.model.name,
                 metadata={**self.metadata(), **(extra_metadata or {})},
                 dtype=self.settings.dtype,
+                extension="." + self.extension,
             )
-            logger.info("saved %s", path)
+            if announce:
+                logger.info("saved %s", path)
         return path
 
     def state(self, folder_name: str) -> None:
@@ -276,11 +291,22 @@ class RunSaver:
         """``name.ext`` and, with ``--save_state``/``--save_state_on_train_end``, ``name-state``.
 
         An earlier run's ``name.ext`` is kept as ``name.ext.bak`` (an extension no client loads), so
-        re-running a command never destroys a good embedding; kohya replaces it silently.
+        re-running a command never destroys a good embedding; kohya replaces it silently. The new
+        file is written first and only then put in place: when it cannot be written (a full disk),
+        the earlier file stays where it was and the error says so.
         """
-        if self.run.accelerator.is_main_process and self.final_path.exists():
-            os.replace(self.final_path, self.final_path.with_name(self.final_path.name + ".bak"))
-        self.embedding(self.final_path.name)
+        final = self.final_path
+        if self.run.accelerator.is_main_process and final.exists():
+            staged = final.with_name(f".{final.name}.p{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            try:
+                self.embedding(staged.name, announce=False)
+            except UserError as exc:
+                raise UserError(f"{exc}; the earlier run's {final.name} is untouched") from None
+            os.replace(final, final.with_name(final.name + ".bak"))
+            os.replace(staged, final)
+            logger.info("saved %s (the earlier one is now %s.bak)", final, final.name)
+        else:
+            self.embedding(final.name)
         if self.settings.save_state or self.settings.save_state_on_train_end:
             self.state(state_folder_name(self.name))
 
@@ -373,20 +399,49 @@ def saved_seed(folder: Path) -> int:
     return int(_read_progress(Path(folder))["seed"])
 
 
+def check_resume(folder: Path, optimizer: OptimizerSettings) -> None:
+    """Before the model loads: refuse a state the options cannot continue (another optimizer or LR
+    schedule would read the state wrongly or silently), and say which options the state overrides."""
+    info = _read_progress(Path(folder))
+    for option, recorded, wanted in (
+        ("optimizer_type", info.get("optimizer_type"), optimizer_label(optimizer)),
+        ("lr_scheduler", info.get("lr_scheduler"), optimizer.lr_scheduler),
+    ):
+        if recorded is not None and recorded != wanted:
+            raise UserError(
+                f"--resume {folder}: the state was saved with --{option} {recorded}, this run asks for {wanted}; "
+                f"resume with --{option} {recorded} (a state cannot change its {option.replace('_', ' ')})"
+            )
+    saved_lr = info.get("learning_rate")
+    if saved_lr is not None and saved_lr != optimizer.learning_rate:
+        logger.warning(
+            "--resume: the state's learning rate %g continues; --learning_rate %g is not used (start a new run "
+            "from the saved embedding with --weights to change it)",
+            saved_lr,
+            optimizer.learning_rate,
+        )
+
+
 def _state_key(key: str, vectors: Vectors) -> str:
     """A state's name for an encoder's rows: ``vectors`` for a family with one text encoder (the
     first format of state folders), else the encoder's embedding-file key (``clip_l``, ``clip_g``)."""
     return "vectors" if len(vectors) == 1 else key
 
 
-def resume_or_start(saving: SaveSettings, word, optimizer, lr_scheduler, seed: int, length) -> Progress:
-    """A new run's progress, or with ``--resume`` the state folder's restored into the live objects."""
-    if not saving.resume:
-        return Progress(seed=seed)
-    progress = load_training_state(saving.resume, word.vectors, optimizer, lr_scheduler)
-    logger.info(
-        "resumed from %s at step %d (epoch %d)", saving.resume, progress.global_step, progress.epoch + 1
-    )
+def resume_or_start(settings, word, optimizer, lr_scheduler, seed: int, length) -> Progress:
+    """A new run's progress (recording what the state needs to resume it), or with ``--resume`` the
+    state folder's restored into the live objects. ``settings`` are the run's ``RunSettings``."""
+    resume = settings.saving.resume
+    if not resume:
+        return Progress(
+            seed=seed,
+            optimizer_type=optimizer_label(settings.optimizer),
+            lr_scheduler=settings.optimizer.lr_scheduler,
+            learning_rate=settings.optimizer.learning_rate,
+            start_norms={key: norms.tolist() for key, norms in word.norms().items()},
+        )
+    progress = load_training_state(resume, word.vectors, optimizer, lr_scheduler)
+    logger.info("resumed from %s at step %d (epoch %d)", resume, progress.global_step, progress.epoch + 1)
     if progress.global_step >= length.max_train_steps:
         logger.warning(
             "the resumed state is at step %d and --max_train_steps is %d: no step is left, the embedding is "

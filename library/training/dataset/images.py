@@ -32,8 +32,13 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The image files directly in ``folder`` (not in sub-folders, as kohya), sorted by name."""
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+    """The image files directly in ``folder`` (not in sub-folders, as kohya), sorted by name; a link
+    named like an image whose target is gone is listed too, so that reading it reports it."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if is_image_file(p) or (p.is_symlink() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    )
 
 
 class ImageReadError(Exception):
@@ -48,6 +53,8 @@ class ImageReadError(Exception):
 def read_image_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after EXIF rotation, read from the header only."""
     try:
+        if path.is_symlink() and not path.exists():
+            raise ImageReadError(path, f"a link to {path.readlink()}, which does not exist")
         if path.stat().st_size == 0:
             raise ImageReadError(path, "the file is empty (0 bytes)")
         with Image.open(path) as image:
@@ -57,6 +64,8 @@ def read_image_size(path: Path) -> tuple[int, int]:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"far too large to read safely ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(path, f"cannot read the image ({exc})") from None
     if orientation in _TRANSPOSED_ORIENTATIONS:
