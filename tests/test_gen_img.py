@@ -665,6 +665,10 @@ def test_unimplemented_options_at_their_defaults_are_accepted():
         (["--ckpt", "m", "--from_file", "missing.txt"], "--from_file missing.txt: cannot read"),
         (["--ckpt", "m", "--image_path", "missing.png"], "--image_path missing.png: not found"),
         (["--ckpt", "missing.safetensors", "--prompt", "x"], "missing.safetensors: not found"),
+        (
+            ["--ckpt", "m", "--prompt", "x", "--sampler", "pndm", "--steps", "2"],
+            "the pndm sampler needs at least 4",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_errors(argv, message, run_main, tmp_path, monkeypatch):

@@ -106,3 +106,10 @@ def test_resume_says_that_the_states_learning_rate_continues(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         check_resume(state, run_settings(parse_args(["--learning_rate=5e-3"])).optimizer)
     assert "the state's learning rate 0.001 continues; --learning_rate 0.005 is not used" in caplog.text
+
+
+def test_a_sample_prompt_with_too_few_pndm_steps_is_refused_before_the_model(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a mychar4 --ss pndm --s 2\n")
+    with pytest.raises(UserError, match=r"'a mychar4' with 2: the pndm sampler needs at least 4 steps"):
+        check(tmp_path, f"--sample_prompts={prompts}", "--sample_every_n_steps=5")

@@ -130,27 +130,27 @@ def test_ancestral_sampler_is_reproducible_with_a_seed(generator):
     assert np.array_equal(pixels(generator.generate(request)[0]), pixels(generator.generate(request)[0]))
 
 
-def test_an_ancestral_sampler_draws_its_noise_as_kohyas_generator_does(sd1, generator):
-    """kohya's gen_img_diffusers: manual_seed(seed); start = randn; one randn per step it never uses (its hook
-    misses diffusers' randn_tensor); the sampler then draws its step noise from the global generator.
-    Rebuilt here with the global generator and the pipeline itself; our image must be the same."""
-    from diffusers import EulerAncestralDiscreteScheduler
-
+@pytest.mark.parametrize(("sampler", "noises_per_step"), [("euler_a", 1), ("dpm_2_a", 2)])
+def test_an_ancestral_sampler_draws_its_noise_as_kohyas_generator_does(
+    sd1, generator, sampler, noises_per_step
+):
+    """kohya's generator: manual_seed(seed); start = randn; one randn per step (two for dpm_2_a) it never
+    uses (its hook misses diffusers' randn_tensor); the sampler then draws its step noise from the
+    global generator. Rebuilt here with the global generator and the pipeline itself; our image must
+    be the same (checked against kohya's gen_img.py itself in docs/generation.md)."""
     seed, steps, size = 647892279, 4, {"width": 64, "height": 64}
-    ours = generator.generate(
-        GenerationRequest("a cat", seeds=[seed], sampler="euler_a", steps=steps, **size)
-    )[0]
+    ours = generator.generate(GenerationRequest("a cat", seeds=[seed], sampler=sampler, steps=steps, **size))[
+        0
+    ]
     pipe = generator.txt2img
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(
-        make_scheduler("euler_a", sd1.scheduler_config, False).config
-    )
+    pipe.scheduler = make_scheduler(sampler, sd1.scheduler_config, False)
     embeds = generator.encode(["a cat", ""]).hidden
     saved = torch.get_rng_state()
     try:
         torch.manual_seed(seed)
         shape = (1, 4, size["height"] // 8, size["width"] // 8)
         start = torch.randn(shape)
-        for _ in range(steps):
+        for _ in range(steps * noises_per_step):
             torch.randn(shape)
         kohya = pipe(
             prompt_embeds=embeds[:1],
@@ -164,6 +164,15 @@ def test_an_ancestral_sampler_draws_its_noise_as_kohyas_generator_does(sd1, gene
     finally:
         torch.set_rng_state(saved)
     assert np.array_equal(pixels(ours), pixels(kohya))
+
+
+def test_samplers_are_built_as_kohya_builds_them(sd1):
+    """kohya: the scheduler class's own defaults with SD's betas, steps_offset 1 and clip_sample off; for
+    DDIM that keeps set_alpha_to_one on (the model's own config says off), so the last step lands
+    on the clean image as in kohya's pictures."""
+    ddim = make_scheduler("ddim", sd1.scheduler_config, False)
+    assert ddim.config.set_alpha_to_one is True and ddim.config.steps_offset == 1
+    assert ddim.config.clip_sample is False and ddim.config.beta_schedule == "scaled_linear"
 
 
 # --- guidance ---------------------------------------------------------------------------------

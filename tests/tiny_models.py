@@ -21,12 +21,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from library.models.diffusers_folder import readable_by_every_transformers
 from library.models.ldm_export import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
 from library.models.loading import base_config, unet_heads
 from library.text.tokenizer import shipped_tokenizer
 
 # bump when the fixture layout changes, so cached copies are rebuilt
-FIXTURE_VERSION = 3
+FIXTURE_VERSION = 4
 
 TINY = {
     "sd1": {"unet_channels": [32, 64], "text_width": 32, "text_layers": 2},
@@ -99,6 +100,7 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir / "diffusers", safe_serialization=True)
+    readable_by_every_transformers(out_dir / "diffusers")
     text = sd1_text_to_ldm(text_encoder) if family == "sd1" else sd2_text_to_ldm(text_encoder)
     ldm = {**unet_to_ldm(unet), **vae_to_ldm(vae), **text}
     ldm = {k: v.detach().contiguous().clone() for k, v in ldm.items()}

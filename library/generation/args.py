@@ -18,7 +18,7 @@ from pathlib import Path
 
 from library.errors import UserError
 from library.generation.run import GenerationSettings
-from library.generation.samplers import SAMPLER_NAMES
+from library.generation.samplers import SAMPLER_NAMES, check_steps
 from library.options import default_of, settings_from
 from library.runtime import refuse_options, setup_console_logging
 from library.shared_options import (
@@ -316,6 +316,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--vae_batch_size {args.vae_batch_size}: must be above 0")
     if args.vae_slices is not None and args.vae_slices < 1:
         raise UserError(f"--vae_slices {args.vae_slices}: must be at least 1")
+    check_steps(args.sampler, args.steps)
     if args.mask_path is not None and args.image_path is None:
         raise UserError("--mask_path needs --image_path (the image to inpaint)")
 

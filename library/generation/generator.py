@@ -31,7 +31,14 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from library.errors import UserError
-from library.generation.samplers import DEFAULT_SCALE, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED
+from library.generation.samplers import (
+    DEFAULT_SCALE,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    MAX_SEED,
+    check_steps,
+)
 from library.text.conditioning import Conditioning
 from library.text.tokens import expand_placeholder
 
@@ -100,7 +107,6 @@ _SHARED_SCHEDULER_KEYS = (
     "beta_schedule",
     "steps_offset",
     "clip_sample",
-    "set_alpha_to_one",
 )
 
 
@@ -375,6 +381,7 @@ class ImageGenerator:
         width = _multiple_of_8(request.width or DEFAULT_SIZE, "width")
         height = _multiple_of_8(request.height or DEFAULT_SIZE, "height")
         steps = request.steps or DEFAULT_STEPS
+        check_steps(request.sampler, steps)
         scale = DEFAULT_SCALE if request.scale is None else request.scale
         negative_scale = getattr(request, "negative_scale", None)
         use_negative_scale = negative_scale is not None and scale > 1.0
@@ -403,15 +410,13 @@ class ImageGenerator:
         if init is None:
             pipe = self.txt2img
             pipe_options.update(width=width, height=height)
-            if (request.sampler or "ddim").lower() in ANCESTRAL_SAMPLERS:
+            sampler = (request.sampler or "ddim").lower()
+            if sampler in KOHYA_NOISES_PER_STEP:
+                factor = pipe.vae_scale_factor
+                shape = (1, self.unet.config.in_channels, height // factor, width // factor)
+                unused = steps * KOHYA_NOISES_PER_STEP[sampler]
                 pipe_options["latents"] = kohya_start_latents(
-                    pipe_options["generator"],
-                    self.unet.dtype,
-                    height,
-                    width,
-                    steps,
-                    pipe.vae_scale_factor,
-                    self.unet.config.in_channels,
+                    pipe_options["generator"], shape, self.unet.dtype, unused
                 )
         elif mask is None:
             pipe = self.img2img
@@ -501,34 +506,29 @@ class ImageGenerator:
         return HighresResult(images=self.generate(second_request), first_pass=kept)
 
 
-# samplers that add fresh noise at every step (diffusers draws it with the image's generator)
-ANCESTRAL_SAMPLERS = {"euler_a", "k_euler_a", "dpm_2_a", "k_dpm_2_a"}
+# samplers that add fresh noise at every step (diffusers draws it with the image's generator), and
+# how many noise tensors kohya draws for them per step
+KOHYA_NOISES_PER_STEP = {"euler_a": 1, "k_euler_a": 1, "dpm_2_a": 2, "k_dpm_2_a": 2}
 
 
 def kohya_start_latents(
-    generators: list[torch.Generator],
-    dtype: torch.dtype,
-    height: int,
-    width: int,
-    steps: int,
-    vae_scale: int,
-    channels: int,
+    generators: list[torch.Generator], shape: tuple[int, ...], dtype: torch.dtype, unused_noises: int
 ) -> torch.Tensor:
     """Start latents drawn as kohya's generator draws them, for the ancestral samplers.
 
     kohya seeds the global generator with the image's seed, draws the start latents, then draws
-    one noise tensor per step meant for the sampler. Its hook that should hand those to the
-    sampler never takes effect (diffusers' schedulers draw through ``randn_tensor``, which the
-    hook does not replace), so the sampler draws its step noise afterwards, from where the
-    generator stands: past the start latents and those unused tensors. Drawing the same way from
-    each image's own generator gives kohya's picture for the same seed (for a single image; in a
-    batch kohya's step noise comes from the last image's seed, while here each image keeps its own).
+    ``unused_noises`` noise tensors meant for the sampler (one per step, two for dpm_2_a). Its hook
+    that should hand those to the sampler never takes effect (diffusers' schedulers draw through
+    ``randn_tensor``, which the hook does not replace), so the sampler draws its step noise
+    afterwards, from where the generator stands: past the start latents and those unused tensors.
+    Drawing the same way from each image's own generator gives kohya's picture for the same seed
+    (for a single image; in a batch kohya's step noise comes from the last image's seed, while here
+    each image keeps its own). ``shape`` is one image's latents.
     """
-    shape = (1, channels, height // vae_scale, width // vae_scale)
     latents = []
     for generator in generators:
         latents.append(torch.randn(shape, generator=generator, dtype=dtype))
-        for _ in range(steps):  # the per-step noises kohya draws and never uses
+        for _ in range(unused_noises):
             torch.randn(shape, generator=generator, dtype=dtype)
     return torch.cat(latents)
 

@@ -28,3 +28,18 @@ DEFAULT_SIZE = 512
 DEFAULT_STEPS = 50
 DEFAULT_SCALE = 7.5
 DEFAULT_STRENGTH = 0.8  # kohya's img2img / inpaint / highres second-pass strength
+
+# PNDM begins with Runge-Kutta steps that need four timesteps; diffusers fails with fewer
+MIN_STEPS = {"pndm": 4}
+
+
+def check_steps(sampler: str | None, steps: int, where: str = "--steps") -> None:
+    """One line instead of diffusers' traceback when a sampler cannot run that few steps."""
+    name = (sampler or "ddim").lower()
+    needed = MIN_STEPS.get(name, 1)
+    if steps < needed:
+        from library.errors import UserError
+
+        raise UserError(
+            f"{where} {steps}: the {name} sampler needs at least {needed} steps; use more or another sampler"
+        )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from library.errors import UserError
 from library.files import tomllib
-from library.generation.samplers import SAMPLER_NAMES
+from library.generation.samplers import SAMPLER_NAMES, check_steps
 from library.options import default_of, settings_from
 from library.runtime import refuse_options, setup_console_logging
 from library.shared_options import (
@@ -38,6 +38,7 @@ from library.training.new_word import INIT_WORD_MODES, WordSettings
 from library.training.noise import NoiseSettings, add_noise_arguments
 from library.training.optimizers import OptimizerSettings, add_optimizer_arguments, optimizer_class_for
 from library.training.run import LoopSettings
+from library.training.samples import DEFAULTS as SAMPLE_DEFAULTS
 from library.training.samples import SampleSettings, read_sample_prompts
 from library.training.state import METADATA_OPTIONS, MetadataSettings, SaveSettings
 from library.training.tracking import TrackerSettings
@@ -455,8 +456,15 @@ def check_settings(settings: RunSettings) -> None:
             f"--resume {saving.resume}: no such folder; pass a state folder written by --save_state "
             "(name-state, name-step00000100-state, ...)"
         )
-    if settings.sampling.sample_prompts:
-        read_sample_prompts(settings.sampling.sample_prompts)  # a missing or broken file, before the model
+    if settings.sampling.sample_prompts:  # a missing or broken file, before the model
+        for spec in read_sample_prompts(settings.sampling.sample_prompts):
+            sampler, steps = (
+                spec.sampler or settings.sampling.sample_sampler,
+                spec.steps or SAMPLE_DEFAULTS["steps"],
+            )
+            check_steps(
+                sampler, steps, f"--sample_prompts {settings.sampling.sample_prompts}: {spec.prompt!r} with"
+            )
     optimizer_class_for(settings.optimizer)  # an unknown optimizer or a missing package, before the model
     if saving.save_model_as == "ckpt":
         logger.warning(
@@ -508,10 +516,13 @@ def _check_counts(settings: RunSettings) -> None:
         raise UserError(f"--max_data_loader_n_workers {data.max_data_loader_n_workers}: must be 0 or more")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the vectors are fp32: a larger rate overflows inside the optimizer
+
+
 def _check_rates(optimizer: OptimizerSettings) -> None:
     for name in ("learning_rate", "max_grad_norm"):
         value = getattr(optimizer, name)
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value) or not 0 <= value <= FLOAT32_MAX:
             raise UserError(f"--{name} {value}: must be a finite number of 0 or more (e.g. 5e-3)")
 
 
