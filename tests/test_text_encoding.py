@@ -27,6 +27,8 @@ def test_tokenizer_cache_dir_is_written_in_kohya_layout_and_reused(tmp_path):
     tokenizer = load_tokenizer(v2=False, tokenizer_cache_dir=tmp_path)
     cached = tmp_path / KOHYA_CACHE_NAMES[False]
     assert (cached / "tokenizer_config.json").is_file()
+    # the slow tokenizer of transformers 4 (kohya's scripts) needs these to read the same cache
+    assert (cached / "vocab.json").is_file() and (cached / "merges.txt").is_file()
     again = load_tokenizer(v2=False, tokenizer_cache_dir=tmp_path)
     assert again("a photo of a cat").input_ids == tokenizer("a photo of a cat").input_ids
 

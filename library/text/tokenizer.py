@@ -11,6 +11,7 @@ cache made by kohya's scripts is read, and one made here is readable by them.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -69,6 +70,8 @@ def load_tokenizer(
             tokenizer = shipped_tokenizer(v2)
             cached.mkdir(parents=True, exist_ok=True)
             tokenizer.save_pretrained(str(cached))
+            for name in ("vocab.json", "merges.txt"):  # kohya's scripts (transformers 4) read these
+                shutil.copyfile(SHIPPED_VOCAB_DIR / name, cached / name)
             logger.info("saved the tokenizer to --tokenizer_cache_dir %s", cached)
     else:
         tokenizer = shipped_tokenizer(v2)
