@@ -1,4 +1,4 @@
-"""Train a Textual Inversion embedding for Stable Diffusion 1.x/2.x.
+"""Train a Textual Inversion embedding for Stable Diffusion 1.x/2.x (SDXL: ``sdxl_train_textual_inversion.py``).
 
 A kohya-ss/sd-scripts compatible command line (same options, dataset folders and TOML). The
 algorithm, top to bottom:
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from library.errors import run_cli
 from library.host_memory import hand_back_freed_memory, keep_freed_memory_in_process
 from library.models.loading import load_model, load_model_vae, load_tokenizers
-from library.text.tokenizer import set_family_padding
+from library.text.tokenizer import match_padding
 from library.training.accelerator import (
     configure_for_training,
     freeze_and_move,
@@ -47,8 +47,9 @@ from library.training.tracking import TrainLogger
 logger = logging.getLogger("train_textual_inversion")
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings = settings_from_command_line(argv)  # every mistake the options show ends here, in one line
+def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
+    """``sdxl``: the SDXL trainer (``sdxl_train_textual_inversion.py``); the steps are the same."""
+    settings = settings_from_command_line(argv, sdxl)  # every mistake the options show ends here, in one line
     precision = resolve_precision(settings.compute)
     k = settings.loop.gradient_accumulation_steps
     accelerator = make_accelerator(settings.tracking, precision, k, settings.compute)
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if vae_alone:
         latent_scale = cache_latents_with_vae_alone(dataset, settings, accelerator, precision.vae_dtype)
     model = load_model(settings.model, precision.weight_dtype, precision.vae_dtype, with_vae=not vae_alone)
-    for tokenizer in tokenizers:
-        set_family_padding(tokenizer, model.family.name)
+    match_padding(tokenizers, model.tokenizers)  # a file that is SD 2.x after all pads with "!"
     if model.vae is not None:
         latent_scale = model.vae.config.scaling_factor
     freeze_and_move(model, device)

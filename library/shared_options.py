@@ -34,6 +34,7 @@ class ModelSettings:
     vae: str | None = None
     tokenizer_cache_dir: str | None = None
     highvram: bool = False
+    expect_sdxl: bool | None = None  # set by the program: SDXL only, SD 1.x/2.x only, or None (any)
 
     @property
     def exact_half_storage(self) -> bool:

@@ -14,14 +14,19 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train_textual_inversion.py")
+TRAIN_SDXL = str(ROOT / "sdxl_train_textual_inversion.py")
 CAPTION = "a photo of mychar4 toy, number {i}"
 
 
 def run_train(
-    *args: str, check: bool = True, launcher: list[str] | None = None, env: dict | None = None
+    *args: str,
+    check: bool = True,
+    launcher: list[str] | None = None,
+    env: dict | None = None,
+    sdxl: bool = False,
 ) -> subprocess.CompletedProcess:
-    """The trainer CLI in its own process (one thread, offline); fails the test on a non-zero exit
-    unless ``check`` is False."""
+    """The trainer CLI (``sdxl``: the SDXL trainer) in its own process (one thread, offline); fails
+    the test on a non-zero exit unless ``check`` is False."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -29,7 +34,7 @@ def run_train(
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
-    cmd = (launcher or [sys.executable]) + [TRAIN, *args]
+    cmd = (launcher or [sys.executable]) + [TRAIN_SDXL if sdxl else TRAIN, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

@@ -223,3 +223,98 @@ READS_EXTENSION = {
     "diffusers": (".pt", ".bin", ".safetensors", ".ckpt"),
     "kohya": (".pt", ".bin", ".safetensors", ".ckpt"),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: what each client puts into each of the two text encoders (``clip_l``: CLIP ViT-L, 768;
+# ``clip_g``: OpenCLIP bigG, 1280). Each ``load_<client>_sdxl(path, widths)`` returns the rows
+# per encoder key, or raises ``NotLoaded``; ``widths`` is ``{"clip_l": 768, "clip_g": 1280}``.
+
+
+def _sdxl_from(loaded: Loaded, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """A concatenated 768 + 1280 result split back per encoder."""
+    first = widths["clip_l"]
+    return {"clip_l": loaded.vectors[:, :first], "clip_g": loaded.vectors[:, first:]}
+
+
+def _a1111_sdxl(path: Path, widths: dict[str, int], safe: bool = True) -> dict[str, torch.Tensor]:
+    """A1111/Forge: ``clip_g`` and ``clip_l`` side by side must make the SDXL width (2048)."""
+    return _sdxl_from(_webui_like(Path(path), sum(widths.values()), safe=safe), widths)
+
+
+def _sdnext_sdxl(path: Path, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """SD.Next: .safetensors tensors routed to an encoder by their width; a .pt reads only
+    ``string_to_param['*']``, which an SDXL file does not have."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise NotLoaded("SD.Next reads an SDXL embedding from .safetensors only")
+    tensors = _read(path)
+    rows = {}
+    for key, width in widths.items():
+        found = [t for t in tensors.values() if t.dim() == 2 and t.shape[1] == width]
+        if not found:
+            raise NotLoaded(f"no tensor of width {width} for {key}")
+        rows[key] = found[0]
+    return rows
+
+
+def _comfyui_sdxl(path: Path, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """ComfyUI: each encoder reads its own key."""
+    data = _read(Path(path))
+    rows = {}
+    for key, width in widths.items():
+        if not isinstance(data, dict) or key not in data:
+            raise NotLoaded(f"no {key!r} for that encoder")
+        if data[key].shape[-1] != width:
+            raise NotLoaded(f"{key}: width {data[key].shape[-1]} does not fit ({width}); ignored")
+        rows[key] = data[key]
+    return rows
+
+
+def _invokeai_sdxl(path: Path, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """InvokeAI: a file with ``string_to_token``/``emb_params`` is probed as SD 1.x/2.x, one with
+    ``clip_g`` as SDXL, whose rows it reads from ``clip_l`` and ``clip_g``."""
+    data = _read(Path(path))
+    if (
+        not isinstance(data, dict)
+        or "clip_g" not in data
+        or "string_to_token" in data
+        or "emb_params" in data
+    ):
+        raise NotLoaded("not probed as an SDXL embedding")
+    return {key: data[key] for key in widths}
+
+
+def _diffusers_sdxl(path: Path, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """diffusers: two ``load_textual_inversion`` calls, ``clip_l`` into ``text_encoder`` and
+    ``clip_g`` into ``text_encoder_2`` (each a bare tensor with ``token=``)."""
+    data = _read(Path(path))
+    rows = {}
+    for key, width in widths.items():
+        tensor = data[key]
+        if tensor.shape[-1] != width:
+            raise NotLoaded(f"{key}: width {tensor.shape[-1]} does not match the text encoder ({width})")
+        rows[key] = tensor
+    return rows
+
+
+def _kohya_sdxl(path: Path, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+    """kohya's ``gen_img.py`` for SDXL: ``clip_l`` and ``clip_g`` both, exact tensors."""
+    data = _read(Path(path), weights_only=False)
+    if "clip_l" not in data or "clip_g" not in data:
+        raise NotLoaded("SDXL needs clip_l and clip_g")
+    for key, width in widths.items():
+        if type(data[key]) is not torch.Tensor or data[key].dim() != 2 or data[key].shape[1] != width:
+            raise NotLoaded(f"{key}: not a [n, {width}] tensor")
+    return {key: data[key] for key in widths}
+
+
+SDXL_CLIENTS: dict[str, Callable[[Path, dict[str, int]], dict[str, torch.Tensor]]] = {
+    "A1111": _a1111_sdxl,
+    "Forge": lambda path, widths: _a1111_sdxl(path, widths, safe=False),
+    "SD.Next": _sdnext_sdxl,
+    "ComfyUI": _comfyui_sdxl,
+    "InvokeAI": _invokeai_sdxl,
+    "diffusers": _diffusers_sdxl,
+    "kohya": _kohya_sdxl,
+}

@@ -66,3 +66,10 @@ def tiny_sd2_safetensors(tiny_sd2: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd2_ckpt(tiny_sd2: Path) -> Path:
     return tiny_sd2 / "model.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl() -> Path:
+    """Folder with ``diffusers/``, ``model.safetensors`` and ``model.ckpt`` of the tiny SDXL-layout
+    model (two text encoders of widths 32 and 64, SDXL's added conditioning)."""
+    return ensure_tiny_model("sdxl")

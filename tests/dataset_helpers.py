@@ -27,7 +27,7 @@ def make_args(*cli: str, **values) -> DataOptions:
     """The dataset options of a kohya-style command line, with some overridden by keyword."""
     unknown = set(values) - {field.name for field in fields(DataOptions)}
     assert not unknown, f"not dataset options: {unknown}"
-    return settings_from(DataOptions, _PARSER.parse_args(list(cli)), **values)
+    return settings_from(DataOptions, _PARSER.parse_args(list(cli)), **{"bucket_reso_multiple": 64, **values})
 
 
 def make_image(

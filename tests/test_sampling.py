@@ -19,6 +19,7 @@ from library.generation.generator import (
 from library.generation.prompts import SAMPLERS as PROMPT_SAMPLERS
 from library.generation.prompts import PromptSpec
 from library.models.loading import load_sd_model
+from library.text.conditioning import Conditioning
 
 SIZE = {"width": 64, "height": 64, "steps": 2}
 
@@ -191,7 +192,7 @@ def test_negative_scale_wrapper_gives_kohyas_three_way_guidance():
     u, g, t = torch.tensor(0.3), torch.tensor(-0.7), torch.tensor(1.9)
     embeds = {name: torch.full((1, 4, 2), float(v)) for name, v in (("u", u), ("g", g), ("t", t))}
     scale, negative_scale = 7.5, 3.0
-    wrapper = _NegativeScaleUNet(_LinearUNet(), embeds["u"], scale, negative_scale)
+    wrapper = _NegativeScaleUNet(_LinearUNet(), Conditioning(embeds["u"]), scale, negative_scale)
     sample = torch.zeros(2, 4, 2, 2)
     out = wrapper(sample, torch.tensor(10), encoder_hidden_states=torch.cat([embeds["g"], embeds["t"]]))[0]
     first, second = out.chunk(2)

@@ -17,22 +17,52 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from library.models.diffusers_folder import readable_by_every_transformers
-from library.models.ldm_export import sd1_text_to_ldm, sd2_text_to_ldm, unet_to_ldm, vae_to_ldm
+from library.models.ldm_export import (
+    sd1_text_to_ldm,
+    sd2_text_to_ldm,
+    sdxl_checkpoint,
+    unet_to_ldm,
+    vae_to_ldm,
+)
 from library.models.loading import base_config, unet_heads
 from library.text.tokenizer import shipped_tokenizer
 
 # bump when the fixture layout changes, so cached copies are rebuilt
-FIXTURE_VERSION = 4
+FIXTURE_VERSION = 5
 
 TINY = {
     "sd1": {"unet_channels": [32, 64], "text_width": 32, "text_layers": 2},
     "sd2": {"unet_channels": [32, 64], "text_width": 64, "text_layers": 2},
+    # two encoders of different widths (as 768 and 1280), so that swapped clip_l/clip_g fail on shape
+    "sdxl": {"unet_channels": [32, 64], "text_widths": (32, 64), "text_layers": 2, "time_embed_dim": 8},
 }
+
+
+def tiny_vae(family: str) -> AutoencoderKL:
+    """A random VAE that downsamples by 8 like SD's, with the family's latent scale."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=[32, 32, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=base_config(family)["vae"]["scaling_factor"],
+    ).eval()
 
 
 def tiny_components(family: str, seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
@@ -54,17 +84,7 @@ def tiny_components(family: str, seed: int = 0) -> tuple[UNet2DConditionModel, A
         use_linear_projection=family == "sd2",
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=[32, 32, 32, 32],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = tiny_vae(family)
     text_config = dict(base["text_encoder"])
     text_config.update(
         hidden_size=size["text_width"],
@@ -82,10 +102,73 @@ def tiny_components(family: str, seed: int = 0) -> tuple[UNet2DConditionModel, A
 # ---------------------------------------------------------------------------------------------
 
 
+def tiny_sdxl_components(seed: int = 0):
+    """Random SDXL-layout UNet (no attention at the first level, linear projections, added
+    text/size conditioning), VAE, CLIP-L-like and bigG-like (with projection) text encoders."""
+    torch.manual_seed(seed)
+    size = TINY["sdxl"]
+    base = base_config("sdxl")
+    width_l, width_g = size["text_widths"]
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=size["unet_channels"],
+        layers_per_block=1,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=width_l + width_g,
+        attention_head_dim=unet_heads(size["unet_channels"], "sdxl"),
+        use_linear_projection=True,
+        transformer_layers_per_block=[1, 1],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=size["time_embed_dim"],
+        projection_class_embeddings_input_dim=width_g + 6 * size["time_embed_dim"],
+        norm_num_groups=32,
+    ).eval()
+    encoders = []
+    for name, width, model_cls in (
+        ("text_encoder", width_l, CLIPTextModel),
+        ("text_encoder_2", width_g, CLIPTextModelWithProjection),
+    ):
+        config = dict(base[name])
+        config.update(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=size["text_layers"],
+            num_attention_heads=max(1, width // 64),
+            projection_dim=width,
+        )
+        encoders.append(model_cls(CLIPTextConfig(**config)).eval())
+    return unet, tiny_vae("sdxl"), encoders[0], encoders[1]
+
+
+def build_tiny_sdxl_model(out_dir: Path, seed: int = 0) -> Path:
+    """The SDXL-layout tiny model: a diffusers folder and SAI-layout single files."""
+    unet, vae, text_encoder, text_encoder_2 = tiny_sdxl_components(seed)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=shipped_tokenizer(False),
+        tokenizer_2=shipped_tokenizer(True),
+        unet=unet,
+        scheduler=DDIMScheduler(**base_config("sdxl")["scheduler"]),
+    )
+    pipe.save_pretrained(out_dir / "diffusers", safe_serialization=True)
+    readable_by_every_transformers(out_dir / "diffusers")
+    ldm = sdxl_checkpoint(unet, vae, text_encoder, text_encoder_2)
+    save_file(ldm, str(out_dir / "model.safetensors"))
+    torch.save({"state_dict": ldm}, out_dir / "model.ckpt")
+    return out_dir
+
+
 def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     """Write the diffusers folder and both single files of one tiny model into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if family == "sdxl":
+        return build_tiny_sdxl_model(out_dir, seed)
     unet, vae, text_encoder = tiny_components(family, seed)
     tokenizer = shipped_tokenizer(family == "sd2")
     scheduler = DDIMScheduler(**base_config(family)["scheduler"])

@@ -9,7 +9,9 @@ scripts), and each one reads a slightly different set of layouts (see
 * diffusers ``{"<token>": [dim] or [n, dim]}`` (``learned_embeds.bin/.safetensors``)
 * WebUI images (PNG/WEBP) carrying the WebUI dict as base64 JSON in an ``sd-ti-embedding``
   text chunk, or hidden in the low bits of the pixels
-* the SDXL pair ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``
+* the SDXL pair ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` (kohya, the WebUI, ComfyUI,
+  OneTrainer), or diffusers' two files ``learned_embeds.safetensors`` ``{token: [n, 768]}`` and
+  ``learned_embeds_2.safetensors`` ``{token: [n, 1280]}`` (the second found beside the first)
 
 Embeddings are downloaded from strangers, so pickles are only ever opened with
 ``torch.load(weights_only=True)``; a file that needs anything beyond tensors and plain
@@ -86,6 +88,11 @@ class LoadedEmbedding:
     word: str
     layout: str  # "kohya", "webui", "diffusers", "webui-image" or "sdxl"
     metadata: dict = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # rows by text encoder key
+
+    def __post_init__(self):
+        if not self.parts:
+            self.parts = {"emb_params": self.vectors}
 
     @property
     def num_vectors(self) -> int:
@@ -210,8 +217,10 @@ def _embedding_from_state(
                 metadata[key] = state[key]
         layout = layout or "webui"
     elif "clip_l" in state and "clip_g" in state:
-        vectors = _sdxl_vectors(state, path)
-        layout = "sdxl"
+        parts = _sdxl_parts(state, path)
+        return LoadedEmbedding(
+            torch.cat(list(parts.values()), dim=1), word, "sdxl", dict(file_metadata), parts=parts
+        )
     elif "emb_params" in state:
         vectors = _as_vectors(state["emb_params"], path, "emb_params")
         layout = "kohya"
@@ -242,14 +251,14 @@ def _webui_vectors(state: Mapping[str, Any], path: Path) -> torch.Tensor:
     return _as_vectors(next(iter(params.values())), path, "string_to_param")
 
 
-def _sdxl_vectors(state: Mapping[str, Any], path: Path) -> torch.Tensor:
+def _sdxl_parts(state: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
     parts = {key: _as_vectors(state[key], path, key) for key in SDXL_PARTS}
     if parts["clip_l"].shape[0] != parts["clip_g"].shape[0]:
         raise UserError(
             f"{path}: SDXL embedding with {parts['clip_l'].shape[0]} 'clip_l' vectors but "
             f"{parts['clip_g'].shape[0]} 'clip_g' vectors; the file is damaged"
         )
-    return torch.cat([parts["clip_l"], parts["clip_g"]], dim=1)
+    return parts
 
 
 def _as_vectors(value: Any, path: Path, what: str) -> torch.Tensor:
@@ -416,6 +425,58 @@ def check_embedding_fits(emb: LoadedEmbedding, text_dim: int, family: str, path:
         )
 
 
+def rows_for_model(
+    emb: LoadedEmbedding, widths: Mapping[str, int], family: str, path: str | os.PathLike
+) -> dict[str, torch.Tensor]:
+    """The embedding's rows for each of a model's text encoders (``widths``: key -> width, e.g.
+    ``{"emb_params": 768}`` or ``{"clip_l": 768, "clip_g": 1280}``); a file for another family,
+    or with its parts swapped, is refused in one line naming both sides.
+
+    For an SDXL model a one-token diffusers file (``learned_embeds.safetensors``) is the first
+    half of diffusers' pair; the second is the file beside it with ``_2`` added to the stem.
+    """
+    if set(widths) == {"emb_params"}:
+        check_embedding_fits(emb, widths["emb_params"], family, path)
+        return {"emb_params": emb.vectors}
+    model = f"{FAMILY_NAMES.get(family, family)} ({' + '.join(str(w) for w in widths.values())})"
+    if emb.layout == "diffusers":
+        emb = _with_second_half(emb, Path(path))
+    if set(emb.parts) != set(widths):
+        raise UserError(
+            f"{path}: an embedding of dimension {emb.dim} ({_family_of_dim(emb.dim)}) but the model is {model}; "
+            f"use an embedding trained for {FAMILY_NAMES.get(family, family)}"
+        )
+    for key, width in widths.items():
+        if emb.parts[key].shape[1] != width:
+            found = " + ".join(str(emb.parts[k].shape[1]) for k in widths)
+            raise UserError(
+                f"{path}: its {', '.join(widths)} vectors have dimensions {found} but the model is {model}; "
+                "the file is for another model, or its parts are swapped"
+            )
+    if emb.num_vectors > CHUNK_TOKENS:
+        raise UserError(
+            f"{path}: embedding has {emb.num_vectors} vectors but a prompt chunk holds only {CHUNK_TOKENS} tokens"
+        )
+    return dict(emb.parts)
+
+
+def _with_second_half(emb: LoadedEmbedding, path: Path) -> LoadedEmbedding:
+    """A diffusers SDXL pair: ``emb`` (the first encoder's rows) and ``<stem>_2<suffix>`` beside it."""
+    second_path = path.with_name(f"{path.stem}_2{path.suffix}")
+    if not second_path.is_file():
+        return emb
+    second = load_embedding_file(second_path)
+    if second.num_vectors != emb.num_vectors or second.layout != "diffusers":
+        raise UserError(
+            f"{second_path}: not the second half of {path.name} (diffusers' SDXL pair): "
+            f"{second.num_vectors} vectors against {emb.num_vectors}"
+        )
+    parts = {"clip_l": emb.vectors, "clip_g": second.vectors}
+    return LoadedEmbedding(
+        torch.cat(list(parts.values()), dim=1), emb.word, "diffusers-sdxl", emb.metadata, parts
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -434,13 +495,14 @@ def save_embedding(
     """Write ``vectors`` atomically in the layout chosen by the extension (``extension``, else the path's).
 
     ``vectors`` is one ``[n, dim]`` tensor, or each text encoder's rows by embedding-file key
-    (``{"emb_params": ...}`` for SD 1.x/2.x).
+    (``{"emb_params": ...}`` for SD 1.x/2.x, ``{"clip_l": ..., "clip_g": ...}`` for SDXL).
 
-    * ``.safetensors``: kohya's ``{"emb_params": [n, dim]}`` with ``metadata`` as the file's
-      safetensors metadata.
+    * ``.safetensors``: kohya's ``{"emb_params": [n, dim]}`` (SDXL: ``clip_l`` and ``clip_g``)
+      with ``metadata`` as the file's safetensors metadata.
     * ``.pt`` and ``.ckpt`` (kohya writes ckpt as pt): the WebUI dict, pickled in torch's legacy
-      format because the WebUI's safe unpickler rejects the entries newer zip files contain.
-      ``metadata`` has no place in this layout and is not written.
+      format because the WebUI's safe unpickler rejects the entries newer zip files contain;
+      for SDXL the plain ``{"clip_l", "clip_g"}`` dict, which is what kohya writes and the WebUI
+      reads. ``metadata`` has no place in these layouts and is not written.
 
     The tensor is copied (so a row slice of the embedding matrix does not drag the whole matrix's
     storage into the file), detached, made a plain CPU ``torch.Tensor`` and always 2-D.
@@ -450,14 +512,17 @@ def save_embedding(
     if ext not in WRITE_EXTENSIONS:
         raise UserError(f"{path}: cannot save an embedding as '{ext}'; use .safetensors, .pt or .ckpt")
     parts = {"emb_params": vectors} if isinstance(vectors, torch.Tensor) else dict(vectors)
-    if set(parts) != {"emb_params"}:
+    if set(parts) not in ({"emb_params"}, set(SDXL_PARTS)):
         raise ValueError(f"no embedding layout for the text encoders {sorted(parts)}")
-    tensor = _plain_vectors(parts["emb_params"], dtype)
+    tensors = {key: _plain_vectors(rows, dtype) for key, rows in parts.items()}
     if ext == ".safetensors":
         header = _validated_metadata(metadata)
-        payload = safetensors.torch.save({"emb_params": tensor}, metadata=header)
+        payload = safetensors.torch.save(tensors, metadata=header)
         write_atomically(path, lambda f: f.write(payload))
+    elif "emb_params" not in tensors:
+        write_atomically(path, lambda f: torch.save(tensors, f, _use_new_zipfile_serialization=False))
     else:
+        tensor = tensors["emb_params"]
         state = {
             "string_to_token": {"*": WEBUI_STAR_TOKEN_ID},
             "string_to_param": {"*": tensor},

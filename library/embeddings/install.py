@@ -1,8 +1,9 @@
 """Putting trained embeddings into a loaded model, so that prompts can use their words.
 
 The generator, the concept evaluation and the trainer's sample images all do it the same way:
-the word gets ``N`` tokens (``word word1 ... word{N-1}``, ``library.text.tokens``), the text encoder's
-token table grows by ``N`` rows, and those rows receive the file's vectors.
+the word gets ``N`` tokens (``word word1 ... word{N-1}``, ``library.text.tokens``) in every
+tokenizer of the model, each text encoder's token table grows by ``N`` rows, and those rows
+receive the file's vectors for that encoder (SDXL: ``clip_l`` and ``clip_g``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from library.embeddings.formats import check_embedding_fits, load_embedding_file
+from library.embeddings.formats import load_embedding_file, rows_for_model
 from library.errors import UserError
 from library.text.tokens import add_word_tokens, placeholder_names, taken_names
 
@@ -23,20 +24,20 @@ logger = logging.getLogger(__name__)
 def install_embeddings(
     model, paths: list[str | os.PathLike], words: list[str] | None = None
 ) -> dict[str, int]:
-    """Add each embedding's words to ``model.tokenizer`` and its vectors to ``model.text_encoder``.
+    """Add each embedding's words to the model's tokenizers and its vectors to its text encoders.
 
     The word is the file stem (kohya, WebUI, ComfyUI) unless ``words`` names it. Returns
     ``{word: N}`` for the prompt expansion. A word that already means something to the tokenizer
     would silently change meaning, so it is an error, as in kohya.
     """
-    tokenizer, text_encoder = model.tokenizer, model.text_encoder
+    tokenizer = model.tokenizer  # the others share its vocabulary, so the new ids agree
     paths, words = _without_repeats(paths, words)
-    loaded: list[tuple[list[int], torch.Tensor]] = []
+    loaded: list[tuple[list[int], dict[str, torch.Tensor]]] = []
     installed: dict[str, int] = {}
     source_of: dict[str, str] = {}
     for path, word in zip(paths, words):
         embedding = load_embedding_file(path)
-        check_embedding_fits(embedding, model.text_dim, model.family, path)
+        rows = rows_for_model(embedding, model.text_dims, model.family.name, path)
         if embedding.word != word:
             logger.warning(
                 "%s: the image carries the name '%s', but the word to use in prompts is '%s'",
@@ -57,10 +58,10 @@ def install_embeddings(
                 f"{path}: the word '{taken[0]}' (from the file name) is already a token of the "
                 f"tokenizer or of another embedding; {_rename_advice(path, embedding)}"
             )
-        token_ids = add_word_tokens(tokenizer, names)
-        if token_ids is None:
+        token_ids = [add_word_tokens(each, names) for each in model.tokenizers]
+        if token_ids[0] is None or any(ids != token_ids[0] for ids in token_ids):
             raise UserError(f"{path}: could not add the words {names} to the tokenizer; rename the file")
-        loaded.append((token_ids, embedding.vectors))
+        loaded.append((token_ids[0], rows))
         installed[word] = embedding.num_vectors
         source_of.update({name.lower(): str(path) for name in names})
         logger.info(
@@ -70,14 +71,18 @@ def install_embeddings(
             embedding.num_vectors,
             embedding.layout,
         )
-    typical_norm = float(text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
-    for (_, vectors), path in zip(loaded, paths):
-        _warn_if_oversized(path, vectors, typical_norm)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set below
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token_ids, vectors in loaded:
-            table[token_ids] = vectors.to(device=table.device, dtype=table.dtype)
+    for key, text_encoder in zip(model.family.encoder_keys, model.text_encoders):
+        table = text_encoder.get_input_embeddings().weight
+        typical_norm = float(table.detach().float().norm(dim=1).mean())
+        for (_, rows), path in zip(loaded, paths):
+            _warn_if_oversized(path, rows[key], typical_norm)
+        text_encoder.resize_token_embeddings(
+            len(tokenizer), mean_resizing=False
+        )  # the new rows are set below
+        table = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for token_ids, rows in loaded:
+                table[token_ids] = rows[key].to(device=table.device, dtype=table.dtype)
     return installed
 
 

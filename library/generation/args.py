@@ -37,12 +37,14 @@ SAMPLER_CHOICES = list(SAMPLER_NAMES)
 def setup_parser() -> argparse.ArgumentParser:
     """kohya's options, names, types, defaults and choices unchanged."""
     p = argparse.ArgumentParser(
-        description="Generate images with Stable Diffusion 1.x/2.x (kohya gen_img_diffusers.py compatible)"
+        description="Generate images with Stable Diffusion 1.x/2.x and SDXL (kohya gen_img_diffusers.py and "
+        "gen_img.py compatible)"
     )
     add_console_options(p)
     add_model_options(p, "--ckpt", "model: .safetensors/.ckpt file or diffusers folder (required)")
     add_attention_options(p)
     add = p.add_argument
+    add("--sdxl", action="store_true", help="the model is SDXL (kohya's gen_img.py; detected from the file)")
     setting_default = functools.partial(default_of, GenerationSettings)  # a run's defaults live there
     add(
         "--prompt",
@@ -216,6 +218,15 @@ def setup_parser() -> argparse.ArgumentParser:
         default=setting_default("negative_scale"),
         help="a separate guidance scale for the negative prompt",
     )
+    for name, what in (
+        ("original_height", "original height"),
+        ("original_width", "original width"),
+        ("original_height_negative", "original height for the negative prompt"),
+        ("original_width_negative", "original width for the negative prompt"),
+        ("crop_top", "crop top"),
+        ("crop_left", "crop left"),
+    ):
+        add(f"--{name}", type=int, default=setting_default(name), help=f"SDXL size conditioning: {what}")
     add("--control_net_models", type=str, default=None, nargs="*", help="not supported yet")
     add("--control_net_preps", type=str, default=None, nargs="*", help="not supported yet")
     add("--control_net_weights", type=float, default=None, nargs="*", help="not supported yet")
@@ -389,7 +400,9 @@ def settings_from_command_line(argv: list[str] | None = None) -> GeneratorSettin
             "--interactive: --n_iter %d is ignored; each prompt is generated once (kohya)", args.n_iter
         )
     return GeneratorSettings(
-        model=settings_from(ModelSettings, args, path=resolve_checkpoint(args.ckpt)),
+        model=settings_from(
+            ModelSettings, args, path=resolve_checkpoint(args.ckpt), expect_sdxl=True if args.sdxl else None
+        ),
         console=settings_from(ConsoleSettings, args),
         inputs=settings_from(
             InputSettings, args, textual_inversion_embeddings=args.textual_inversion_embeddings or []

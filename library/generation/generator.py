@@ -31,6 +31,7 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from library.errors import UserError
+from library.generation.prompts import SDXLSizes
 from library.generation.samplers import (
     DEFAULT_SCALE,
     DEFAULT_SIZE,
@@ -70,6 +71,9 @@ with _quiet_transformers():
         StableDiffusionImg2ImgPipeline,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
     )
 
 logger = logging.getLogger(__name__)
@@ -158,6 +162,7 @@ class GenerationRequest:
     mask_image: Any = None  # PIL image(s): white is repainted, black is kept
     strength: float | None = None
     output_type: str = "pil"  # "pil" or "latent"
+    sizes: SDXLSizes = field(default_factory=lambda: SDXLSizes())  # SDXL's size conditioning
 
 
 @dataclass
@@ -210,10 +215,10 @@ class _NegativeScaleUNet(torch.nn.Module):
     kohya's sum. Only used when ``scale > 1``, as guidance is off otherwise (kohya too).
     """
 
-    def __init__(self, unet, uncond_embeds: torch.Tensor, scale: float, negative_scale: float):
+    def __init__(self, unet, uncond: Conditioning, scale: float, negative_scale: float):
         super().__init__()
         self.unet = unet
-        self.uncond_embeds = uncond_embeds
+        self.uncond = uncond  # the empty prompt's conditioning, one row per image
         self.negative_factor = negative_scale / (scale - 1.0)
 
     @property
@@ -228,13 +233,24 @@ class _NegativeScaleUNet(torch.nn.Module):
     def device(self) -> torch.device:
         return self.unet.device
 
+    @property
+    def add_embedding(self):  # the SDXL pipelines check the size conditioning's width against it
+        return self.unet.add_embedding
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, **unet_options):
         half = sample.shape[0] // 2
         negative, positive = encoder_hidden_states.chunk(2)
         if torch.is_tensor(timestep) and timestep.dim() > 0 and timestep.shape[0] == sample.shape[0]:
             timestep = torch.cat([timestep[:half]] * 3)
         unet_options["return_dict"] = False
-        uncond = self.uncond_embeds.to(device=positive.device, dtype=positive.dtype)
+        uncond = self.uncond.hidden.to(device=positive.device, dtype=positive.dtype)
+        added = unet_options.get("added_cond_kwargs")
+        if added:  # SDXL: the empty prompt's pooled text, with the negative prompt's sizes
+            negative_added = {name: value.chunk(2)[0] for name, value in added.items()}
+            uncond_added = {**negative_added, "text_embeds": self.uncond.added["text_embeds"]}
+            unet_options["added_cond_kwargs"] = {
+                name: torch.cat([uncond_added[name].to(value), value]) for name, value in added.items()
+            }
         out = self.unet(
             torch.cat([sample[:half]] * 3),
             timestep,
@@ -302,19 +318,13 @@ class ImageGenerator:
         self._restore: list[tuple[torch.nn.Module, torch.device, torch.dtype | None]] = []
         self._place_modules(device, dtype)
 
-        common = {
-            "vae": self.vae,
-            "text_encoder": None,
-            "tokenizer": None,
-            "unet": self.unet,
-            "scheduler": make_scheduler("ddim", self.scheduler_config, self.v_parameterization),
-            "safety_checker": None,
-            "feature_extractor": None,
-            "requires_safety_checker": False,
-        }
-        self.txt2img = StableDiffusionPipeline(**common)
-        self.img2img = StableDiffusionImg2ImgPipeline(**common)
-        self.inpaint = StableDiffusionInpaintPipeline(**common)
+        self.sdxl = model.family.name == "sdxl"
+        self.txt2img, self.img2img, self.inpaint = make_pipelines(
+            self.vae,
+            self.unet,
+            make_scheduler("ddim", self.scheduler_config, self.v_parameterization),
+            self.sdxl,
+        )
         for pipe in (self.txt2img, self.img2img, self.inpaint):
             pipe.set_progress_bar_config(disable=not progress_bar, leave=False)
 
@@ -396,7 +406,8 @@ class ImageGenerator:
         output_type = getattr(request, "output_type", "pil") or "pil"
 
         texts = prompts + negatives + ([""] if use_negative_scale else [])
-        embeds = self.encode(texts).hidden
+        conditioning = self.encode(texts)
+        embeds = conditioning.hidden
         pipe_options: dict[str, Any] = {
             "prompt_embeds": embeds[:count],
             "negative_prompt_embeds": embeds[count : 2 * count],
@@ -404,6 +415,19 @@ class ImageGenerator:
             "guidance_scale": scale,
             "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
         }
+        sizes = getattr(request, "sizes", None) or SDXLSizes()
+        if self.sdxl:
+            pooled = conditioning.added["text_embeds"]
+            pipe_options.update(
+                pooled_prompt_embeds=pooled[:count],
+                negative_pooled_prompt_embeds=pooled[count : 2 * count],
+                **sdxl_size_options(sizes, width, height),
+            )
+        elif sizes.given():
+            raise UserError(
+                "--original_width/--original_height/--crop_top/--crop_left (and --ow --oh --nw --nh --ct --cl) "
+                "condition SDXL models only; this model is SD 1.x/2.x"
+            )
         decode_here = output_type == "pil" and self.vae_batch_size is not None and self.vae_batch_size < count
         pipe_options["output_type"] = "latent" if decode_here else output_type
 
@@ -435,9 +459,11 @@ class ImageGenerator:
         )
 
         if use_negative_scale:
-            wrapper = _NegativeScaleUNet(
-                self.unet, embeds[2 * count :].expand(count, -1, -1), scale, negative_scale
+            uncond = Conditioning(
+                embeds[2 * count :].expand(count, -1, -1),
+                {name: value[2 * count :].expand(count, -1) for name, value in conditioning.added.items()},
             )
+            wrapper = _NegativeScaleUNet(self.unet, uncond, scale, negative_scale)
             pipe.unet = wrapper
             try:
                 result = pipe(**pipe_options).images
@@ -504,6 +530,45 @@ class ImageGenerator:
             output_type="pil",
         )
         return HighresResult(images=self.generate(second_request), first_pass=kept)
+
+
+def make_pipelines(vae, unet, scheduler, sdxl: bool) -> tuple:
+    """diffusers' txt2img, img2img and inpaint pipelines over the same modules, without text
+    encoders (prompts are encoded by the family's ``TextConditioner``); SDXL's for an SDXL model."""
+    common = {"vae": vae, "unet": unet, "scheduler": scheduler, "text_encoder": None, "tokenizer": None}
+    if sdxl:
+        common.update(text_encoder_2=None, tokenizer_2=None, add_watermarker=False)
+        return (
+            StableDiffusionXLPipeline(**common),
+            StableDiffusionXLImg2ImgPipeline(**common),
+            StableDiffusionXLInpaintPipeline(**common),
+        )
+    common.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return (
+        StableDiffusionPipeline(**common),
+        StableDiffusionImg2ImgPipeline(**common),
+        StableDiffusionInpaintPipeline(**common),
+    )
+
+
+def sdxl_size_options(sizes: SDXLSizes, width: int, height: int) -> dict[str, tuple[int, int]]:
+    """The SDXL pipelines' size conditioning with kohya's defaults and rules: the original size is
+    the image's, the negative prompt's original size the original, and the negative prompt
+    shares the crop and the target size (kohya's ``gen_img.py``)."""
+    original = (sizes.original_height or height, sizes.original_width or width)
+    crop = (sizes.crop_top or 0, sizes.crop_left or 0)
+    negative_original = (
+        sizes.original_height_negative or original[0],
+        sizes.original_width_negative or original[1],
+    )
+    return {
+        "original_size": original,
+        "crops_coords_top_left": crop,
+        "target_size": (height, width),
+        "negative_original_size": negative_original,
+        "negative_crops_coords_top_left": crop,
+        "negative_target_size": (height, width),
+    }
 
 
 # samplers that add fresh noise at every step (diffusers draws it with the image's generator), and

@@ -17,7 +17,7 @@ import itertools
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from library.generation.samplers import SAMPLER_NAMES
 
@@ -144,12 +144,6 @@ UNSUPPORTED_OPTIONS = {
     "gls": "gradual latent",
     "glsn": "gradual latent",
     "glus": "gradual latent",
-    "ow": "SDXL original size",
-    "oh": "SDXL original size",
-    "nw": "SDXL negative original size",
-    "nh": "SDXL negative original size",
-    "ct": "SDXL crop",
-    "cl": "SDXL crop",
     "f": "frame count / file name",
     "g": "distilled guidance scale",
     "cn": "ControlNet image",
@@ -159,6 +153,42 @@ UNSUPPORTED_OPTIONS = {
 _UNSIGNED_INT = re.compile(r"\d+")
 _UNSIGNED_FLOAT = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _SEED_LIST = re.compile(r"\d+(?:\s*,\s*\d+)*")
+
+
+@dataclass
+class SDXLSizes:
+    """SDXL's size conditioning of generated images (kohya's ``--original_width`` ... ``--crop_left``,
+    in prompts ``--ow --oh --nw --nh --ct --cl``); ``None`` is kohya's default: the original size
+    is the image's size, the negative prompt's original size the original size, the crop 0."""
+
+    original_width: int | None = None
+    original_height: int | None = None
+    original_width_negative: int | None = None
+    original_height_negative: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
+
+    def given(self) -> bool:
+        return any(value is not None for value in vars(self).values())
+
+    def over(self, defaults: SDXLSizes) -> SDXLSizes:
+        """These values where given, else ``defaults``'."""
+        return SDXLSizes(
+            **{
+                name: default if value is None else value
+                for (name, value), default in zip(vars(self).items(), vars(defaults).values())
+            }
+        )
+
+
+SDXL_SIZE_OPTIONS = {
+    "ow": "original_width",
+    "oh": "original_height",
+    "nw": "original_width_negative",
+    "nh": "original_height_negative",
+    "ct": "crop_top",
+    "cl": "crop_left",
+}
 
 
 @dataclass
@@ -179,6 +209,7 @@ class PromptSpec:
     negative_scale: float | None = None
     sampler: str | None = None
     negative_scale_off: bool = False
+    sizes: SDXLSizes = field(default_factory=lambda: SDXLSizes())
 
 
 def _ignored_value(key: str, value: str, expected: str) -> None:
@@ -190,6 +221,10 @@ def _apply_option(spec: PromptSpec, key: str, value: str) -> None:
     does not stop a batch of prompts for one typo."""
     if key == "n":
         spec.negative_prompt = value
+    elif key in SDXL_SIZE_OPTIONS:
+        if not _UNSIGNED_INT.fullmatch(value):
+            return _ignored_value(key, value, "a whole number of pixels")
+        setattr(spec.sizes, SDXL_SIZE_OPTIONS[key], int(value))
     elif key in ("w", "h"):
         if not _UNSIGNED_INT.fullmatch(value):
             return _ignored_value(key, value, "a whole number of pixels")

@@ -19,6 +19,7 @@ from typing import Any
 
 from library.errors import UserError
 from library.files import save_image
+from library.generation.prompts import SDXLSizes
 from library.generation.samplers import DEFAULT_SCALE, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED
 from library.images import IMAGE_EXTENSIONS, has_image_extension, open_image, png_text
 
@@ -52,6 +53,17 @@ class GenerationSettings:
     highres_fix_strength: float | None = None
     highres_fix_latents_upscaling: bool = False
     highres_fix_save_1st: bool = False
+    original_width: int | None = None
+    original_height: int | None = None
+    original_width_negative: int | None = None
+    original_height_negative: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
+
+    @property
+    def sizes(self) -> SDXLSizes:
+        """SDXL's size conditioning as given on the command line (prompts may override each)."""
+        return SDXLSizes(**{name: getattr(self, name) for name in SDXLSizes.__dataclass_fields__})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +148,7 @@ class BatchSettings:
     negative_scale: float | None
     strength: float
     sampler: str
+    sizes: SDXLSizes = field(default_factory=lambda: SDXLSizes())
 
 
 @dataclass
@@ -280,6 +293,7 @@ class Run:
             negative_scale=negative_scale,
             strength=DEFAULT_STRENGTH if self.settings.strength is None else self.settings.strength,
             sampler=spec.sampler or self.settings.sampler,
+            sizes=spec.sizes.over(self.settings.sizes),
         )
 
     def make_item(self, step: int, spec, settings: BatchSettings, seed: int) -> tuple[Item, BatchSettings]:
@@ -318,6 +332,7 @@ class Run:
             negative_scale=settings.negative_scale,
             sampler=settings.sampler,
             strength=settings.strength,
+            sizes=settings.sizes,
             init_image=[item.init_image for item in batch] if batch[0].init_image is not None else None,
             mask_image=[item.mask_image for item in batch] if batch[0].mask_image is not None else None,
         )

@@ -29,6 +29,7 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 UNET_PREFIX = "model.diffusion_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 VAE_PREFIX = "first_stage_model."
 
 
@@ -195,11 +196,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def describe_non_sd_file(keys: Iterable[str]) -> str | None:
-    """What a file is when it is not an SD 1.x/2.x checkpoint (judged by its tensor names), as advice;
-    None when it is one."""
+    """What a file is when it is not an SD 1.x/2.x or SDXL checkpoint (judged by its tensor names),
+    as advice; None when it is one."""
     keys = list(keys)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "is an SDXL checkpoint; SDXL is not supported yet (use an SD 1.x or 2.x model)"
     if any(k.startswith(UNET_PREFIX) for k in keys):
         return None
     if any(
@@ -210,7 +209,7 @@ def describe_non_sd_file(keys: Iterable[str]) -> str | None:
         return "is a Textual Inversion embedding, not a Stable Diffusion checkpoint"
     if any(k.startswith(("encoder.conv_in", VAE_PREFIX + "encoder.")) for k in keys):
         return "is a VAE only; pass it with --vae together with a full checkpoint"
-    return f"has no Stable Diffusion UNet weights ({UNET_PREFIX}*); not an SD 1.x/2.x checkpoint"
+    return f"has no Stable Diffusion UNet weights ({UNET_PREFIX}*); not an SD 1.x/2.x or SDXL checkpoint"
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from library.text.conditioning import TextConditioner
+from library.text.sdxl_conditioning import SDXLTextConditioner
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    name: str  # "sd1", "sd2"
+    name: str  # "sd1", "sd2", "sdxl"
     label: str  # as users say it: "SD 1.x"
     encoder_keys: tuple[str, ...]  # each text encoder's rows in an embedding file
     default_resolution: int  # pixels per side the family was trained at
@@ -36,4 +37,7 @@ class ModelFamily:
 
 SD1 = ModelFamily("sd1", "SD 1.x", ("emb_params",), 512, TextConditioner, "stable-diffusion-v1")
 SD2 = ModelFamily("sd2", "SD 2.x", ("emb_params",), 512, TextConditioner, "stable-diffusion-v2-512")
-FAMILIES = {family.name: family for family in (SD1, SD2)}
+SDXL = ModelFamily(
+    "sdxl", "SDXL", ("clip_l", "clip_g"), 1024, SDXLTextConditioner, "stable-diffusion-xl-v1-base"
+)
+FAMILIES = {family.name: family for family in (SD1, SD2, SDXL)}

@@ -1,7 +1,8 @@
-"""Loading Stable Diffusion 1.x/2.x models offline, from any layout users have.
+"""Loading Stable Diffusion 1.x/2.x and SDXL models offline, from any layout users have.
 
-Layouts: a single-file LDM checkpoint (``.safetensors`` or ``.ckpt``, fp16 or fp32, with or
-without a ``state_dict`` wrapper) or a diffusers folder (``model_index.json`` + subfolders).
+Layouts: a single-file checkpoint (``.safetensors`` or ``.ckpt``, fp16 or fp32, with or without
+a ``state_dict`` wrapper; SD 1.x/2.x in the LDM layout, SDXL in the SAI layout with its two text
+encoders under ``conditioner.embedders``) or a diffusers folder (``model_index.json`` + subfolders).
 
 Single files are converted with diffusers' own key-mapping functions. The architecture sizes
 (channels, layers, cross-attention width, text width and depth) are read from the tensor shapes,
@@ -27,12 +28,13 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from library.errors import UserError
 from library.models.checkpoint_io import (
     SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
+    SDXL_TEXT_PREFIXES,
     UNET_PREFIX,
     VAE_PREFIX,
     Checkpoint,
@@ -50,7 +52,7 @@ from library.models.exact_half_weights import (
 from library.models.family import FAMILIES, SD2, ModelFamily
 from library.shared_options import ModelSettings
 from library.text.conditioning import TextConditioner
-from library.text.tokenizer import load_tokenizer
+from library.text.tokenizer import family_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,14 @@ class SDModel:
     def text_dim(self) -> int:
         return self.text_encoder.config.hidden_size
 
+    @property
+    def text_dims(self) -> dict[str, int]:
+        """Each text encoder's width, by embedding-file key (``{"clip_l": 768, "clip_g": 1280}``)."""
+        return {
+            key: encoder.config.hidden_size
+            for key, encoder in zip(self.family.encoder_keys, self.text_encoders)
+        }
+
     def text_conditioner(self, tokenizers: list | None = None, **options: Any) -> TextConditioner:
         """The family's text conditioning over this model's encoders; ``tokenizers`` replace the
         model's (the trainer's have the new word's tokens); ``options`` as ``TextConditioner``'s."""
@@ -106,14 +116,15 @@ def base_config(family: str) -> dict:
 
 
 def unet_heads(block_out_channels: list[int], family: str) -> int | list[int]:
-    """SD1 UNets use 8 heads everywhere; SD2 uses 64-channel heads (at least one per level)."""
+    """SD1 UNets use 8 heads everywhere; SD2 and SDXL use 64-channel heads (at least one per level)."""
     if family == "sd1":
         return 8
     return [max(1, ch // 64) for ch in block_out_channels]
 
 
-def infer_unet_config(unet_sd: dict[str, torch.Tensor], family: str) -> dict:
-    """A diffusers ``UNet2DConditionModel`` config for the LDM UNet weights ``unet_sd``."""
+def infer_unet_config(unet_sd: dict[str, torch.Tensor], family: str, pooled_width: int = 0) -> dict:
+    """A diffusers ``UNet2DConditionModel`` config for the LDM UNet weights ``unet_sd``;
+    ``pooled_width`` is SDXL's pooled text width (the rest of its added input is the sizes')."""
     conv_in = unet_sd["input_blocks.0.0.weight"]
     block_ids = sorted({int(k.split(".")[1]) for k in unet_sd if k.startswith("input_blocks.")})
     levels: list[list[int]] = [[]]
@@ -126,15 +137,21 @@ def infer_unet_config(unet_sd: dict[str, torch.Tensor], family: str) -> dict:
         int(unet_sd[f"input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0]) for lv in levels
     ]
     has_attention = [f"input_blocks.{lv[0]}.1.proj_in.weight" in unet_sd for lv in levels]
-    depth = [
-        len({k.split(".")[4] for k in unet_sd if k.startswith(f"input_blocks.{lv[0]}.1.transformer_blocks.")})
-        for lv, attn in zip(levels, has_attention)
-        if attn
-    ]
+    depth = [_transformer_depth(unet_sd, f"input_blocks.{lv[0]}.1.") for lv in levels]
+    if not has_attention[-1]:  # diffusers gives the middle block the last level's depth
+        depth[-1] = _transformer_depth(unet_sd, "middle_block.1.")
+    attention_depth = [d for d, attn in zip(depth, has_attention) if attn]
     to_k = next(v for k, v in unet_sd.items() if k.endswith("attn2.to_k.weight"))
     proj_in = next(v for k, v in unet_sd.items() if k.endswith(".proj_in.weight"))
 
     config = base_config(family)["unet"]
+    if "label_emb.0.0.weight" in unet_sd:  # SDXL: pooled text and six size numbers, each embedded
+        added_input = int(unet_sd["label_emb.0.0.weight"].shape[1])
+        config.update(
+            projection_class_embeddings_input_dim=added_input,
+            addition_time_embed_dim=(added_input - pooled_width) // 6,
+        )
+        attention_depth = [max(d, 1) for d in depth]  # one entry per level, attention or not
     config.update(
         in_channels=int(conv_in.shape[1]),
         out_channels=int(unet_sd["out.2.weight"].shape[0]),
@@ -143,11 +160,19 @@ def infer_unet_config(unet_sd: dict[str, torch.Tensor], family: str) -> dict:
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)],
         cross_attention_dim=int(to_k.shape[1]),
-        transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else depth,
+        transformer_layers_per_block=attention_depth[0]
+        if len(set(attention_depth)) == 1
+        else attention_depth,
         use_linear_projection=proj_in.ndim == 2,
         attention_head_dim=unet_heads(block_out_channels, family),
     )
     return config
+
+
+def _transformer_depth(unet_sd: dict[str, torch.Tensor], block: str) -> int:
+    """Transformer layers of the attention block at ``block`` (0 where there is none)."""
+    prefix = block + "transformer_blocks."
+    return len({k[len(prefix) :].split(".")[0] for k in unet_sd if k.startswith(prefix)})
 
 
 def infer_vae_config(vae_sd: dict[str, torch.Tensor], family: str) -> dict:
@@ -174,18 +199,24 @@ def canonical_text_keys(text_sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _keys_for_module(module: torch.nn.Module, text_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers 4 nests CLIPTextModel under ``text_model``; transformers 5 does not."""
+    """transformers 4 nests CLIPTextModel under ``text_model`` (and transformers 5 still nests
+    CLIPTextModelWithProjection); the projection sits beside it."""
     if hasattr(module, "text_model"):
-        return {"text_model." + k: v for k, v in text_sd.items()}
+        return {k if k.startswith("text_projection.") else "text_model." + k: v for k, v in text_sd.items()}
     return text_sd
 
 
-def infer_text_config(text_sd: dict[str, torch.Tensor], family: str) -> CLIPTextConfig:
-    """A ``CLIPTextConfig`` for canonical text encoder weights (see ``canonical_text_keys``)."""
+def infer_text_config(
+    text_sd: dict[str, torch.Tensor], family: str, part: str = "text_encoder"
+) -> CLIPTextConfig:
+    """A ``CLIPTextConfig`` for canonical text encoder weights (see ``canonical_text_keys``);
+    ``part`` names the base config (SDXL's second encoder: ``text_encoder_2``)."""
     token_embedding = text_sd["embeddings.token_embedding.weight"]
     width = int(token_embedding.shape[1])
     layers = len({k.split(".")[2] for k in text_sd if k.startswith("encoder.layers.")})
-    config = base_config(family)["text_encoder"]
+    config = base_config(family)[part]
+    if "text_projection.weight" in text_sd:
+        config["projection_dim"] = int(text_sd["text_projection.weight"].shape[0])
     config.update(
         vocab_size=int(token_embedding.shape[0]),
         hidden_size=width,
@@ -286,8 +317,25 @@ def _sd1_text_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return converted
 
 
+def _sdxl_text_weights(state: dict[str, torch.Tensor], part: int) -> dict[str, torch.Tensor]:
+    """SDXL's encoder ``part`` (0: CLIP ViT-L in transformers names; 1: OpenCLIP bigG, every layer
+    kept and its projection) in canonical diffusers names."""
+    prefix = SDXL_TEXT_PREFIXES[part]
+    if part == 0:
+        converted = canonical_text_keys(strip_prefix(state, prefix))
+    else:
+        width = int(state[prefix + "token_embedding.weight"].shape[1])
+        stand_in = type("StandIn", (), {"config": CLIPTextConfig(hidden_size=width)})()
+        converted = canonical_text_keys(convert_open_clip_checkpoint(stand_in, state, prefix=prefix))
+    converted.pop("embeddings.position_ids", None)
+    return converted
+
+
 def text_family(keys: Iterable[str]) -> str:
-    """``sd2`` for an OpenCLIP text encoder, ``sd1`` for OpenAI CLIP."""
+    """``sdxl`` for SDXL's two encoders, ``sd2`` for an OpenCLIP text encoder, ``sd1`` for OpenAI CLIP."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
     return "sd2" if any(k.startswith(SD2_TEXT_PREFIX + "transformer.") for k in keys) else "sd1"
 
 
@@ -329,11 +377,25 @@ def load_vae_weights(
 # Entry points
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to read a model: ``dtype`` for the text encoders and the UNet, ``vae_dtype`` for the
+    VAE; ``with_vae=False`` reads no VAE; ``exact_half_storage`` keeps frozen layers' exact half
+    weights (``library.models.exact_half_weights``); the rest as the options of the same names."""
+
+    v_parameterization: bool = False
+    tokenizer_cache_dir: str | Path | None = None
+    dtype: torch.dtype = torch.float32
+    vae_dtype: torch.dtype = torch.float32
+    with_vae: bool = True
+    exact_half_storage: bool = False
+
+
 def load_model(
     settings: ModelSettings, dtype: torch.dtype, vae_dtype: torch.dtype | None = None, with_vae: bool = True
 ) -> SDModel:
     """The model the command line names (``ModelSettings``), in ``dtype`` (its VAE in ``vae_dtype``)."""
-    return load_sd_model(
+    model = load_sd_model(
         settings.path,
         v2=settings.v2,
         v_parameterization=settings.v_parameterization,
@@ -344,6 +406,8 @@ def load_model(
         with_vae=with_vae,
         exact_half_storage=settings.exact_half_storage,
     )
+    check_trainer_family(settings, model.family.name)
+    return model
 
 
 def load_model_vae(settings: ModelSettings, dtype: torch.dtype) -> AutoencoderKL:
@@ -354,10 +418,45 @@ def load_model_vae(settings: ModelSettings, dtype: torch.dtype) -> AutoencoderKL
 def load_tokenizers(settings: ModelSettings) -> list:
     """The tokenizers of the model the command line names, before the model itself is read (the
     words are added and the captions checked first): a diffusers folder's own, else the shipped
-    vocabulary with ``--v2``'s padding (corrected by ``set_family_padding`` once the file is read)."""
-    path = Path(settings.path)
-    folder = path if path.is_dir() else None
-    return [load_tokenizer(settings.v2, model_dir=folder, tokenizer_cache_dir=settings.tokenizer_cache_dir)]
+    vocabulary with ``--v2``'s padding (corrected by ``match_padding`` once the file is read).
+    A model of the other trainer's family is refused here, before anything else is read."""
+    path = _existing_model_path(settings.path)
+    family = peek_family(path)
+    if family is not None:
+        check_trainer_family(settings, family)
+    if settings.expect_sdxl:
+        family = "sdxl"
+    elif family != "sdxl":
+        family = "sd2" if settings.v2 else "sd1"
+    return family_tokenizers(family, path if path.is_dir() else None, settings.tokenizer_cache_dir)
+
+
+def peek_family(path: Path) -> str | None:
+    """``sdxl`` or ``sd`` (1.x or 2.x) as far as a cheap look tells: a folder's subfolders, a
+    ``.safetensors`` header's names; None for a ``.ckpt`` (known only once it is read)."""
+    if path.is_dir():
+        return "sdxl" if (path / "text_encoder_2").is_dir() else "sd"
+    if path.suffix.lower() != ".safetensors":
+        return None
+    keys = Checkpoint(path).keys()
+    return "sdxl" if any(k.startswith(SDXL_TEXT_PREFIXES) for k in keys) else "sd"
+
+
+def check_trainer_family(settings: ModelSettings, family: str) -> None:
+    """Each trainer trains its own family (``settings.expect_sdxl``); the other one's model is
+    refused with the name of the script that trains it."""
+    if settings.expect_sdxl is None:
+        return
+    if settings.expect_sdxl and family != "sdxl":
+        raise UserError(
+            f"{settings.path}: an SD 1.x/2.x model, not SDXL; train it with train_textual_inversion.py "
+            "(the same options) and generate without --sdxl, or pass an SDXL model"
+        )
+    if not settings.expect_sdxl and family == "sdxl":
+        raise UserError(
+            f"{settings.path}: an SDXL model; train it with sdxl_train_textual_inversion.py "
+            "(the same options), or pass an SD 1.x/2.x model"
+        )
 
 
 def load_sd_model(
@@ -371,7 +470,7 @@ def load_sd_model(
     with_vae: bool = True,
     exact_half_storage: bool = False,
 ) -> SDModel:
-    """Load tokenizer, text encoder, VAE and UNet (eval mode) from a file or a diffusers folder.
+    """Load tokenizers, text encoders, VAE and UNet (eval mode) from a file or a diffusers folder.
 
     ``v2`` is what the user said (``--v2``); the file decides, and a disagreement is a warning,
     not the silent breakage kohya gives. ``v_parameterization`` cannot be read from SD weights,
@@ -385,16 +484,15 @@ def load_sd_model(
     """
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     path = _existing_model_path(path)
-    load = _load_diffusers_folder if path.is_dir() else _load_single_file
-    model = load(
-        path,
-        v_parameterization,
-        tokenizer_cache_dir,
-        dtype,
-        vae_dtype,
+    options = LoadOptions(
+        v_parameterization=v_parameterization,
+        tokenizer_cache_dir=tokenizer_cache_dir,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
         with_vae=with_vae and vae is None,
         exact_half_storage=exact_half_storage,
     )
+    model = (_load_diffusers_folder if path.is_dir() else _load_single_file)(path, options)
     _warn_on_v2_mismatch(path, v2, model.family.name)
     if with_vae and vae is not None:
         model.vae = load_vae(vae, model.family.name, vae_dtype, exact_half_storage)
@@ -404,7 +502,7 @@ def load_sd_model(
 
 
 def _log_half_storage(model: SDModel) -> None:
-    parts = [part for part in (model.text_encoder, model.unet, model.vae) if part is not None]
+    parts = [part for part in (*model.text_encoders, model.unet, model.vae) if part is not None]
     stored = [
         m for part in parts for m in part.modules() if isinstance(m, HalfStoredConv2d | HalfStoredLinear)
     ]
@@ -470,78 +568,90 @@ def _scheduler_config(family: str, v_parameterization: bool) -> dict:
     return config
 
 
-def _load_single_file(
-    path: Path,
-    v_parameterization: bool,
-    tokenizer_cache_dir,
-    dtype: torch.dtype,
-    vae_dtype: torch.dtype,
-    with_vae: bool = True,
-    exact_half_storage: bool = False,
-) -> SDModel:
+def _load_single_file(path: Path, options: LoadOptions) -> SDModel:
     """One component at a time: its tensors read, converted to diffusers names and cast into the model."""
     checkpoint = Checkpoint(path)
     keys = checkpoint.keys()
     family = _single_file_family(path, keys)
-    text_prefix = SD2_TEXT_PREFIX if family == "sd2" else SD1_TEXT_PREFIX
-    text_state = checkpoint.read(k for k in keys if k.startswith(text_prefix))
-    text_sd = _sd2_text_weights(text_state, path) if family == "sd2" else _sd1_text_weights(text_state)
-    text_state.clear()
-    text_encoder = _build(
-        CLIPTextModel,
-        infer_text_config(text_sd, family),
-        text_sd,
-        "text encoder",
-        path,
-        dtype,
-        exact_half_storage,
-    )
+    text_encoders = _single_file_text_encoders(checkpoint, keys, family, options)
+    pooled_width = text_encoders[-1].config.projection_dim if family == "sdxl" else 0
 
     unet_state = checkpoint.read(k for k in keys if k.startswith(UNET_PREFIX))
-    unet_config = infer_unet_config(strip_prefix(unet_state, UNET_PREFIX), family)
-    if v_parameterization:
+    unet_config = infer_unet_config(strip_prefix(unet_state, UNET_PREFIX), family, pooled_width)
+    if options.v_parameterization and family == "sd2":
         unet_config["sample_size"] = 96
     unet_sd = convert_ldm_unet_checkpoint(unet_state, unet_config)
     unet_state.clear()
-    unet = _build(UNet2DConditionModel, unet_config, unet_sd, "UNet", path, dtype, exact_half_storage)
+    unet = _build(
+        UNet2DConditionModel, unet_config, unet_sd, "UNet", path, options.dtype, options.exact_half_storage
+    )
 
     vae = None
-    if with_vae:
+    if options.with_vae:
         vae = load_vae_weights(
             checkpoint.read(k for k in keys if k.startswith(VAE_PREFIX)),
             family,
             path,
-            vae_dtype,
-            exact_half_storage,
+            options.vae_dtype,
+            options.exact_half_storage,
         )
     return SDModel(
-        tokenizers=[load_tokenizer(family == "sd2", tokenizer_cache_dir=tokenizer_cache_dir)],
-        text_encoders=[text_encoder],
+        tokenizers=family_tokenizers(family, tokenizer_cache_dir=options.tokenizer_cache_dir),
+        text_encoders=text_encoders,
         vae=vae,
         unet=unet,
-        scheduler_config=_scheduler_config(family, v_parameterization),
+        scheduler_config=_scheduler_config(family, options.v_parameterization),
         family=FAMILIES[family],
-        v_parameterization=v_parameterization,
+        v_parameterization=options.v_parameterization,
         name=path.name,
     )
 
 
+def _single_file_text_encoders(
+    checkpoint: Checkpoint, keys: list[str], family: str, options: LoadOptions
+) -> list:
+    """The family's text encoders, each read, converted and cast before the next is read."""
+    path = checkpoint.path
+    if family == "sdxl":
+        parts = ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
+    else:
+        parts = ((CLIPTextModel, "text_encoder"),)
+    encoders = []
+    for index, (model_cls, part) in enumerate(parts):
+        if family == "sdxl":
+            state = checkpoint.read(k for k in keys if k.startswith(SDXL_TEXT_PREFIXES[index]))
+            text_sd = _sdxl_text_weights(state, index)
+        else:
+            prefix = SD2_TEXT_PREFIX if family == "sd2" else SD1_TEXT_PREFIX
+            state = checkpoint.read(k for k in keys if k.startswith(prefix))
+            text_sd = _sd2_text_weights(state, path) if family == "sd2" else _sd1_text_weights(state)
+        state.clear()
+        what = f"text encoder {index + 1}" if len(parts) > 1 else "text encoder"
+        config = infer_text_config(text_sd, family, part)
+        encoders.append(
+            _build(model_cls, config, text_sd, what, path, options.dtype, options.exact_half_storage)
+        )
+    return encoders
+
+
 def _single_file_family(path: Path, keys: list[str]) -> str:
-    """``sd1`` or ``sd2`` for a single-file checkpoint, after checking that it is a whole SD model."""
+    """``sd1``, ``sd2`` or ``sdxl`` for a single-file checkpoint, after checking that it is a whole model."""
     problem = describe_non_sd_file(keys)
     if problem:
         raise UserError(f"{path}: {problem}")
     family = text_family(keys)
+    for number, prefix in enumerate(SDXL_TEXT_PREFIXES if family == "sdxl" else (), start=1):
+        if not any(k.startswith(prefix) for k in keys):
+            raise UserError(
+                f"{path}: an SDXL checkpoint without its text encoder {number} ({prefix}*); the file is "
+                "incomplete or of another architecture"
+            )
     if family == "sd1" and not any(k.startswith(SD1_TEXT_PREFIX) for k in keys):
         raise UserError(f"{path}: no text encoder weights (cond_stage_model.*) in this checkpoint")
     return family
 
 
 def _check_diffusers_folder(path: Path) -> None:
-    if (path / "text_encoder_2").is_dir():
-        raise UserError(
-            f"{path}: an SDXL diffusers folder; SDXL is not supported yet (use an SD 1.x or 2.x model)"
-        )
     if not (path / "unet" / "config.json").is_file():
         raise UserError(
             f"{path}: not a diffusers model folder (no unet/config.json); pass a checkpoint or a folder"
@@ -549,8 +659,11 @@ def _check_diffusers_folder(path: Path) -> None:
 
 
 def _folder_family(path: Path) -> str:
-    """``sd2`` when the text encoder is OpenCLIP's (gelu) or the UNet uses linear projections."""
+    """``sdxl`` with a second text encoder; ``sd2`` when the text encoder is OpenCLIP's (gelu) or
+    the UNet uses linear projections; else ``sd1``."""
     _check_diffusers_folder(path)
+    if (path / "text_encoder_2").is_dir():
+        return "sdxl"
     try:
         unet = json.loads((path / "unet" / "config.json").read_text())
         text = json.loads((path / "text_encoder" / "config.json").read_text())
@@ -574,49 +687,58 @@ def _narrowed_if(exact_half_storage: bool, model: torch.nn.Module, dtype: torch.
     return model
 
 
-def _load_diffusers_folder(
-    path: Path,
-    v_parameterization: bool,
-    tokenizer_cache_dir,
-    dtype: torch.dtype,
-    vae_dtype: torch.dtype,
-    with_vae: bool = True,
-    exact_half_storage: bool = False,
-) -> SDModel:
+FOLDER_TEXT_ENCODERS = {
+    "sd1": (("text_encoder", CLIPTextModel),),
+    "sd2": (("text_encoder", CLIPTextModel),),
+    "sdxl": (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)),
+}
+
+
+def _load_diffusers_folder(path: Path, options: LoadOptions) -> SDModel:
     family = _folder_family(path)
+    dtype = options.dtype
     try:
         # diffusers and transformers build on the meta device and cast each tensor as they read it
         unet = UNet2DConditionModel.from_pretrained(
             path, subfolder="unet", local_files_only=True, torch_dtype=dtype
         )
-        text_encoder = CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", local_files_only=True, torch_dtype=dtype
-        )
+        text_encoders = [
+            model_cls.from_pretrained(path, subfolder=name, local_files_only=True, torch_dtype=dtype)
+            for name, model_cls in FOLDER_TEXT_ENCODERS[family]
+        ]
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{path}: cannot read this diffusers folder ({exc})") from exc
-    unet = _narrowed_if(exact_half_storage, unet.to(dtype), dtype)
-    text_encoder = _narrowed_if(exact_half_storage, text_encoder.to(dtype), dtype)
-    vae = _read_folder_vae(path, vae_dtype, exact_half_storage) if with_vae else None
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    if scheduler_file.is_file():
-        prediction = json.loads(scheduler_file.read_text()).get("prediction_type", "epsilon")
-        if (prediction == "v_prediction") != v_parameterization:
-            logger.warning(
-                "%s: the folder's scheduler says prediction_type=%s; using %s as given by --v_parameterization",
-                path,
-                prediction,
-                "v_prediction" if v_parameterization else "epsilon",
-            )
+    unet = _narrowed_if(options.exact_half_storage, unet.to(dtype), dtype)
+    text_encoders = [
+        _narrowed_if(options.exact_half_storage, encoder.to(dtype), dtype).eval() for encoder in text_encoders
+    ]
+    vae = _read_folder_vae(path, options.vae_dtype, options.exact_half_storage) if options.with_vae else None
+    _warn_on_prediction_type(path, options.v_parameterization)
     return SDModel(
-        tokenizers=[load_tokenizer(family == "sd2", model_dir=path, tokenizer_cache_dir=tokenizer_cache_dir)],
-        text_encoders=[text_encoder.eval()],
+        tokenizers=family_tokenizers(family, model_dir=path, tokenizer_cache_dir=options.tokenizer_cache_dir),
+        text_encoders=text_encoders,
         vae=vae,
         unet=unet.eval(),
-        scheduler_config=_scheduler_config(family, v_parameterization),
+        scheduler_config=_scheduler_config(family, options.v_parameterization),
         family=FAMILIES[family],
-        v_parameterization=v_parameterization,
+        v_parameterization=options.v_parameterization,
         name=path.name,
     )
+
+
+def _warn_on_prediction_type(path: Path, v_parameterization: bool) -> None:
+    """``--v_parameterization`` decides; a folder whose scheduler says otherwise gets a warning."""
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    if not scheduler_file.is_file():
+        return
+    prediction = json.loads(scheduler_file.read_text()).get("prediction_type", "epsilon")
+    if (prediction == "v_prediction") != v_parameterization:
+        logger.warning(
+            "%s: the folder's scheduler says prediction_type=%s; using %s as given by --v_parameterization",
+            path,
+            prediction,
+            "v_prediction" if v_parameterization else "epsilon",
+        )
 
 
 def load_vae(

@@ -91,13 +91,14 @@ def final_layer_norm(text_encoder) -> torch.nn.Module:
 
 
 def encode_prompts(
-    text_encoder, tokenizer, input_ids: torch.Tensor, clip_skip: int | None = None
+    text_encoder, tokenizer, input_ids: torch.Tensor, clip_skip: int | None = None, final_norm: bool = True
 ) -> torch.Tensor:
     """Hidden states for ``input_ids`` ``[batch, chunks, 77]`` -> ``[batch, 77 or 2 + 75 * chunks, dim]``.
 
     ``clip_skip`` k (kohya's meaning) takes the output of the k-th layer from the end and applies
-    the final LayerNorm; k=1 (or None) is the normal last layer. Chunks are encoded as separate
-    77-token prompts and joined by ``join_windows``.
+    the final LayerNorm (not with ``final_norm=False``: SDXL's penultimate states); k=1 (or None)
+    is the normal last layer. Chunks are encoded as separate 77-token prompts and joined by
+    ``join_windows``.
     """
     batch, chunks, length = input_ids.shape
     flat = input_ids.reshape(-1, length).to(text_encoder.device)
@@ -106,13 +107,15 @@ def encode_prompts(
         # on CUDA, unique() waits for the device: at the start of a step, which is idle by then
         windows, where = torch.unique(flat, dim=0, return_inverse=True)
         if len(windows) < len(flat):
-            states = encode_windows(text_encoder, windows, clip_skip)[where]
+            states = encode_windows(text_encoder, windows, clip_skip, final_norm)[where]
     if states is None:
-        states = encode_windows(text_encoder, flat, clip_skip)
+        states = encode_windows(text_encoder, flat, clip_skip, final_norm)
     return join_windows(states.reshape(batch, chunks, length, -1), empty_windows(tokenizer, input_ids))
 
 
-def encode_windows(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+def encode_windows(
+    text_encoder, ids: torch.Tensor, clip_skip: int | None, final_norm: bool = True
+) -> torch.Tensor:
     """Hidden states of 77-token windows ``[n, 77]`` -> ``[n, 77, dim]``, with kohya's ``clip_skip``.
 
     Callers pass each distinct window once. Textual Inversion batches often repeat a caption (a
@@ -122,8 +125,8 @@ def encode_windows(text_encoder, ids: torch.Tensor, clip_skip: int | None) -> to
     """
     if clip_skip is None or clip_skip <= 1:
         return text_encoder(ids)[0]
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states
-    return final_layer_norm(text_encoder)(hidden[-clip_skip])
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    return final_layer_norm(text_encoder)(hidden) if final_norm else hidden
 
 
 def drop_unused_layers(text_encoder, clip_skip: int | None) -> int | None:

@@ -1,7 +1,7 @@
 """The CLIP tokenizer, offline.
 
-SD 1.x and 2.x use the same CLIP BPE vocabulary; SD 2.x pads with ``!`` (id 0) instead of the
-end-of-text token. The vocabulary ships in ``library/text/clip_tokenizer/`` (see
+SD 1.x, 2.x and SDXL use the same CLIP BPE vocabulary; SD 2.x and SDXL's second tokenizer pad
+with ``!`` (id 0) instead of the end-of-text token. The vocabulary ships in ``library/text/clip_tokenizer/`` (see
 ``tools/make_clip_vocab.py``), so nothing is fetched from the Hugging Face hub. A diffusers
 folder's own ``tokenizer/`` wins over the shipped copy; ``--tokenizer_cache_dir`` keeps kohya's
 folder layout (``openai_clip-vit-large-patch14`` / ``stabilityai_stable-diffusion-2``) so that a
@@ -25,6 +25,7 @@ MODEL_MAX_LENGTH = 77  # a CLIP window: BOS, up to CHUNK_TOKENS tokens, EOS
 CHUNK_TOKENS = MODEL_MAX_LENGTH - 2  # the text a window holds; prompts and embeddings count against it
 # the names kohya uses for its tokenizer cache folders (hub id with "/" replaced by "_")
 KOHYA_CACHE_NAMES = {False: "openai_clip-vit-large-patch14", True: "stabilityai_stable-diffusion-2"}
+SDXL_SECOND_CACHE_NAME = "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"
 
 
 def shipped_tokenizer(v2: bool) -> CLIPTokenizer:
@@ -52,18 +53,37 @@ def _from_folder(folder: Path) -> CLIPTokenizer:
         ) from exc
 
 
-def load_tokenizer(
-    v2: bool, model_dir: str | Path | None = None, tokenizer_cache_dir: str | Path | None = None
-) -> CLIPTokenizer:
-    """The tokenizer for a model: its own ``tokenizer/`` folder, else the cache, else the shipped copy.
+def family_tokenizers(
+    family: str, model_dir: str | Path | None = None, tokenizer_cache_dir: str | Path | None = None
+) -> list[CLIPTokenizer]:
+    """The tokenizers of a model of ``family`` (``sd1``, ``sd2``: one; ``sdxl``: two, the second
+    padding with ``!`` as OpenCLIP does), each from the model's folder, the cache or the shipped copy."""
+    if family != "sdxl":
+        return [load_tokenizer(family == "sd2", model_dir, tokenizer_cache_dir)]
+    second = load_tokenizer(
+        False, model_dir, tokenizer_cache_dir, subfolder="tokenizer_2", cache_name=SDXL_SECOND_CACHE_NAME
+    )
+    set_family_padding(second, "sd2")
+    return [load_tokenizer(False, model_dir, tokenizer_cache_dir), second]
 
-    With ``tokenizer_cache_dir`` and no cached copy yet, the shipped tokenizer is written there,
-    as kohya does after its first (online) load.
+
+def load_tokenizer(
+    v2: bool,
+    model_dir: str | Path | None = None,
+    tokenizer_cache_dir: str | Path | None = None,
+    subfolder: str = "tokenizer",
+    cache_name: str | None = None,
+) -> CLIPTokenizer:
+    """The tokenizer for a model: its own ``subfolder``, else the cache, else the shipped copy.
+
+    With ``tokenizer_cache_dir`` and no cached copy yet, the shipped tokenizer is written there
+    (as ``cache_name``, by default kohya's name for the family), as kohya does after its first
+    (online) load.
     """
-    if model_dir is not None and _has_tokenizer(Path(model_dir) / "tokenizer"):
-        tokenizer = _from_folder(Path(model_dir) / "tokenizer")
+    if model_dir is not None and _has_tokenizer(Path(model_dir) / subfolder):
+        tokenizer = _from_folder(Path(model_dir) / subfolder)
     elif tokenizer_cache_dir is not None:
-        cached = Path(tokenizer_cache_dir) / KOHYA_CACHE_NAMES[v2]
+        cached = Path(tokenizer_cache_dir) / (cache_name or KOHYA_CACHE_NAMES[v2])
         if _has_tokenizer(cached):
             tokenizer = _from_folder(cached)
         else:
@@ -77,6 +97,14 @@ def load_tokenizer(
         tokenizer = shipped_tokenizer(v2)
     tokenizer.model_max_length = MODEL_MAX_LENGTH
     return tokenizer
+
+
+def match_padding(tokenizers: list[CLIPTokenizer], model_tokenizers: list[CLIPTokenizer]) -> None:
+    """Give tokenizers made before the model was read (``--v2`` decided their padding) the padding
+    of the model's own, once the file has said which family it is."""
+    for tokenizer, model_tokenizer in zip(tokenizers, model_tokenizers):
+        if tokenizer.pad_token != model_tokenizer.pad_token:
+            tokenizer.pad_token = model_tokenizer.pad_token
 
 
 def set_family_padding(tokenizer: CLIPTokenizer, family: str) -> None:

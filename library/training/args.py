@@ -47,16 +47,22 @@ from library.training.validation import ValidationSettings
 logger = logging.getLogger(__name__)
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def _model_arguments(parser: argparse.ArgumentParser, sdxl: bool) -> None:
     add_model_options(
         parser,
         "--pretrained_model_name_or_path",
-        "SD 1.x/2.x checkpoint (.safetensors/.ckpt) or diffusers folder",
+        f"{'SDXL' if sdxl else 'SD 1.x/2.x'} checkpoint (.safetensors/.ckpt) or diffusers folder",
     )
     g = parser.add_argument_group("model (trainer)")
     g.add_argument("--fp8_base", action="store_true", help="refused: needs fp8 CUDA kernels")
     g.add_argument("--lowram", action="store_true", help="kohya memory hint; no effect here (logged)")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 under mixed precision")
+    if sdxl:
+        g.add_argument(
+            "--disable_mmap_load_safetensors",
+            action="store_true",
+            help="kohya's option; models are always read without a memory map here (logged)",
+        )
 
 
 def _textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -304,12 +310,14 @@ def _logging_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
+    """The trainer's options; ``sdxl``: those of ``sdxl_train_textual_inversion.py`` (kohya adds one)."""
     parser = argparse.ArgumentParser(
-        prog="train_textual_inversion.py",
-        description="Train a Textual Inversion embedding for Stable Diffusion 1.x/2.x (kohya-compatible).",
+        prog="sdxl_train_textual_inversion.py" if sdxl else "train_textual_inversion.py",
+        description=f"Train a Textual Inversion embedding for {'SDXL' if sdxl else 'Stable Diffusion 1.x/2.x'} "
+        "(kohya-compatible).",
     )
-    _model_arguments(parser)
+    _model_arguments(parser, sdxl)
     _textual_inversion_arguments(parser)
     add_dataset_arguments(parser)
     _training_arguments(parser)
@@ -343,9 +351,9 @@ def _flatten(table: dict, path: Path) -> dict:
     return flat
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, sdxl: bool = False) -> argparse.Namespace:
     """Parse the command line over ``--config_file`` values; handle ``--output_config``."""
-    parser = build_parser()
+    parser = build_parser(sdxl)
     args = parser.parse_args(argv)
     if args.output_config:
         write_config(args)
@@ -422,9 +430,9 @@ REFUSED_OPTIONS = {  # name: why (each option's default is its declaration's)
 NO_EFFECT_OPTIONS = ("lowram", "ddp_gradient_as_bucket_view", "ddp_static_graph")
 
 
-def refuse_unsupported(args: argparse.Namespace) -> None:
+def refuse_unsupported(args: argparse.Namespace, sdxl: bool = False) -> None:
     """One clear line for each kohya option this trainer cannot honour; info for no-op hints."""
-    refuse_options(args, build_parser(), REFUSED_OPTIONS)
+    refuse_options(args, build_parser(sdxl), REFUSED_OPTIONS)
     for name in NO_EFFECT_OPTIONS:
         if getattr(args, name):
             logger.info(
@@ -432,6 +440,19 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
                 "so there is no large model to place or to wrap in DDP",
                 name,
             )
+    if sdxl:
+        if args.v2 or args.v_parameterization:
+            raise UserError(
+                f"--{'v2' if args.v2 else 'v_parameterization'}: an SD 2.x option; SDXL models are "
+                "recognised from the file, remove it"
+            )
+        if args.clip_skip is not None:
+            raise UserError(
+                "--clip_skip: SDXL models are always conditioned on the penultimate layer of both text "
+                "encoders (kohya ignores the option with a warning); remove --clip_skip"
+            )
+        if getattr(args, "disable_mmap_load_safetensors", False):
+            logger.info("--disable_mmap_load_safetensors: models are always read without a memory map here")
 
 
 def check_settings(settings: RunSettings) -> None:
@@ -558,8 +579,9 @@ class RunSettings:
     options: dict = field(repr=False)  # every option as given: what --log_config records (no secrets)
 
 
-def run_settings(args: argparse.Namespace) -> RunSettings:
-    """Every concern's settings from the parsed options; each checks itself as it is built."""
+def run_settings(args: argparse.Namespace, sdxl: bool = False) -> RunSettings:
+    """Every concern's settings from the parsed options; each checks itself as it is built.
+    ``sdxl``: the SDXL trainer's (an SDXL model only, buckets in steps of 32 like kohya's)."""
     return RunSettings(
         # torch.compile keeps tensors that the shared buffer of half-stored weights would overwrite
         model=settings_from(
@@ -567,9 +589,10 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
             args,
             path=args.pretrained_model_name_or_path,
             highvram=args.highvram or args.torch_compile,
+            expect_sdxl=sdxl,
         ),
         word=settings_from(WordSettings, args),
-        data=settings_from(DataOptions, args),
+        data=settings_from(DataOptions, args, bucket_reso_multiple=32 if sdxl else 64),
         noise=settings_from(NoiseSettings, args),
         loss=settings_from(LossSettings, args),
         optimizer=settings_from(OptimizerSettings, args),
@@ -585,12 +608,12 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
     )
 
 
-def settings_from_command_line(argv: list[str] | None = None) -> RunSettings:
+def settings_from_command_line(argv: list[str] | None = None, sdxl: bool = False) -> RunSettings:
     """The command line (and ``--config_file``) as settings, checked; console logging is set up first,
-    so that what the checks say reaches the user's log."""
-    args = parse_args(argv)
+    so that what the checks say reaches the user's log. ``sdxl``: the SDXL trainer's command line."""
+    args = parse_args(argv, sdxl)
     setup_console_logging(settings_from(ConsoleSettings, args))
-    refuse_unsupported(args)
-    settings = run_settings(args)
+    refuse_unsupported(args, sdxl)
+    settings = run_settings(args, sdxl)
     check_settings(settings)
     return settings

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.embeddings.formats import load_embedding_file
+from library.embeddings.formats import load_embedding_file, rows_for_model
 from library.errors import UserError
 from library.text.tokenizer import CHUNK_TOKENS
 from library.text.tokens import add_word_tokens, placeholder_names, taken_names
@@ -148,20 +148,21 @@ def initial_vectors(
 def continued_vectors(
     path: str, tables: dict[str, torch.Tensor], num_vectors: int, family
 ) -> dict[str, torch.Tensor]:
-    """``--weights``: an embedding file's rows, checked against the model and ``--num_vectors_per_token``."""
+    """``--weights``: an embedding file's rows for each text encoder, checked against the model
+    (family, widths) and ``--num_vectors_per_token``."""
     loaded = load_embedding_file(path)
-    (key, table), *_ = tables.items()
-    if loaded.vectors.shape[1] != table.shape[1]:
+    widths = {key: int(table.shape[1]) for key, table in tables.items()}
+    try:
+        rows = rows_for_model(loaded, widths, family.name, path)
+    except UserError as exc:
+        raise UserError(f"--weights {exc}") from None
+    found = next(iter(rows.values())).shape[0]
+    if found != num_vectors:
         raise UserError(
-            f"--weights {path}: vectors of dimension {loaded.vectors.shape[1]}, but this "
-            f"{family.name.upper()} model's text encoder uses {table.shape[1]}"
+            f"--weights {path}: {found} vectors, but --num_vectors_per_token is "
+            f"{num_vectors}; use --num_vectors_per_token {found}"
         )
-    if loaded.vectors.shape[0] != num_vectors:
-        raise UserError(
-            f"--weights {path}: {loaded.vectors.shape[0]} vectors, but --num_vectors_per_token is "
-            f"{num_vectors}; use --num_vectors_per_token {loaded.vectors.shape[0]}"
-        )
-    return {key: loaded.vectors.float()}
+    return {key: vectors.float() for key, vectors in rows.items()}
 
 
 def random_vectors(token_embedding: torch.Tensor, num_vectors: int, seed: int) -> torch.Tensor:

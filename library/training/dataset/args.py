@@ -77,6 +77,7 @@ class DataOptions:
     persistent_data_loader_workers: bool = False
     validation_split: float = 0.0
     validation_seed: int | None = None
+    bucket_reso_multiple: int = 64  # not an option: set by the program (SDXL's trainer: 32, as kohya's)
 
 
 def _default(name: str) -> Any:

@@ -141,6 +141,28 @@ def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> 
     return (left, top, left + fitted_width, top + fitted_height)
 
 
+def size_conditioning(
+    bucket: tuple[int, int], original: tuple[int, int], bucketed: bool, flipped: bool
+) -> tuple[int, int, int, int, int, int]:
+    """SDXL's six size numbers of one picture, as kohya's SDXL trainers give them to the UNet:
+    original height and width, crop top and left, target (bucket) height and width.
+
+    With buckets the original is the file's size and the crop is ``kohya_crop_ltrb``'s box; a
+    flipped picture's crop left is measured from the right (``target width - box right``). Without
+    buckets the original is the cropped picture itself and the box is empty, so a flipped one gets
+    crop left = target width: kohya's numbers, kept so that the same data conditions alike.
+    """
+    target_w, target_h = bucket
+    if bucketed:
+        original_w, original_h = original
+        left, top, right, _ = kohya_crop_ltrb(bucket, original)
+    else:
+        original_w, original_h, left, top, right = target_w, target_h, 0, 0, 0
+    if flipped:
+        left = target_w - right
+    return (int(original_h), int(original_w), int(top), int(left), int(target_h), int(target_w))
+
+
 def check_bucket_settings(
     source: str,
     resolution: tuple[int, int],
@@ -148,17 +170,20 @@ def check_bucket_settings(
     min_bucket_reso: int,
     max_bucket_reso: int,
     bucket_reso_steps: int,
+    reso_multiple: int = 64,
 ) -> None:
-    """kohya's checks on resolution and bucket options, as one-line errors."""
+    """kohya's checks on resolution and bucket options, as one-line errors; bucket sides are
+    multiples of ``reso_multiple`` (64, SDXL's trainers: 32)."""
     if resolution[0] % 8 or resolution[1] % 8:
         raise UserError(
             f"{source}: resolution {resolution[0]}x{resolution[1]} must be a multiple of 8 (VAE stride)"
         )
     if not enable_bucket:
         return
-    if bucket_reso_steps <= 0 or bucket_reso_steps % 64:
+    if bucket_reso_steps <= 0 or bucket_reso_steps % reso_multiple:
         raise UserError(
-            f"{source}: bucket_reso_steps is {bucket_reso_steps}; Stable Diffusion needs a multiple of 64"
+            f"{source}: bucket_reso_steps is {bucket_reso_steps}; this model family needs a multiple of "
+            f"{reso_multiple}"
         )
     if min(resolution) < min_bucket_reso:
         raise UserError(
@@ -216,9 +241,12 @@ def plan_epoch(
 # each image's bucket
 
 
-def assign_buckets(params: DatasetParams, records: list[ImageRecord]) -> DatasetParams:
+def assign_buckets(
+    params: DatasetParams, records: list[ImageRecord], reso_multiple: int = 64
+) -> DatasetParams:
     """Each record's bucket and resized size (kohya's rules); returns the dataset's parameters, with
-    bucketing switched on when the metadata fixes the buckets (``train_resolution``)."""
+    bucketing switched on when the metadata fixes the buckets (``train_resolution``).
+    ``reso_multiple``: what ``bucket_reso_steps`` must be a multiple of (SDXL: 32)."""
     if params.is_finetune and all(r.fixed_bucket is not None for r in records):
         if params.bucket_no_upscale:
             raise UserError(
@@ -243,6 +271,7 @@ def assign_buckets(params: DatasetParams, records: list[ImageRecord]) -> Dataset
         params.min_bucket_reso,
         params.max_bucket_reso,
         params.bucket_reso_steps,
+        reso_multiple,
     )
     if params.enable_bucket and params.bucket_no_upscale:
         logger.info(

@@ -50,7 +50,7 @@ def build_train_dataset(
         train_parts.append((params, train))
         if held_out:
             held_out_parts.append((params, held_out))
-    parts, records = _bucketed(train_parts)
+    parts, records = _bucketed(train_parts, options.bucket_reso_multiple)
     if not records:
         raise UserError(
             "no training images were found; check --train_data_dir / --in_json / --dataset_config"
@@ -71,7 +71,7 @@ def build_train_dataset(
     if options.cache_latents or options.cache_latents_to_disk:
         dataset.check_cacheable()  # before the model loads
     if held_out_parts:
-        val_parts, val_records = _bucketed(held_out_parts, repeats=False)
+        val_parts, val_records = _bucketed(held_out_parts, options.bucket_reso_multiple, repeats=False)
         dataset.validation = TrainDataset(
             val_parts,
             val_records,
@@ -112,13 +112,13 @@ def split_for_validation(
 
 
 def _bucketed(
-    parts_records: list[tuple[DatasetParams, list[ImageRecord]]], repeats: bool = True
+    parts_records: list[tuple[DatasetParams, list[ImageRecord]]], reso_multiple: int, repeats: bool = True
 ) -> tuple[list[DatasetPart], list[ImageRecord]]:
     """Parts with their buckets of record indices (each record ``num_repeats`` times, or once)."""
     parts: list[DatasetPart] = []
     records: list[ImageRecord] = []
     for params, found in parts_records:
-        part = DatasetPart(assign_buckets(params, found))
+        part = DatasetPart(assign_buckets(params, found, reso_multiple))
         for record in found:
             record.extra["part"] = len(parts)
             index = len(records)

@@ -42,7 +42,7 @@ from library.training.dataset.augment import (
     item_rng,
     should_flip,
 )
-from library.training.dataset.buckets import PlannedBatch, plan_epoch
+from library.training.dataset.buckets import PlannedBatch, plan_epoch, size_conditioning
 from library.training.dataset.captions import CaptionSettings, TokenCaptionRule, process_caption
 from library.training.dataset.config import DatasetParams
 from library.training.dataset.images import load_image, load_mask_image, resize_array
@@ -77,6 +77,7 @@ class Item:
     crop: tuple[int, int, int, int] | None  # (left, top, right, bottom) in the resized image
     flipped: bool
     pixels: np.ndarray | None = None  # uint8 HxWx3 after augmentation (debug only)
+    sizes: tuple[int, ...] = ()  # SDXL's size conditioning (``buckets.size_conditioning``)
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -203,6 +204,7 @@ class TrainDataset(torch.utils.data.Dataset):
             "keys": [item.key for item in items],
             "bucket_reso": items[0].bucket,
             "flipped": [item.flipped for item in items],
+            "sizes": torch.tensor([item.sizes for item in items], dtype=torch.float32),
         }
 
     def caption_for(self, record: ImageRecord, epoch: int, batch_index: int, position: int) -> str:
@@ -252,10 +254,22 @@ class TrainDataset(torch.utils.data.Dataset):
         )
         caption = self.caption_for(record, epoch, batch_index, position)
         weight = self.prior_loss_weight if record.is_reg else 1.0
+        bucketed = self.parts[self._part_of(record)].params.enable_bucket
+        sizes = size_conditioning(record.bucket, record.size, bucketed, flipped)
         if use_cache and (record.latents is not None or record.npz_path is not None):
             latents, mask = self._cached_latents(record, flipped)
             return Item(
-                record.key, caption, weight, None, latents, mask, record.bucket, record.resized, None, flipped
+                record.key,
+                caption,
+                weight,
+                None,
+                latents,
+                mask,
+                record.bucket,
+                record.resized,
+                None,
+                flipped,
+                sizes=sizes,
             )
         rgb, mask, resized, crop = self.prepare_pixels(record, epoch, batch_index, position, augment=True)
         if subset.color_aug:
@@ -282,6 +296,7 @@ class TrainDataset(torch.utils.data.Dataset):
             crop,
             flipped,
             pixels=np.ascontiguousarray(rgb) if keep_pixels else None,
+            sizes=sizes,
         )
 
     def prepare_pixels(
