@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format demo bench bench-memory clean
+.PHONY: setup test lint format demo demo-sdxl bench bench-memory clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ test: setup lint
 demo: setup
 	$(PY) -m tools.demo
 
+demo-sdxl: setup  # the same demo on the SDXL-layout model with sdxl_train_textual_inversion.py
+	$(PY) -m tools.demo --sdxl
+
 bench: setup
 	$(PY) -m bench.bench
 
@@ -38,4 +41,4 @@ bench-memory: setup  # the trainer's peak RSS alone, on the issue-15 command
 	$(PY) -m bench.trainer_memory
 
 clean:
-	rm -rf .cache demo_output bench/results
+	rm -rf .cache demo_output demo_output_sdxl bench/results

@@ -49,6 +49,16 @@ def test_every_layout_loads_the_same_weights(tiny_sdxl, layout):
     assert [t.pad_token for t in model.tokenizers] == ["<|endoftext|>", "!"]
 
 
+def test_vae_replaces_the_sdxl_vae_with_sdxls_latent_scale(tiny_sdxl):
+    """``--vae`` as a folder or a file; either way the VAE keeps SDXL's latent scale (0.13025)."""
+    for vae in (
+        tiny_sdxl / "diffusers" / "vae",
+        tiny_sdxl / "diffusers" / "vae" / "diffusion_pytorch_model.safetensors",
+    ):
+        model = load_sd_model(tiny_sdxl / "model.safetensors", vae=vae)
+        assert model.vae.config.scaling_factor == pytest.approx(0.13025)
+
+
 def test_prompts_condition_the_unet_as_diffusers_sdxl_pipeline_does(tiny_sdxl):
     """Both encoders' penultimate states side by side and the second's pooled output, as
     ``StableDiffusionXLPipeline.encode_prompt`` makes them from the same folder."""

@@ -37,6 +37,7 @@ from tools import shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES_MODEL = ROOT / "models" / "shapes-sd1.safetensors"
+SHAPES_SDXL_MODEL = ROOT / "models" / "shapes-sdxl.safetensors"
 
 # how every evaluation renders: fixed, so numbers compare across runs and embeddings
 SAMPLER = "ddim"

@@ -9,11 +9,14 @@
    the learned word in two colours), one column per seed;
 4. judges the embedding with ``tools/concept_eval.py`` and prints its line.
 
-Everything goes to ``demo_output/`` (git-ignored). Run ``python -m tools.demo``.
+Everything goes to ``demo_output/`` (git-ignored). Run ``python -m tools.demo``; with ``--sdxl``
+(``make demo-sdxl``) the same demo runs on the SDXL-layout model with
+``sdxl_train_textual_inversion.py`` into ``demo_output_sdxl/``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -24,32 +27,44 @@ import numpy as np
 from PIL import Image
 
 from tools import shapes
-from tools.concept_eval import SHAPES_MODEL, evaluate_embedding, generate
+from tools.concept_eval import SHAPES_MODEL, SHAPES_SDXL_MODEL, evaluate_embedding, generate
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "demo_output"
 WORD = "myshape"
 PICTURES = 8
 SEED = 1
 
-# the training command, as a kohya user would write it (paths relative to the repository)
-TRAIN_OPTIONS = [
-    f"--pretrained_model_name_or_path={SHAPES_MODEL.relative_to(ROOT)}",
-    f"--train_data_dir={(OUT / 'data').relative_to(ROOT)}",
-    f"--output_dir={(OUT / 'ti').relative_to(ROOT)}",
-    "--resolution=64",
-    "--train_batch_size=8",
-    "--learning_rate=5e-3",
-    "--max_train_steps=150",
-    "--save_model_as=safetensors",
-    "--caption_extension=.txt",
-    "--cache_latents",
-    f"--seed={SEED}",
-    f"--token_string={WORD}",
-    f"--init_word={shapes.GENERIC_WORD}",
-    "--num_vectors_per_token=1",
-    "--max_data_loader_n_workers=0",
-]
+
+class Demo:
+    """Where one demo reads and writes: the model, the trainer script, the output folder."""
+
+    def __init__(self, sdxl: bool):
+        self.model = SHAPES_SDXL_MODEL if sdxl else SHAPES_MODEL
+        self.script = "sdxl_train_textual_inversion.py" if sdxl else "train_textual_inversion.py"
+        self.out = ROOT / ("demo_output_sdxl" if sdxl else "demo_output")
+
+    def train_options(self) -> list[str]:
+        """The training command, as a kohya user would write it (paths relative to the repository)."""
+        return [
+            f"--pretrained_model_name_or_path={self.model.relative_to(ROOT)}",
+            f"--train_data_dir={(self.out / 'data').relative_to(ROOT)}",
+            f"--output_dir={(self.out / 'ti').relative_to(ROOT)}",
+            "--resolution=64",
+            "--train_batch_size=8",
+            "--learning_rate=5e-3",
+            "--max_train_steps=150",
+            "--save_model_as=safetensors",
+            "--caption_extension=.txt",
+            "--cache_latents",
+            f"--seed={SEED}",
+            f"--token_string={WORD}",
+            f"--init_word={shapes.GENERIC_WORD}",
+            "--num_vectors_per_token=1",
+            "--max_data_loader_n_workers=0",
+        ]
+
+
+TRAIN_OPTIONS = Demo(sdxl=False).train_options()  # the SD 1.x demo's command (bench/quality.py varies it)
 GRID_ROWS = [f"a {shapes.GENERIC_WORD}", f"a {WORD}", f"a blue {WORD}", f"a yellow {WORD}"]
 GRID_SEEDS = list(range(8))
 
@@ -66,10 +81,11 @@ def draw_training_pictures(folder: Path, count: int = PICTURES, seed: int = SEED
         (folder / f"{i:02d}.txt").write_text(f"a {color} {WORD}")
 
 
-def train() -> float:
+def train(demo: Demo) -> float:
     """Run the trainer CLI; returns its wall time in seconds."""
-    command = [sys.executable, "train_textual_inversion.py", *TRAIN_OPTIONS]
-    print("$ python train_textual_inversion.py " + " \\\n    ".join(TRAIN_OPTIONS), flush=True)
+    options = demo.train_options()
+    command = [sys.executable, demo.script, *options]
+    print(f"$ python {demo.script} " + " \\\n    ".join(options), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.time()
     subprocess.run(command, check=True, cwd=ROOT, env=env)
@@ -85,24 +101,28 @@ def save_grid(rows: list[list[Image.Image]], path: Path, scale: int = 2) -> None
     grid.save(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import shutil
 
-    shutil.rmtree(OUT, ignore_errors=True)
-    draw_training_pictures(OUT / "data" / f"1_{WORD}")
-    seconds = train()
-    embedding = OUT / "ti" / f"{WORD}.safetensors"
+    parser = argparse.ArgumentParser(description="Teach the small real model a concept and judge it.")
+    parser.add_argument("--sdxl", action="store_true", help="the SDXL-layout model and trainer")
+    demo = Demo(parser.parse_args(argv).sdxl)
+    shutil.rmtree(demo.out, ignore_errors=True)
+    draw_training_pictures(demo.out / "data" / f"1_{WORD}")
+    seconds = train(demo)
+    embedding = demo.out / "ti" / f"{WORD}.safetensors"
 
     from library.embeddings.install import install_embeddings
     from library.models.loading import load_sd_model
 
-    model = load_sd_model(SHAPES_MODEL)
+    model = load_sd_model(demo.model)
     installed = install_embeddings(model, [embedding])
     rows = [generate(model, [prompt] * len(GRID_SEEDS), GRID_SEEDS, installed) for prompt in GRID_ROWS]
-    save_grid(rows, OUT / "grid.png")
-    print(f"\ngrid: {(OUT / 'grid.png').relative_to(ROOT)} (rows: {'; '.join(GRID_ROWS)})", flush=True)
+    save_grid(rows, demo.out / "grid.png")
+    grid = (demo.out / "grid.png").relative_to(ROOT)
+    print(f"\ngrid: {grid} (rows: {'; '.join(GRID_ROWS)})", flush=True)
 
-    report, _, _ = evaluate_embedding(SHAPES_MODEL, embedding, WORD)
+    report, _, _ = evaluate_embedding(demo.model, embedding, WORD)
     print(report.line(seconds), flush=True)
 
 

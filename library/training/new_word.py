@@ -96,12 +96,18 @@ def init_token_plan(k: int, num_vectors: int, mode: str) -> list[list[int]]:
 
 
 def init_word_vectors(
-    tokenizer, token_embedding: torch.Tensor, init_word: str, num_vectors: int, mode: str = "cycle"
+    tokenizer,
+    token_embedding: torch.Tensor,
+    init_word: str,
+    num_vectors: int,
+    mode: str = "cycle",
+    announce: bool = True,
 ) -> torch.Tensor:
     """Start vectors from ``--init_word`` laid over the vectors by ``mode`` (``init_token_plan``).
 
     As kohya does, a phrase whose token count is neither 1 nor the number of vectors gets a
-    warning (its tokens are repeated or cut); a log line shows which token went where.
+    warning (its tokens are repeated or cut); a log line shows which token went where (once per
+    run: ``announce`` is off for a family's second encoder, whose tokens are the same).
     """
     ids = tokenizer(init_word, add_special_tokens=False).input_ids
     if not ids:
@@ -110,7 +116,7 @@ def init_word_vectors(
     rows = token_embedding[torch.tensor(ids)].float()
     k = len(ids)
     plan = init_token_plan(k, num_vectors, mode)
-    if k > 1 and k != num_vectors and mode != "mean":
+    if announce and k > 1 and k != num_vectors and mode != "mean":
         logger.warning(
             "--init_word %r has %d tokens but --num_vectors_per_token is %d: the init words are %s "
             "(--init_word_mode %s)",
@@ -120,7 +126,7 @@ def init_word_vectors(
             "repeated" if k < num_vectors else "truncated",
             mode,
         )
-    if k > 1 or num_vectors > 1:
+    if announce and (k > 1 or num_vectors > 1):
         logger.info(
             "--init_word %r: %s",
             init_word,
@@ -138,8 +144,10 @@ def initial_vectors(
         return continued_vectors(word.weights, tables, num_vectors, family)
     if word.init_word:
         return {
-            key: init_word_vectors(tokenizer, table, word.init_word, num_vectors, word.init_word_mode)
-            for key, table in tables.items()
+            key: init_word_vectors(
+                tokenizer, table, word.init_word, num_vectors, word.init_word_mode, announce=index == 0
+            )
+            for index, (key, table) in enumerate(tables.items())
         }
     logger.info("no --init_word: starting from random vectors with the vocabulary's mean norm")
     return {key: random_vectors(table, num_vectors, seed) for key, table in tables.items()}
