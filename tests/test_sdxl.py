@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import common, error_line, picture_folder, run_train
+from cli_helpers import common, picture_folder, run_train
 from client_rules import SDXL_CLIENTS, NotLoaded
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -307,14 +307,15 @@ def test_files_of_the_other_family_or_swapped_parts_are_refused_naming_both(tmp_
 
 
 def test_each_trainer_points_to_the_other_for_the_other_family(data, tiny_sdxl, tiny_sd1, tmp_path):
-    line = error_line(
-        run_train(*common(data, tmp_path / "a", tiny_sdxl / "model.safetensors", *TRAIN), check=False)
-    )
-    assert "an SDXL model; train it with sdxl_train_textual_inversion.py" in line
-    line = error_line(
-        run_train(*common(data, tmp_path / "b", tiny_sd1 / "diffusers", *TRAIN), check=False, sdxl=True)
-    )
-    assert "an SD 1.x/2.x model, not SDXL; train it with train_textual_inversion.py" in line
+    """Before the data is read (the options and a look at the file decide)."""
+    import train_textual_inversion
+
+    with pytest.raises(UserError, match="an SDXL model; train it with sdxl_train_textual_inversion.py"):
+        train_textual_inversion.main(common(data, tmp_path / "a", tiny_sdxl / "model.safetensors", *TRAIN))
+    with pytest.raises(
+        UserError, match="an SD 1.x/2.x model, not SDXL; train it with train_textual_inversion.py"
+    ):
+        train_textual_inversion.main(common(data, tmp_path / "b", tiny_sd1 / "diffusers", *TRAIN), sdxl=True)
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from cli_helpers import ROOT, common, error_line, make_images, picture_folder, run_train
 from safetensors.torch import load_file
 from webui_rules import assert_webui_loadable
 
 from library.embeddings.formats import load_embedding_file, save_embedding
+from library.errors import UserError
 from library.host_memory import glibc_version
 
 char_data = picture_folder(3, repeats=2)  # kohya DreamBooth layout: <repeats>_<class tokens> folders
@@ -303,19 +305,25 @@ def test_debug_dataset_shows_new_token_ids_without_training(char_data, tiny_sd1,
 def test_output_config_then_config_file(char_data, tiny_sd1, tmp_path):
     config = tmp_path / "run.toml"
     out = tmp_path / "o"
-    run_train(
-        *common(char_data, out, tiny_sd1 / "model.safetensors"),
-        "--token_string=mychar4",
-        "--max_train_steps=1",
-        "--output_name=fromconfig",
-        f"--config_file={config}",
-        "--output_config",
-    )
-    assert config.is_file() and not out.exists()
+    from library.training.args import parse_args
+
+    with pytest.raises(SystemExit) as written:  # kohya: --output_config writes the file and stops
+        parse_args(
+            [
+                *common(char_data, out, tiny_sd1 / "model.safetensors"),
+                "--token_string=mychar4",
+                "--max_train_steps=1",
+                "--output_name=fromconfig",
+                f"--config_file={config}",
+                "--output_config",
+            ]
+        )
+    assert written.value.code == 0 and config.is_file() and not out.exists()
     run_train(f"--config_file={config}")
     assert (out / "fromconfig.pt").is_file()
     config.write_text(config.read_text() + "\nlearning_rat = 0.1\n")
-    assert "learning_rat" in error_line(run_train(f"--config_file={config}", check=False))
+    with pytest.raises(UserError, match="learning_rat"):
+        parse_args([f"--config_file={config}"])
 
 
 def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):
