@@ -119,12 +119,13 @@ TRAIN = [
 
 @pytest.fixture(scope="module")
 def sdxl_run(data, tiny_sdxl, tmp_path_factory):
-    """One SDXL run: 4 steps, saves and states every 2, a sample picture at the end."""
+    """One SDXL run on the fp16 file (its frozen layers stay in exact half precision): 4 steps,
+    saves and states every 2, a sample picture at the end."""
     out = tmp_path_factory.mktemp("sdxl-run")
     prompts = out.parent / f"{out.name}-prompts.txt"
     prompts.write_text("mychar4 --w 64 --h 64 --s 2 --d 3 --ow 128 --ct 8\n")
     result = run_train(
-        *common(data, out, tiny_sdxl / "model.safetensors", *TRAIN),
+        *common(data, out, tiny_sdxl / "model-fp16.safetensors", *TRAIN),
         "--max_train_steps=4",
         "--save_every_n_steps=2",
         "--save_state",
@@ -139,6 +140,7 @@ def sdxl_run(data, tiny_sdxl, tmp_path_factory):
 def test_the_sdxl_trainer_writes_kohyas_file(sdxl_run):
     out, result = sdxl_run
     assert "vectors of dimension 32 + 64" in result.stderr
+    assert "frozen layers keep their exact half-precision weights" in result.stderr
     tensors = load_file(str(out / "mychar4.safetensors"))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (2, 32), "clip_g": (2, 64)}
     assert all(v.dtype == torch.float32 for v in tensors.values())
@@ -156,7 +158,7 @@ def test_an_sdxl_run_resumes_exactly(sdxl_run, data, tiny_sdxl, tmp_path):
     out, _ = sdxl_run
     resumed = tmp_path / "resumed"
     run_train(
-        *common(data, resumed, tiny_sdxl / "model.safetensors", *TRAIN),
+        *common(data, resumed, tiny_sdxl / "model-fp16.safetensors", *TRAIN),
         "--max_train_steps=4",
         "--flip_aug",
         f"--resume={out / 'mychar4-step00000002-state'}",

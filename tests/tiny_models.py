@@ -39,7 +39,7 @@ from library.models.loading import base_config, unet_heads
 from library.text.tokenizer import shipped_tokenizer
 
 # bump when the fixture layout changes, so cached copies are rebuilt
-FIXTURE_VERSION = 5
+FIXTURE_VERSION = 6
 
 TINY = {
     "sd1": {"unet_channels": [32, 64], "text_width": 32, "text_layers": 2},
@@ -144,7 +144,8 @@ def tiny_sdxl_components(seed: int = 0):
 
 
 def build_tiny_sdxl_model(out_dir: Path, seed: int = 0) -> Path:
-    """The SDXL-layout tiny model: a diffusers folder and SAI-layout single files."""
+    """The SDXL-layout tiny model: a diffusers folder and SAI-layout single files (fp32 ``.safetensors``
+    and ``.ckpt``, and an fp16 ``model-fp16.safetensors``)."""
     unet, vae, text_encoder, text_encoder_2 = tiny_sdxl_components(seed)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
@@ -159,6 +160,8 @@ def build_tiny_sdxl_model(out_dir: Path, seed: int = 0) -> Path:
     readable_by_every_transformers(out_dir / "diffusers")
     ldm = sdxl_checkpoint(unet, vae, text_encoder, text_encoder_2)
     save_file(ldm, str(out_dir / "model.safetensors"))
+    # as SDXL files are shared: fp16, whose frozen layers the trainer keeps in exact half precision
+    save_file({k: v.half() for k, v in ldm.items()}, str(out_dir / "model-fp16.safetensors"))
     torch.save({"state_dict": ldm}, out_dir / "model.ckpt")
     return out_dir
 

@@ -93,5 +93,4 @@ def encode_with_pooled(encoder, tokenizer, input_ids: torch.Tensor) -> tuple[tor
     first_ids = input_ids[:, 0].to(first_window.device)
     end = (first_ids == tokenizer.eos_token_id).int().argmax(dim=1)
     final = first_window[torch.arange(batch, device=first_window.device), end]
-    projection = encoder.text_projection
-    return hidden, projection(final.to(projection.weight.dtype))
+    return hidden, encoder.text_projection(final)  # in the encoder's compute dtype, as its layers run
