@@ -49,6 +49,22 @@ def test_every_layout_loads_the_same_weights(tiny_sdxl, layout):
     assert [t.pad_token for t in model.tokenizers] == ["<|endoftext|>", "!"]
 
 
+def test_an_fp16_file_conditions_with_half_stored_layers(tiny_sdxl, monkeypatch):
+    """Frozen layers of an fp16 file keep their half weights and compute in fp32, the pooled
+    projection too (full-size layers qualify by size; here every layer is made to)."""
+    from library.models import exact_half_weights
+
+    monkeypatch.setattr(exact_half_weights, "MIN_NARROWED_ELEMENTS", 0)
+    half = load_sd_model(tiny_sdxl / "model-fp16.safetensors", exact_half_storage=True)
+    plain = load_sd_model(tiny_sdxl / "model-fp16.safetensors")
+    assert isinstance(half.text_encoders[1].text_projection, exact_half_weights.HalfStoredLinear)
+    sizes = torch.tensor([[64, 64, 0, 0, 64, 64]])
+    with torch.no_grad():
+        ours, reference = (m.text_conditioner().captions(["a toy"], sizes) for m in (half, plain))
+    torch.testing.assert_close(ours.hidden, reference.hidden)
+    torch.testing.assert_close(ours.added["text_embeds"], reference.added["text_embeds"])
+
+
 def test_vae_replaces_the_sdxl_vae_with_sdxls_latent_scale(tiny_sdxl):
     """``--vae`` as a folder or a file; either way the VAE keeps SDXL's latent scale (0.13025)."""
     for vae in (
@@ -140,7 +156,6 @@ def sdxl_run(data, tiny_sdxl, tmp_path_factory):
 def test_the_sdxl_trainer_writes_kohyas_file(sdxl_run):
     out, result = sdxl_run
     assert "vectors of dimension 32 + 64" in result.stderr
-    assert "frozen layers keep their exact half-precision weights" in result.stderr
     tensors = load_file(str(out / "mychar4.safetensors"))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (2, 32), "clip_g": (2, 64)}
     assert all(v.dtype == torch.float32 for v in tensors.values())
