@@ -34,6 +34,15 @@ def test_every_kohya_option_exists_with_kohyas_default_and_choices():
             assert list(action.choices) == ast.literal_eval(row["choices"]), row["option"]
 
 
+def test_the_sdxl_trainer_has_kohyas_sdxl_options_exactly():
+    """kohya's sdxl_train_textual_inversion.py adds one option to the SD trainer's (it caches no
+    text encoder outputs for Textual Inversion)."""
+    sd = {a.dest for a in build_parser()._actions}
+    sdxl = {a.dest for a in build_parser(sdxl=True)._actions}
+    assert sdxl - sd == {"disable_mmap_load_safetensors"} and sd <= sdxl
+    assert build_parser(sdxl=True).prog == "sdxl_train_textual_inversion.py"
+
+
 def test_config_file_values_are_used_and_the_command_line_wins(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("[model]\nlearning_rate = 0.5\n[training]\nmax_train_steps = 7\n")
