@@ -186,7 +186,9 @@ def test_an_sdxl_run_resumes_exactly(sdxl_run, data, tiny_sdxl, tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_two_processes_train_sdxl_in_lock_step(data, tiny_sdxl, tmp_path):
+def test_two_processes_train_sdxl_in_lock_step_clipping_both_encoders(data, tiny_sdxl, tmp_path):
+    """Gradient clipping covers the rows of both encoders (kohya's clips only clip_g's): with SGD at
+    learning rate 1 and a clip of 1e-6, neither encoder's rows move more than a few 1e-6."""
     launcher = [
         sys.executable,
         "-m",
@@ -198,16 +200,26 @@ def test_two_processes_train_sdxl_in_lock_step(data, tiny_sdxl, tmp_path):
         "--dynamo_backend=no",
         "--main_process_port=29521",
     ]
+    out = tmp_path / "o"
     result = run_train(
-        *common(data, tmp_path / "o", tiny_sdxl / "diffusers", *TRAIN),
+        *common(data, out, tiny_sdxl / "diffusers", *TRAIN),
         "--max_train_steps=2",
-        "--max_grad_norm=0.01",
+        "--optimizer_type=SGDNesterov",
+        "--learning_rate=1",
+        "--max_grad_norm=1e-6",
         launcher=launcher,
         env={"ACCELERATE_USE_CPU": "true"},
         sdxl=True,
     )
     sums = re.findall(r"process (\d): final vectors sum (\S+)", result.stderr)
     assert sorted(p for p, _ in sums) == ["0", "1"] and sums[0][1] == sums[1][1]
+    model = load_sd_model(tiny_sdxl / "diffusers")
+    toy = model.tokenizers[0]("toy", add_special_tokens=False).input_ids
+    final = load_file(str(out / "mychar4.safetensors"))
+    for key, encoder in zip(("clip_l", "clip_g"), model.text_encoders):
+        start = encoder.get_input_embeddings().weight[toy].detach().expand(2, -1)
+        moved = float((final[key] - start).norm())
+        assert 0 < moved < 1e-5, (key, moved)
 
 
 def test_the_sdxl_file_loads_in_the_generator_by_its_name(sdxl_run, tiny_sdxl, tmp_path):
