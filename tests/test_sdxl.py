@@ -65,6 +65,17 @@ def test_an_fp16_file_conditions_with_half_stored_layers(tiny_sdxl, monkeypatch)
     torch.testing.assert_close(ours.added["text_embeds"], reference.added["text_embeds"])
 
 
+def test_an_sdxl_file_converts_to_a_diffusers_folder_that_loads_the_same(tiny_sdxl, tmp_path):
+    from library.models.diffusers_folder import save_diffusers_folder
+
+    model = load_sd_model(tiny_sdxl / "model.safetensors")
+    again = load_sd_model(save_diffusers_folder(model, tmp_path / "folder"))
+    assert again.family.name == "sdxl" and [t.pad_token for t in again.tokenizers] == ["<|endoftext|>", "!"]
+    for ours, theirs in zip((model.unet, *model.text_encoders), (again.unet, *again.text_encoders)):
+        expected = ours.state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in theirs.state_dict().items())
+
+
 def test_vae_replaces_the_sdxl_vae_with_sdxls_latent_scale(tiny_sdxl):
     """``--vae`` as a folder or a file; either way the VAE keeps SDXL's latent scale (0.13025)."""
     for vae in (

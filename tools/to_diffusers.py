@@ -1,4 +1,4 @@
-"""Write a single-file SD 1.x/2.x checkpoint as a diffusers folder that transformers 4 and 5 both read.
+"""Write a single-file SD 1.x/2.x or SDXL checkpoint as a diffusers folder that transformers 4 and 5 both read.
 
     python -m tools.to_diffusers models/shapes-sd1.safetensors shapes-diffusers/
 

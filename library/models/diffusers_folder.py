@@ -21,20 +21,33 @@ TEXT_MODEL_PREFIX = "text_model."
 
 
 def save_diffusers_folder(model, folder: Path) -> Path:
-    """``model`` (an SD 1.x/2.x ``SDModel``) as a diffusers pipeline folder, readable by transformers 4 and 5."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """``model`` (an ``SDModel``: SD 1.x/2.x or SDXL) as a diffusers pipeline folder, readable by
+    transformers 4 and 5."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder = Path(folder)
-    pipe = StableDiffusionPipeline(
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        unet=model.unet,
-        scheduler=DDIMScheduler.from_config(model.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    if model.family.name == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoders[0],
+            text_encoder_2=model.text_encoders[1],
+            tokenizer=model.tokenizers[0],
+            tokenizer_2=model.tokenizers[1],
+            unet=model.unet,
+            scheduler=scheduler,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            unet=model.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.save_pretrained(folder, safe_serialization=True)
     readable_by_every_transformers(folder)
     return folder
