@@ -71,19 +71,21 @@ def install_embeddings(
             embedding.num_vectors,
             embedding.layout,
         )
+    _write_rows(model, loaded, paths)
+    return installed
+
+
+def _write_rows(model, loaded: list[tuple[list[int], dict[str, torch.Tensor]]], paths: list) -> None:
+    """Each text encoder's table grows to the tokenizer's size; the new ids get that encoder's rows."""
     for key, text_encoder in zip(model.family.encoder_keys, model.text_encoders):
-        table = text_encoder.get_input_embeddings().weight
-        typical_norm = float(table.detach().float().norm(dim=1).mean())
+        typical_norm = float(text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
         for (_, rows), path in zip(loaded, paths):
             _warn_if_oversized(path, rows[key], typical_norm)
-        text_encoder.resize_token_embeddings(
-            len(tokenizer), mean_resizing=False
-        )  # the new rows are set below
+        text_encoder.resize_token_embeddings(len(model.tokenizer), mean_resizing=False)
         table = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             for token_ids, rows in loaded:
                 table[token_ids] = rows[key].to(device=table.device, dtype=table.dtype)
-    return installed
 
 
 def _without_repeats(paths: list, words: list[str] | None) -> tuple[list, list[str]]:
