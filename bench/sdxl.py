@@ -88,6 +88,23 @@ def measure(command: list[str], cwd: Path) -> dict:
     }
 
 
+def print_row(name: str, figure: dict, kohya: dict) -> None:
+    """One table row; the ratios to kohya's run of the same precision when there is one."""
+    if "error" in figure:
+        print(f"| {name} | failed: {figure['error'].splitlines()[-1]} | | | |", flush=True)
+        return
+    ratios = "| | "
+    if kohya.get("peak_rss_bytes"):
+        ratios = (
+            f"| {figure['peak_rss_bytes'] / kohya['peak_rss_bytes']:.2f} "
+            f"| {figure['seconds_per_step'] / kohya['seconds_per_step']:.2f} "
+        )
+    print(
+        f"| {name} | {figure['peak_rss_bytes'] / 1e9:.2f} GB | {figure['seconds_per_step']:.1f} {ratios}|",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kohya", type=Path, help="kohya's sd-scripts folder (its script runs there)")
@@ -105,35 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| run | peak RSS | s/step | RSS / kohya | s/step / kohya |\n|---|---|---|---|---|", flush=True)
     figures: dict = {}
+    ours_program = [sys.executable, str(ROOT / "sdxl_train_textual_inversion.py")]
     for precision in args.precisions:
-        runs = {"ours": ([sys.executable, str(ROOT / "sdxl_train_textual_inversion.py")], ROOT)}
+        runs = {"ours": (ours_program, ROOT, [])}
+        if precision == "no":  # fp32 frozen weights: speed over memory
+            runs["ours --highvram"] = (ours_program, ROOT, ["--highvram"])
         if args.kohya and args.kohya_python:
-            runs["kohya"] = ([str(args.kohya_python), "sdxl_train_textual_inversion.py"], args.kohya)
-        for name, (program, cwd) in runs.items():
-            out = work / f"{name}-{precision}"
-            figures[f"{name} {precision}"] = measure(
-                [*program, *command_line(checkpoint, data, out, work / "tokenizers", precision)], cwd
-            )
-        ours, kohya = figures[f"ours {precision}"], figures.get(f"kohya {precision}", {})
-        for name, figure in (("ours", ours), ("kohya", kohya)):
-            if not figure:
-                continue
-            if "error" in figure:
-                print(
-                    f"| {name} {precision} | failed: {figure['error'].splitlines()[-1]} | | | |", flush=True
-                )
-                continue
-            ratio = ""
-            if name == "ours" and kohya.get("peak_rss_bytes"):
-                ratio = (
-                    f"| {figure['peak_rss_bytes'] / kohya['peak_rss_bytes']:.2f} "
-                    f"| {figure['seconds_per_step'] / kohya['seconds_per_step']:.2f} "
-                )
-            print(
-                f"| {name} {precision} | {figure['peak_rss_bytes'] / 1e9:.2f} GB | {figure['seconds_per_step']:.1f} "
-                f"{ratio or '| | '}|",
-                flush=True,
-            )
+            runs["kohya"] = ([str(args.kohya_python), "sdxl_train_textual_inversion.py"], args.kohya, [])
+        for name, (program, cwd, extra) in runs.items():
+            out = work / f"{name}-{precision}".replace(" ", "")
+            options = command_line(checkpoint, data, out, work / "tokenizers", precision)
+            figures[f"{name} {precision}"] = measure([*program, *options, *extra], cwd)
+        kohya = figures.get(f"kohya {precision}", {})
+        for name in runs:
+            print_row(f"{name} {precision}", figures[f"{name} {precision}"], kohya if name != "kohya" else {})
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "runs": figures}, indent=1))
     return 0
