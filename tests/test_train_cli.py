@@ -396,6 +396,8 @@ def test_killed_or_interrupted_runs_resume_exactly_from_their_newest_state(char_
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # a shell's background job inherits SIGINT ignored; the trainer must see Ctrl-C as a user's would
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         while not (out / "mychar4-step00000003-state").exists() and process.poll() is None:
             time.sleep(0.01)

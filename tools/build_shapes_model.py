@@ -374,9 +374,10 @@ def train_text_and_unet(
     config: BuildConfig,
     rng: np.random.Generator,
     generator: torch.Generator,
+    start: tuple | None = None,
 ) -> tuple[SD1Conditioning | SDXLConditioning, UNet2DConditionModel]:
-    conditioning = make_conditioning(config)
-    unet = make_unet(config)
+    """Train the text encoder(s) and the UNet together (from ``start``, trained modules, when given)."""
+    conditioning, unet = start if start is not None else (make_conditioning(config), make_unet(config))
     modules = [*conditioning.encoders, unet]
     set_mode(modules, train=True)
     params = [p for module in modules for p in module.parameters()]
@@ -483,11 +484,24 @@ def main(argv: list[str] | None = None) -> None:
         help="also keep the trained modules here (fp32); with --export-only, read them instead of training",
     )
     parser.add_argument("--export-only", action="store_true", help="export and judge --modules; no training")
+    parser.add_argument(
+        "--continue-steps",
+        type=int,
+        default=0,
+        help="train --modules' text encoders and UNet this many steps more (learning rate --continue-lr, "
+        "cosine to 0), write them back to --modules, export and judge",
+    )
+    parser.add_argument("--continue-lr", type=float, default=3e-4)
     args = parser.parse_args(argv)
     config = replace(QUICK if args.quick else BuildConfig(), seed=args.seed, family=args.family)
     output = args.output or DEFAULT_OUTPUTS[config.family]
     began = time.time()
-    if args.export_only:
+    if args.continue_steps:
+        vae, conditioning, unet = continue_training(
+            args.modules, config, args.continue_steps, args.continue_lr
+        )
+        save_modules(args.modules, vae, conditioning, unet)
+    elif args.export_only:
         vae, conditioning, unet = load_modules(args.modules, config)
     else:
         vae, conditioning, unet = build(config, output)
@@ -502,6 +516,23 @@ def main(argv: list[str] | None = None) -> None:
     report = base_model_accuracy(model, images_per_cell=config.eval_images)
     print(report.table(), flush=True)
     log(f"base model: {report.summary()}")
+
+
+def continue_training(modules: Path, config: BuildConfig, steps: int, lr: float):
+    """More steps for a build's text encoders and UNet, on the build's pictures (same seed), with
+    their own deterministic draws (seed + 2); the VAE is kept as it is."""
+    vae, conditioning, unet = load_modules(modules, config)
+    log(f"continuing {modules} for {steps} steps at learning rate {lr}")
+    scenes, pixels = render_pictures(config.pictures, np.random.default_rng(config.seed))
+    with torch.no_grad():
+        latents = encode_means(vae, pixels)
+    log("encoded the build's pictures")
+    more = replace(config, steps=steps, lr=lr, warmup=0, progress_every=steps + 1)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    start = (conditioning, unet)
+    rng = np.random.default_rng(config.seed + 2)
+    conditioning, unet = train_text_and_unet(vae, scenes, latents, more, rng, generator, start)
+    return vae, conditioning, unet
 
 
 def build(config: BuildConfig, output: Path):
