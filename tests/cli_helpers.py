@@ -41,6 +41,26 @@ def run_train(
     return result
 
 
+TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes=2",
+    "--num_machines=1",
+    "--mixed_precision=no",
+    "--dynamo_backend=no",
+]
+
+
+def launch_two(port: int) -> dict:
+    """``run_train`` keywords for two CPU processes under accelerate's launcher (gloo on ``port``)."""
+    return {
+        "launcher": [*TWO_PROCESSES, f"--main_process_port={port}"],
+        "env": {"ACCELERATE_USE_CPU": "true"},
+    }
+
+
 def make_images(
     folder: Path, count: int, size: tuple[int, int] = (64, 64), caption: str | None = None
 ) -> None:

@@ -8,18 +8,18 @@ that swapped parts fail on shape) and SDXL's added text/size conditioning.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import common, picture_folder, run_train
+from cli_helpers import common, launch_two, picture_folder, run_train
 from client_rules import SDXL_CLIENTS, NotLoaded
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.embeddings.formats import load_embedding_file, rows_for_model, save_embedding
 from library.errors import UserError
+from library.generation.prompts import SDXLSizes
 from library.models.loading import load_sd_model
 from library.training.dataset.buckets import size_conditioning
 
@@ -200,17 +200,6 @@ def test_an_sdxl_run_resumes_exactly(sdxl_run, data, tiny_sdxl, tmp_path):
 def test_two_processes_train_sdxl_in_lock_step_clipping_both_encoders(data, tiny_sdxl, tmp_path):
     """Gradient clipping covers the rows of both encoders (kohya's clips only clip_g's): with SGD at
     learning rate 1 and a clip of 1e-6, neither encoder's rows move more than a few 1e-6."""
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        "--main_process_port=29521",
-    ]
     out = tmp_path / "o"
     result = run_train(
         *common(data, out, tiny_sdxl / "diffusers", *TRAIN),
@@ -218,8 +207,7 @@ def test_two_processes_train_sdxl_in_lock_step_clipping_both_encoders(data, tiny
         "--optimizer_type=SGDNesterov",
         "--learning_rate=1",
         "--max_grad_norm=1e-6",
-        launcher=launcher,
-        env={"ACCELERATE_USE_CPU": "true"},
+        **launch_two(29521),
         sdxl=True,
     )
     sums = re.findall(r"process (\d): final vectors sum (\S+)", result.stderr)
@@ -399,3 +387,26 @@ def test_size_options_on_an_sd_model_are_refused(tiny_sd1):
 def test_the_tiny_sdxl_parts_have_different_widths(tiny_sdxl):
     assert len(set(WIDTHS.values())) == 2
     assert Path(tiny_sdxl / "diffusers" / "text_encoder_2").is_dir()
+
+
+def test_sdxl_size_options_in_prompts_and_on_the_command_line():
+    from library.generation.args import settings_from_command_line
+    from library.generation.prompts import parse_prompt_options
+
+    spec = parse_prompt_options("a toy --ow 1024 --oh 768 --nw 512 --nh 512 --ct 8 --cl 16")
+    assert (spec.prompt, spec.sizes.original_width, spec.sizes.original_height) == ("a toy", 1024, 768)
+    assert (spec.sizes.original_width_negative, spec.sizes.crop_top, spec.sizes.crop_left) == (512, 8, 16)
+    settings = settings_from_command_line(
+        ["--ckpt=x", "--prompt=a", "--original_width=2048", "--crop_left=4"]
+    )
+    merged = spec.sizes.over(settings.generation.sizes)
+    assert (merged.original_width, merged.crop_left, merged.original_height) == (1024, 16, 768)
+    assert SDXLSizes(crop_top=3).over(settings.generation.sizes).original_width == 2048
+
+
+def test_the_generators_sdxl_flag_is_checked_against_the_file(tiny_sd1):
+    from library.models.loading import load_model
+    from library.shared_options import ModelSettings
+
+    with pytest.raises(UserError, match="an SD 1.x/2.x model, not SDXL"):
+        load_model(ModelSettings(path=str(tiny_sd1 / "model.safetensors"), expect_sdxl=True), torch.float32)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import ROOT, common, error_line, make_images, picture_folder, run_train
+from cli_helpers import ROOT, common, error_line, launch_two, make_images, picture_folder, run_train
 from safetensors.torch import load_file
 from webui_rules import assert_webui_loadable
 
@@ -331,17 +331,6 @@ def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):
     out = tmp_path / "o"
     prompts = tmp_path / "p.txt"
     prompts.write_text("mychar4 --w 64 --h 64 --s 2 --d 3\n")
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        "--main_process_port=29517",
-    ]
     result = run_train(
         *common(char_data, out, tiny_sd1 / "model.safetensors"),
         "--max_train_steps=3",
@@ -354,8 +343,7 @@ def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):
         "--console_log_level=DEBUG",
         f"--sample_prompts={prompts}",
         "--sample_every_n_steps=2",
-        launcher=launcher,
-        env={"ACCELERATE_USE_CPU": "true"},
+        **launch_two(29517),
     )
     assert "x2 process(es)" in result.stderr and "3 steps each" in result.stderr  # 6 batches split in two
     assert (out / "mychar4.safetensors").is_file() and (out / "mychar4-step00000002.safetensors").is_file()

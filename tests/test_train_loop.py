@@ -4,31 +4,11 @@ accumulation across epoch ends, and exact resume from every kind of save point (
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import common, picture_folder, run_train
+from cli_helpers import common, launch_two, picture_folder, run_train
 from safetensors.torch import load_file
-
-TWO_PROCESSES = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes=2",
-    "--num_machines=1",
-    "--mixed_precision=no",
-    "--dynamo_backend=no",
-]
-
-
-def launch_two(port: int) -> dict:
-    return {
-        "launcher": [*TWO_PROCESSES, f"--main_process_port={port}"],
-        "env": {"ACCELERATE_USE_CPU": "true"},
-    }
-
 
 data = picture_folder(3)  # an odd number of batches per epoch
 
