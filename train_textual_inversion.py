@@ -41,6 +41,7 @@ from library.training.new_word import NewWord, add_placeholder_tokens
 from library.training.optimizers import create_lr_scheduler, create_optimizer, optimizer_train_mode
 from library.training.run import Run
 from library.training.state import Progress, check_resume, prepare_output_folders, resume_or_start, saved_seed
+from library.training.steering import VectorSteering
 from library.training.step import DiffusionLoss
 from library.training.tracking import TrainLogger
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
         latent_scale = model.vae.config.scaling_factor
     freeze_and_move(model, device)
     word = NewWord.start(model, tokenizers[0], settings.word, num_vectors, seed)
+    start_vectors = word.snapshot()  # before a resume replaces them: what --init_pull pulls toward
     text = model.text_conditioner(
         tokenizers, clip_skip=settings.loop.clip_skip, max_token_length=settings.data.max_token_length
     )
@@ -108,6 +110,11 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
     run = Run(
         settings, accelerator, precision, model, text, word, dataset, length, optimizer, scheduler, progress
     )
+    steering = VectorSteering.for_run(
+        settings.steering, start_vectors, run.start_norms, word.vocabulary_norms()
+    )
+    if progress.global_step == 0:
+        steering.place(word.vectors)  # --direction_only starts on its sphere
     diffusion_loss = DiffusionLoss.build(run, latent_scale)
     events = RunEvents(run, diffusion_loss, TrainLogger.for_run(run, optimizer_name))
     logger.info("training %s", run.describe())
@@ -135,13 +142,13 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
                 events.guard.before_step(word.vectors)
                 for vectors in word.parameters:
                     vectors.grad = accelerator.reduce(vectors.grad, reduction="mean")
+                steering.before_step(word.vectors)  # --init_pull, --direction_only
                 if settings.optimizer.max_grad_norm:
                     accelerator.clip_grad_norm_(word.parameters, settings.optimizer.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if settings.loop.preserve_embedding_norm:
-                    word.preserve_norms(run.start_norms)
+                steering.after_step(word.vectors)  # --preserve_embedding_norm, --direction_only
                 progress.global_step += 1
                 bar.update(1)
                 events.after_step(loss, bar)  # checks, logs, saves, samples, validation

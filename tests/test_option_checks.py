@@ -49,6 +49,23 @@ def test_a_wrong_option_is_one_line_naming_it(tmp_path, option, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--cross_init"], "--cross_init starts from --init_word's output: give --init_word too"),
+        (["--cross_init", "--init_word=toy", "--weights=x.pt"], "--cross_init and --weights both choose"),
+        (["--direction_only", "--preserve_embedding_norm"], "--direction_only and --preserve_embedding_norm"),
+        (["--direction_norm=init"], "--direction_norm is --direction_only's norm: give --direction_only too"),
+        (["--init_pull=-1"], "--init_pull -1.0: must be 0 (off) or a positive weight"),
+        (["--init_pull=nan"], "--init_pull nan: must be 0 (off) or a positive weight"),
+    ],
+)
+def test_start_and_norm_controls_that_cannot_work_are_refused(tmp_path, options, message):
+    with pytest.raises(UserError) as info:
+        check(tmp_path, *options)
+    assert message in str(info.value)
+
+
 def test_a_token_string_with_a_space_names_the_option(tmp_path):
     with pytest.raises(UserError, match=r"--token_string 'my char': the new word must be a single word"):
         check(tmp_path, "--token_string=my char")

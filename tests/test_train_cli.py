@@ -189,6 +189,29 @@ def test_missing_model_is_one_line(char_data, tmp_path):
     assert "nope.safetensors" in error_line(result)
 
 
+def test_cross_init_direction_only_and_a_pull_together(char_data, tiny_sd1, tmp_path):
+    """The three start and norm controls in one run: the vectors end on the vocabulary's mean norm."""
+    from library.models.loading import load_sd_model
+
+    out = tmp_path / "steered"
+    result = run_train(
+        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        "--max_train_steps=3",
+        "--learning_rate=1e-2",
+        "--token_string=mychar4",
+        "--init_word=toy",
+        "--num_vectors_per_token=2",
+        "--save_model_as=safetensors",
+        "--cross_init",
+        "--direction_only",
+        "--init_pull=1",
+    )
+    assert "--cross_init: the vectors start from the text encoder's output for 'toy'" in result.stderr
+    vectors = load_embedding_file(out / "mychar4.safetensors").vectors.float()
+    table = load_sd_model(tiny_sd1 / "model.safetensors").text_encoder.get_input_embeddings().weight.float()
+    assert torch.allclose(vectors.norm(dim=1), table.norm(dim=1).mean().expand(2), rtol=1e-4)
+
+
 def _batches_by_step(stderr: str) -> dict[int, tuple[int, str]]:
     """The debug log's ``step N, epoch E: [keys]`` lines."""
     found = {}
@@ -211,6 +234,7 @@ def test_resume_ends_with_the_same_vectors_as_an_uninterrupted_run(char_data, ti
         "--flip_aug",
         "--console_log_level=DEBUG",
         "--preserve_embedding_norm",  # its norms are the run's first, kept in the state (they used to be the resumed ones)
+        "--init_pull=0.5",  # pulls toward the start before step 1, not toward the resumed vectors
     ]
     whole = tmp_path / "whole"
     first = run_train(

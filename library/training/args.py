@@ -41,6 +41,7 @@ from library.training.run import LoopSettings
 from library.training.samples import DEFAULTS as SAMPLE_DEFAULTS
 from library.training.samples import SampleSettings, read_sample_prompts
 from library.training.state import METADATA_OPTIONS, MetadataSettings, SaveSettings
+from library.training.steering import DIRECTION_NORMS, SteeringSettings
 from library.training.tracking import TrackerSettings
 from library.training.validation import ValidationSettings
 
@@ -104,6 +105,42 @@ def _textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_style_template", action="store_true", help="captions from the style templates")
 
 
+def _steering_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "the vectors' start and norm (not kohya options; docs/quality.md measures them)"
+    )
+    default = functools.partial(default_of, SteeringSettings)
+    g.add_argument(
+        "--cross_init",
+        action="store_true",
+        help="start from the text encoder's output for --init_word instead of its token rows (CrossInit)",
+    )
+    g.add_argument(
+        "--preserve_embedding_norm",
+        action="store_true",
+        help="after every step, scale each vector back to its starting norm",
+    )
+    g.add_argument(
+        "--direction_only",
+        action="store_true",
+        help="train only each vector's direction at a fixed norm (DTI): the gradient is projected onto "
+        "the sphere and the vector put back on it after every step",
+    )
+    g.add_argument(
+        "--direction_norm",
+        type=str,
+        default=default("direction_norm"),
+        choices=DIRECTION_NORMS,
+        help="--direction_only's norm: the vocabulary's mean token norm (default) or the start's",
+    )
+    g.add_argument(
+        "--init_pull",
+        type=float,
+        default=default("init_pull"),
+        help="add W * mean squared distance to the start vectors to the loss (default 0: off)",
+    )
+
+
 def _training_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training loop")
     default = functools.partial(default_of, LoopSettings)
@@ -122,11 +159,7 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
         default=default("clip_skip"),
         help="use the k-th text encoder layer from the end",
     )
-    g.add_argument(
-        "--preserve_embedding_norm",
-        action="store_true",
-        help="after every step, scale each vector back to its starting norm; not a kohya option",
-    )
+    _steering_arguments(parser)
 
     add_attention_options(parser)
     g = parser.add_argument_group("precision, memory, distributed")
@@ -469,6 +502,7 @@ def check_settings(settings: RunSettings) -> None:
     if data.train_data_dir is None and data.dataset_config is None and data.in_json is None:
         raise UserError("no training data: pass --train_data_dir, --in_json or --dataset_config")
     _check_word(word)
+    _check_steering(word, settings.steering)
     _check_counts(settings)
     _check_rates(settings.optimizer)
     check_output_name(saving.output_name)
@@ -509,6 +543,23 @@ def _check_word(word: WordSettings) -> None:
             f"--init_word {word.init_word!r} contains the new word {token!r} itself, which has no vectors yet; "
             "start from a word the model knows (e.g. the class: person, dog, style)"
         )
+
+
+def _check_steering(word: WordSettings, steering: SteeringSettings) -> None:
+    """The start and norm controls: each needs what it acts on, and two that fight are refused."""
+    if word.cross_init and not word.init_word:
+        raise UserError("--cross_init starts from --init_word's output: give --init_word too")
+    if word.cross_init and word.weights:
+        raise UserError("--cross_init and --weights both choose the start vectors; give one of them")
+    if steering.direction_only and steering.preserve_embedding_norm:
+        raise UserError(
+            "--direction_only and --preserve_embedding_norm both fix the norm; give --direction_only "
+            "--direction_norm init to hold the starting norm"
+        )
+    if steering.direction_norm and not steering.direction_only:
+        raise UserError("--direction_norm is --direction_only's norm: give --direction_only too")
+    if not (steering.init_pull >= 0 and math.isfinite(steering.init_pull)):
+        raise UserError(f"--init_pull {steering.init_pull}: must be 0 (off) or a positive weight")
 
 
 def _check_counts(settings: RunSettings) -> None:
@@ -569,6 +620,7 @@ class RunSettings:
     loss: LossSettings
     optimizer: OptimizerSettings
     loop: LoopSettings
+    steering: SteeringSettings
     compute: ComputeSettings
     saving: SaveSettings
     metadata: MetadataSettings
@@ -597,6 +649,7 @@ def run_settings(args: argparse.Namespace, sdxl: bool = False) -> RunSettings:
         loss=settings_from(LossSettings, args),
         optimizer=settings_from(OptimizerSettings, args),
         loop=settings_from(LoopSettings, args),
+        steering=settings_from(SteeringSettings, args),
         compute=settings_from(ComputeSettings, args),
         saving=settings_from(SaveSettings, args),
         metadata=settings_from(MetadataSettings, args),

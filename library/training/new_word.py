@@ -69,6 +69,7 @@ class WordSettings:
     weights: str | None = None
     use_object_template: bool = False
     use_style_template: bool = False
+    cross_init: bool = False
 
     @property
     def template(self) -> str | None:
@@ -135,13 +136,42 @@ def init_word_vectors(
     return torch.stack([rows[p].mean(dim=0) for p in plan])
 
 
+def init_word_outputs(
+    tokenizer, encoder, init_word: str, num_vectors: int, mode: str = "cycle"
+) -> torch.Tensor:
+    """``--cross_init`` (CrossInit, arXiv 2312.15905): start from what the text encoder makes of the
+    init word, its output states at the word's tokens (``[BOS] word [EOS]``, last layer after the
+    final norm), laid over the vectors by ``mode``. The UNet was trained on such outputs, so the
+    vectors start near the place the encoder maps them to."""
+    ids = tokenizer(init_word, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(f"--init_word {init_word!r} has no tokens; give a word such as 'person' or 'style'")
+    tokens = torch.tensor([[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]], device=encoder.device)
+    with torch.no_grad():
+        states = encoder(tokens).last_hidden_state[0, 1 : 1 + len(ids)].float()
+    return torch.stack([states[p].mean(dim=0) for p in init_token_plan(len(ids), num_vectors, mode)])
+
+
 def initial_vectors(
-    word: WordSettings, tokenizer, tables: dict[str, torch.Tensor], num_vectors: int, seed: int, family
+    word: WordSettings,
+    tokenizer,
+    tables: dict[str, torch.Tensor],
+    num_vectors: int,
+    seed: int,
+    family,
+    encoders: list | None = None,
 ) -> dict[str, torch.Tensor]:
     """The start of each text encoder's rows (by embedding-file key): ``--weights`` (continue), else
-    ``--init_word`` in each encoder's token table, else random vectors with the vocabulary's norm."""
+    ``--init_word`` in each encoder's token table (with ``--cross_init``: in each of ``encoders``'
+    outputs), else random vectors with the vocabulary's norm."""
     if word.weights:
         return continued_vectors(word.weights, tables, num_vectors, family)
+    if word.init_word and word.cross_init:
+        logger.info("--cross_init: the vectors start from the text encoder's output for %r", word.init_word)
+        return {
+            key: init_word_outputs(tokenizer, encoder, word.init_word, num_vectors, word.init_word_mode)
+            for key, encoder in zip(tables, encoders)
+        }
     if word.init_word:
         return {
             key: init_word_vectors(
@@ -227,9 +257,8 @@ class NewWord:
             key: encoder.get_input_embeddings().weight.detach()
             for key, encoder in zip(model.family.encoder_keys, model.text_encoders)
         }
-        return cls.splice_into(
-            model.text_encoders, initial_vectors(word, tokenizer, tables, num_vectors, seed, model.family)
-        )
+        start = initial_vectors(word, tokenizer, tables, num_vectors, seed, model.family, model.text_encoders)
+        return cls.splice_into(model.text_encoders, start)
 
     @classmethod
     def splice_into(cls, encoders: list, start: dict[str, torch.Tensor]) -> NewWord:
@@ -254,18 +283,8 @@ class NewWord:
         """Each vector's norm, by encoder key."""
         return {key: vectors.detach().float().norm(dim=1) for key, vectors in self.vectors.items()}
 
-    def preserve_norms(self, norms: dict[str, torch.Tensor]) -> None:
-        """``--preserve_embedding_norm``: every vector back to its norm in ``norms``."""
-        for key, vectors in self.vectors.items():
-            rescale_to_norms(vectors, norms[key])
-
-
-def rescale_to_norms(vectors: torch.Tensor, norms: torch.Tensor) -> None:
-    """``--preserve_embedding_norm``: give each vector back its starting norm, keeping its direction.
-
-    Textual Inversion vectors tend to grow far beyond ordinary tokens' norms, and a long vector
-    drowns the rest of the prompt; this keeps the word as strong as the word it started from.
-    """
-    with torch.no_grad():
-        current = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        vectors.mul_(norms.to(vectors.dtype).reshape(-1, 1) / current)
+    def vocabulary_norms(self) -> dict[str, float]:
+        """Each encoder's mean token norm: what an ordinary word weighs."""
+        return {
+            key: float(s.frozen.weight.detach().float().norm(dim=1).mean()) for key, s in self.splices.items()
+        }

@@ -27,15 +27,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """How long the run is, its seed, and what happens to the vectors between steps (fields named
-    like the options)."""
+    """How long the run is and its seed (fields named like the options)."""
 
     max_train_steps: int = 1600
     max_train_epochs: int | None = None
     gradient_accumulation_steps: int = 1
     seed: int | None = None
     clip_skip: int | None = None
-    preserve_embedding_norm: bool = False
 
 
 @dataclass
@@ -54,7 +52,9 @@ class Run:
     lr_scheduler: Any
     progress: Progress  # where the run is; its seed (a resumed run keeps its own)
     start_vectors: dict[str, torch.Tensor] = field(init=False)  # the word's rows as this process began
-    start_norms: dict[str, torch.Tensor] = field(init=False)  # what --preserve_embedding_norm holds them to
+    start_norms: dict[str, torch.Tensor] = field(
+        init=False
+    )  # what --preserve_embedding_norm holds them to (library/training/steering.py)
 
     def __post_init__(self) -> None:
         self.start_vectors = self.word.snapshot()
