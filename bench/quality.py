@@ -3,6 +3,7 @@
     python -m bench.quality                     # every variant below, ~25 min on 2 CPU cores
     python -m bench.quality --variants default  # the default settings only, ~2 min
     python -m bench.quality --from-json A.json B.json  # QUALITY.md from runs made side by side
+    python -m bench.quality --suite hard [--quick]     # the hard suite (bench/hard_suite.py)
 
 Each variant trains the demo's concept (8 pictures of the heart the model knows only as ``dax``,
 captioned ``a <colour> myshape``) with the real CLI, saving every ``--early-every`` steps up to
@@ -201,13 +202,43 @@ def _pct(row: dict | None, key: str) -> str:
     return "—" if row is None else f"{100 * row[key]:.0f}%"
 
 
+HARD_SECTION = "## Hard suite"
+
+
+def write_demo_section(text: str) -> None:
+    """QUALITY.md's demo tables, keeping the hard suite's section after them."""
+    old = QUALITY_MD.read_text() if QUALITY_MD.exists() else ""
+    hard = HARD_SECTION + old.split(HARD_SECTION, 1)[1] if HARD_SECTION in old else ""
+    QUALITY_MD.write_text(f"{text.rstrip()}\n\n{hard}" if hard else text)
+
+
+def run_hard_suite(args: argparse.Namespace) -> None:
+    """The hard suite; its table replaces the hard-suite section of QUALITY.md, its last line is the
+    recommendation against kohya's example settings on the entangled case."""
+    from bench import hard_suite
+
+    plan = hard_suite.plan_for(args.quick, args.cases, args.methods, args.seeds, args.images)
+    trials, summaries, reference = hard_suite.run_suite(plan)
+    machine = describe_machine()
+    saved = hard_suite.save_results(trials, summaries, plan, machine, reference)
+    section = hard_suite.markdown(summaries, plan, machine, reference)
+    if not args.quick:
+        before = QUALITY_MD.read_text().split(HARD_SECTION)[0].rstrip() if QUALITY_MD.exists() else ""
+        QUALITY_MD.write_text(f"{before}\n\n{section}")
+    print(f"\n{section}\nresults: {saved.relative_to(ROOT)}")
+    if {"entangled"} <= set(plan.cases) and {"recommended", "kohya example"} <= set(plan.methods):
+        print(hard_suite.final_line(summaries), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
     parser.add_argument("--every", type=int, default=25, help="judge a save every N steps")
     parser.add_argument("--early-every", type=int, default=5, help="... but every N steps at the start")
     parser.add_argument("--early-until", type=int, default=50, help="the start: up to this step")
-    parser.add_argument("--images", type=int, default=32, help="pictures per word and embedding")
+    parser.add_argument(
+        "--images", type=int, help="pictures per word and embedding (default 32; hard suite: per kind, 24)"
+    )
     parser.add_argument(
         "--from-json",
         nargs="+",
@@ -216,14 +247,23 @@ def main(argv: list[str] | None = None) -> None:
         help="write bench/QUALITY.md from these earlier results (e.g. two runs of different "
         "--variants side by side, one core each) instead of training",
     )
+    parser.add_argument("--suite", choices=["demo", "hard"], default="demo", help="demo (above) or hard")
+    parser.add_argument("--quick", action="store_true", help="hard suite: one seed, one case, two methods")
+    parser.add_argument("--cases", help="hard suite: comma-separated case names (default: all)")
+    parser.add_argument("--methods", help="hard suite: comma-separated method names (default: all)")
+    parser.add_argument("--seeds", type=int, help="hard suite: training seeds 1..N (default 3; --quick 1)")
     args = parser.parse_args(argv)
+    if args.suite == "hard":
+        run_hard_suite(args)
+        return
+    args.images = args.images or 32
     if args.from_json:
         runs = [json.loads(path.read_text()) for path in args.from_json]
         by_name = {}  # a later run of the same variant replaces the earlier one
         for run in runs:
             by_name.update({r["name"]: r for r in run["results"]})
         results = list(by_name.values())
-        QUALITY_MD.write_text(
+        write_demo_section(
             markdown(results, runs[0]["machine"], runs[0].get("images", args.images), token_norms())
         )
         print(QUALITY_MD.read_text())
@@ -242,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     (RESULTS / f"quality-{stamp}.json").write_text(
         json.dumps({"machine": machine, "images": args.images, "results": results}, indent=1)
     )
-    QUALITY_MD.write_text(markdown(results, machine, args.images, token_norms()))
+    write_demo_section(markdown(results, machine, args.images, token_norms()))
     print(QUALITY_MD.read_text())
 
 

@@ -25,6 +25,7 @@ def test_the_judge_is_right_on_fresh_renders():
     verdicts = [shapes.judge(shapes.render(scene)) for scene in scenes]
     assert np.mean([v.shape == s.shape for v, s in zip(verdicts, scenes)]) >= 0.98
     assert np.mean([v.color == s.color for v, s in zip(verdicts, scenes)]) >= 0.98
+    assert np.mean([v.background == s.background for v, s in zip(verdicts, scenes)]) >= 0.98
 
 
 MODELS = {"sd1": SHAPES_MODEL, "sdxl": SHAPES_SDXL_MODEL}

@@ -199,6 +199,57 @@ def evaluate_embedding(
     return ConceptReport(concept, init_baseline, color), init_images, word_images
 
 
+# ---------------------------------------------------------------------------------------------
+# editability: does the rest of the prompt still change what the word draws?
+
+# colours the base model draws right in (nearly) every cell, and the backgrounds a prompt can ask for
+EDIT_COLORS = ("red", "blue", "yellow", "orange")
+EDIT_BACKGROUNDS = ("white", "gray", "black")
+
+
+@dataclass(frozen=True)
+class EditReport:
+    """Shares of pictures: ``concept`` of plain prompts drawing the heart; ``color`` of
+    ``a COLOUR WORD`` prompts drawing a heart in that colour; ``background`` of ``a WORD on a
+    BACKGROUND background`` prompts drawing a heart on it."""
+
+    concept: float
+    color: float
+    background: float
+
+
+def edit_prompts(word: str, images: int) -> list[tuple[str, str | None, str | None]]:
+    """``images`` prompts of each kind: (prompt, asked colour, asked background)."""
+    plain = [t for t in shapes.prompts_for(word) if "background" not in t]
+    prompts = [(plain[i % len(plain)], None, None) for i in range(images)]
+    for i in range(images):
+        color = EDIT_COLORS[i % len(EDIT_COLORS)]
+        templates = shapes.prompts_for(word, color)
+        prompts.append((templates[(i // len(EDIT_COLORS)) % len(templates)], color, None))
+    for i in range(images):
+        background = EDIT_BACKGROUNDS[i % len(EDIT_BACKGROUNDS)]
+        prompts.append((f"a {word} on a {background} background", None, background))
+    return prompts
+
+
+def evaluate_edits(model, installed: dict[str, int] | None, word: str, images: int) -> EditReport:
+    """Judge ``word`` (already installed in ``model``, or one the model knows) on the three kinds."""
+    asked = edit_prompts(word, images)
+    seeds = [FIRST_SEED + i % images for i in range(len(asked))]
+    verdicts = [shapes.judge(i) for i in generate(model, [p for p, _, _ in asked], seeds, installed)]
+    plain, colored, backed = (verdicts[k * images : (k + 1) * images] for k in range(3))
+    heart = shapes.CONCEPT_SHAPE
+    return EditReport(
+        concept=sum(v.shape == heart for v in plain) / images,
+        color=sum(v.shape == heart and v.color == c for v, (_, c, _) in zip(colored, asked[images:]))
+        / images,
+        background=sum(
+            v.shape == heart and v.background == b for v, (_, _, b) in zip(backed, asked[2 * images :])
+        )
+        / images,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Judge an embedding trained on the small shapes model.")
     parser.add_argument("--embedding", required=True, help="an embedding file of any layout")

@@ -133,11 +133,17 @@ def render(scene: Scene) -> Image.Image:
     return image.resize((SIZE, SIZE), Image.BOX)
 
 
-def random_scene(rng: np.random.Generator, shape: str | None = None, color: str | None = None) -> Scene:
-    """A scene with the given shape/colour (random when ``None``) at a random size and place."""
+def random_scene(
+    rng: np.random.Generator,
+    shape: str | None = None,
+    color: str | None = None,
+    background: str | None = None,
+) -> Scene:
+    """A scene with the given shape/colour/background (random when ``None``) at a random size and place."""
     shape = shape or ALL_SHAPES[rng.integers(len(ALL_SHAPES))]
     color = color or list(COLORS)[rng.integers(len(COLORS))]
-    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    drawn = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]  # drawn always: the same pictures as before
+    background = background or drawn
     radius = float(rng.uniform(MIN_RADIUS, MAX_RADIUS))
     margin = radius + 2
     center = (float(rng.uniform(margin, SIZE - margin)), float(rng.uniform(margin, SIZE - margin)))
@@ -182,6 +188,7 @@ def prompts_for(word: str, color: str | None = None) -> list[str]:
 class Verdict:
     shape: str | None  # None: no shape found
     color: str | None
+    background: str | None = None  # the nearest background grey to the pixels away from the shape
 
 
 def shape_mask(pixels: np.ndarray) -> np.ndarray:
@@ -231,4 +238,11 @@ def judge(image: Image.Image) -> Verdict:
         return float(np.minimum(normal, template).sum() / np.maximum(normal, template).sum())
 
     shape = max(_templates(), key=lambda name: max(overlap(t) for t in _templates()[name]))
-    return Verdict(shape, color)
+    return Verdict(shape, color, _background(pixels, mask))
+
+
+def _background(pixels: np.ndarray, mask: np.ndarray) -> str:
+    """The background grey nearest to the mean of the pixels two or more pixels away from the shape."""
+    away = ~ndimage.binary_dilation(mask, iterations=2)
+    level = float(pixels[away].mean()) if away.any() else float(pixels.mean())
+    return min(BACKGROUNDS, key=lambda name: abs(BACKGROUNDS[name] - level))
