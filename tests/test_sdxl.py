@@ -147,7 +147,7 @@ TRAIN = [
 @pytest.fixture(scope="module")
 def sdxl_run(data, tiny_sdxl, tmp_path_factory):
     """One SDXL run on the fp16 file (its frozen layers stay in exact half precision): 4 steps,
-    saves and states every 2, a sample picture at the end."""
+    saves and states every 2, a sample picture at the end, each encoder's rows direction-only."""
     out = tmp_path_factory.mktemp("sdxl-run")
     prompts = out.parent / f"{out.name}-prompts.txt"
     prompts.write_text("mychar4 --w 64 --h 64 --s 2 --d 3 --ow 128 --ct 8\n")
@@ -159,12 +159,13 @@ def sdxl_run(data, tiny_sdxl, tmp_path_factory):
         f"--sample_prompts={prompts}",
         "--sample_every_n_steps=4",
         "--flip_aug",
+        "--direction_only",
         sdxl=True,
     )
     return out, result
 
 
-def test_the_sdxl_trainer_writes_kohyas_file(sdxl_run):
+def test_the_sdxl_trainer_writes_kohyas_file(sdxl_run, tiny_sdxl):
     out, result = sdxl_run
     assert "vectors of dimension 32 + 64" in result.stderr
     tensors = load_file(str(out / "mychar4.safetensors"))
@@ -178,6 +179,11 @@ def test_the_sdxl_trainer_writes_kohyas_file(sdxl_run):
     assert len(list((out / "sample").glob("*.png"))) == 1
     start = load_file(str(out / "mychar4-step00000002.safetensors"))
     assert all(not torch.equal(start[k], tensors[k]) for k in tensors)  # both encoders' rows learn
+    # --direction_only: each encoder's rows keep that encoder's mean token norm
+    model = load_sd_model(tiny_sdxl / "model-fp16.safetensors")
+    for key, encoder in zip(("clip_l", "clip_g"), model.text_encoders):
+        mean = encoder.get_input_embeddings().weight.float().norm(dim=1).mean()
+        assert torch.allclose(tensors[key].norm(dim=1), mean.expand(2), rtol=1e-4), key
 
 
 def test_an_sdxl_run_resumes_exactly(sdxl_run, data, tiny_sdxl, tmp_path):
@@ -187,6 +193,7 @@ def test_an_sdxl_run_resumes_exactly(sdxl_run, data, tiny_sdxl, tmp_path):
         *common(data, resumed, tiny_sdxl / "model-fp16.safetensors", *TRAIN),
         "--max_train_steps=4",
         "--flip_aug",
+        "--direction_only",
         f"--resume={out / 'mychar4-step00000002-state'}",
         sdxl=True,
     )
