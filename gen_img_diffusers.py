@@ -62,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from library.generation.generator import ImageGenerator
     from library.generation.run import Run
     from library.host_memory import keep_freed_memory_in_process
-    from library.models.loading import load_model
+    from library.models.loading import load_model, peek_family
+    from library.text.sdxl_conditioning import refuse_clip_skip
 
+    path = Path(settings.model.path)
+    if settings.model.expect_sdxl or (path.exists() and peek_family(path) == "sdxl"):
+        refuse_clip_skip(generation.clip_skip)  # before minutes of loading
     device, dtype = choose_device_and_dtype(device_settings.wanted_precision)
     model = load_model(settings.model, dtype)  # cast as it loads; fp32 keeps the file's exact fp16 weights
     embeddings = install_embeddings(model, inputs.textual_inversion_embeddings)

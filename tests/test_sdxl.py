@@ -417,3 +417,21 @@ def test_the_generators_sdxl_flag_is_checked_against_the_file(tiny_sd1):
 
     with pytest.raises(UserError, match="an SD 1.x/2.x model, not SDXL"):
         load_model(ModelSettings(path=str(tiny_sd1 / "model.safetensors"), expect_sdxl=True), torch.float32)
+
+
+def test_the_generator_refuses_clip_skip_for_an_sdxl_file_before_loading_it(tiny_sdxl, tmp_path, monkeypatch):
+    import gen_img_diffusers
+    from library.models import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    argv = [
+        f"--ckpt={tiny_sdxl / 'model.safetensors'}",
+        "--prompt=a toy",
+        f"--outdir={tmp_path}",
+        "--clip_skip=2",
+    ]
+    with pytest.raises(UserError, match="--clip_skip: SDXL models are always conditioned"):
+        gen_img_diffusers.main(argv)

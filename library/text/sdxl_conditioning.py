@@ -39,11 +39,7 @@ class SDXLTextConditioner(TextConditioner):
         max_token_length: int | None = None,
         max_chunks: int = 1,
     ):
-        if clip_skip is not None:
-            raise UserError(
-                "--clip_skip: SDXL models are always conditioned on the penultimate layer of both text "
-                "encoders (kohya ignores it with a warning); remove --clip_skip"
-            )
+        refuse_clip_skip(clip_skip)
         super().__init__(tokenizers, encoders, max_token_length=max_token_length, max_chunks=max_chunks)
 
     def drop_unused_layers(self) -> None:
@@ -94,3 +90,12 @@ def encode_with_pooled(encoder, tokenizer, input_ids: torch.Tensor) -> tuple[tor
     end = (first_ids == tokenizer.eos_token_id).int().argmax(dim=1)
     final = first_window[torch.arange(batch, device=first_window.device), end]
     return hidden, encoder.text_projection(final)  # in the encoder's compute dtype, as its layers run
+
+
+def refuse_clip_skip(clip_skip: int | None) -> None:
+    """Trainer and generator alike: ``--clip_skip`` has no meaning for SDXL."""
+    if clip_skip is not None:
+        raise UserError(
+            "--clip_skip: SDXL models are always conditioned on the penultimate layer of both text "
+            "encoders (kohya ignores it with a warning); remove --clip_skip"
+        )
