@@ -2,11 +2,13 @@
 
 A command-line twin of kohya-ss sd-scripts' ``gen_img_diffusers.py``: every option of kohya's
 script is accepted with the same name, type and default, so existing command lines keep working.
-Options this generator does not implement (LoRA networks, ControlNet, CLIP/VGG16 guidance, Deep
-Shrink, gradual latent, XTI) end with one line saying so as soon as they are given a value other
-than their default; they are never silently ignored. See ``docs/generation.md``.
+kohya LoRA files (``--network_module networks.lora --network_weights``) are applied, with the
+embeddings they bundle. Options this generator does not implement (other networks, ControlNet,
+CLIP/VGG16 guidance, Deep Shrink, gradual latent, XTI) end with one line saying so as soon as
+they are given a value other than their default; they are never silently ignored. See
+``docs/generation.md``.
 
-The program, top to bottom: options → prompts and source images → model and embeddings → run.
+The program, top to bottom: options → prompts and source images → model, embeddings and LoRA → run.
 """
 
 from __future__ import annotations
@@ -57,20 +59,26 @@ def main(argv: list[str] | None = None) -> int:
         init_images = [resized(image, size) for image in init_images]
         mask_images = [resized(image, size) for image in mask_images] if mask_images else None
 
-    # the model and the embeddings' words
+    # the model, the embeddings' words and the LoRA networks
     from library.embeddings.install import install_embeddings
     from library.generation.generator import ImageGenerator
     from library.generation.run import Run
     from library.host_memory import keep_freed_memory_in_process
     from library.models.loading import load_model, peek_family
+    from library.networks.lora import attach_lora_files, bundled_embeddings, read_lora_file
     from library.text.sdxl_conditioning import refuse_clip_skip
 
     path = Path(settings.model.path)
     if settings.model.expect_sdxl or (path.exists() and peek_family(path) == "sdxl"):
         refuse_clip_skip(generation.clip_skip)  # before minutes of loading
     device, dtype = choose_device_and_dtype(device_settings.wanted_precision)
+    loras = [
+        read_lora_file(path) for path in settings.networks.weights
+    ]  # a bad file shows before the model loads
     model = load_model(settings.model, dtype)  # cast as it loads; fp32 keeps the file's exact fp16 weights
-    embeddings = install_embeddings(model, inputs.textual_inversion_embeddings)
+    bundled = [embedding for lora in loras for embedding in bundled_embeddings(lora)]
+    embeddings = install_embeddings(model, inputs.textual_inversion_embeddings, bundled=bundled)
+    attach_lora_files(model, loras, settings.networks.multipliers, settings.networks.show_meta)
     for text_encoder in model.text_encoders:
         text_encoder.to(device)  # already in dtype; a cast would widen the half-stored weights
     prepare_modules(model, device_settings, device)

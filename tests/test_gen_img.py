@@ -219,17 +219,15 @@ def test_unsupported_option_exits_2_with_one_line(tmp_path, tiny_sd1_safetensors
         str(tiny_sd1_safetensors),
         "--prompt",
         "x",
-        "--network_module",
-        "networks.lora",
-        "--network_weights",
-        "lora.safetensors",
+        "--network_args",
+        "conv_dim=4",
         "--outdir",
         str(tmp_path),
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: --network_module: additional networks (LoRA etc.) is not supported by this generator yet; "
-        "merge the network into the checkpoint first"
+        "error: --network_args: this network option is not supported by this generator yet; "
+        "kohya LoRA files are applied with --network_module networks.lora --network_weights FILE"
     )
 
 

@@ -147,6 +147,20 @@ def load_embedding_file(path: str | os.PathLike) -> LoadedEmbedding:
     return _embedding_from_state(state, path, file_metadata, word=path.stem)
 
 
+def bundled_embedding(parts: Mapping[str, Any], where: str, word: str) -> LoadedEmbedding:
+    """An embedding bundled in a LoRA file (``bundle_emb.<word>.<key>``), read as the WebUI reads
+    it: ``string_to_param.<k>`` becomes the WebUI dict ``{"string_to_param": {k: ...}}``, other
+    keys (``emb_params``, ``clip_l``, ``clip_g``) stay as named."""
+    state: dict[str, Any] = {}
+    for key, value in parts.items():
+        head, _, rest = key.partition(".")
+        if head == "string_to_param" and rest:
+            state["string_to_param"] = {rest: value}
+        else:
+            state[key] = value
+    return _embedding_from_state(state, Path(where), {}, word=word)
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from library.embeddings.formats import load_embedding_file, rows_for_model
+from library.embeddings.formats import LoadedEmbedding, load_embedding_file, rows_for_model
 from library.errors import UserError
 from library.text.tokens import add_word_tokens, placeholder_names, taken_names
 
@@ -22,21 +22,28 @@ logger = logging.getLogger(__name__)
 
 
 def install_embeddings(
-    model, paths: list[str | os.PathLike], words: list[str] | None = None
+    model,
+    paths: list[str | os.PathLike],
+    words: list[str] | None = None,
+    bundled: list[tuple[str, LoadedEmbedding]] = (),
 ) -> dict[str, int]:
     """Add each embedding's words to the model's tokenizers and its vectors to its text encoders.
 
-    The word is the file stem (kohya, WebUI, ComfyUI) unless ``words`` names it. Returns
-    ``{word: N}`` for the prompt expansion. A word that already means something to the tokenizer
-    would silently change meaning, so it is an error, as in kohya.
+    The word is the file stem (kohya, WebUI, ComfyUI) unless ``words`` names it; ``bundled`` are
+    embeddings already read from elsewhere (a LoRA file's ``bundle_emb.*``: ``(where, embedding)``,
+    the word being ``embedding.word``). Returns ``{word: N}`` for the prompt expansion. A word that
+    already means something to the tokenizer would silently change meaning, so it is an error, as
+    in kohya.
     """
     tokenizer = model.tokenizer  # the others share its vocabulary, so the new ids agree
     paths, words = _without_repeats(paths, words)
+    sources = [(path, load_embedding_file(path), word) for path, word in zip(paths, words)]
+    sources += [(where, embedding, embedding.word) for where, embedding in bundled]
+    paths = [path for path, _, _ in sources]
     loaded: list[tuple[list[int], dict[str, torch.Tensor]]] = []
     installed: dict[str, int] = {}
     source_of: dict[str, str] = {}
-    for path, word in zip(paths, words):
-        embedding = load_embedding_file(path)
+    for path, embedding, word in sources:
         rows = rows_for_model(embedding, model.text_dims, model.family.name, path)
         if embedding.word != word:
             logger.warning(

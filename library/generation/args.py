@@ -151,14 +151,29 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--bf16", action="store_true", help="run in bfloat16")
     add("--diffusers_xformers", action="store_true", help="same as --xformers")
     add("--opt_channels_last", action="store_true", help="channels-last memory format for the UNet and VAE")
-    add("--network_module", type=str, default=None, nargs="*", help="not supported yet")
-    add("--network_weights", type=str, default=None, nargs="*", help="not supported yet")
-    add("--network_mul", type=float, default=None, nargs="*", help="not supported yet")
+    add(
+        "--network_module",
+        type=str,
+        default=None,
+        nargs="*",
+        help="one per --network_weights file: networks.lora (kohya's LoRA)",
+    )
+    add("--network_weights", type=str, default=None, nargs="*", help="kohya LoRA files to apply")
+    add("--network_mul", type=float, default=None, nargs="*", help="each LoRA's strength (default 1.0)")
     add("--network_args", type=str, default=None, nargs="*", help="not supported yet")
-    add("--network_show_meta", action="store_true", help="not supported yet")
+    add("--network_show_meta", action="store_true", help="print each LoRA file's metadata")
     add("--network_merge_n_models", type=int, default=None, help="not supported yet")
-    add("--network_merge", action="store_true", help="not supported yet")
-    add("--network_pre_calc", action="store_true", help="not supported yet")
+    add(
+        "--network_merge",
+        action="store_true",
+        help="kohya merges the LoRA into the weights for speed; here it is always applied beside them "
+        "(the same images)",
+    )
+    add(
+        "--network_pre_calc",
+        action="store_true",
+        help="a speed option of kohya's; the same images without it",
+    )
     add("--network_regional_mask_max_color_codes", type=int, default=None, help="not supported yet")
     add(
         "--textual_inversion_embeddings",
@@ -245,20 +260,17 @@ def setup_parser() -> argparse.ArgumentParser:
     return p
 
 
-_NETWORKS = ("additional networks (LoRA etc.)", "merge the network into the checkpoint first")
+_NETWORKS = (
+    "this network option",
+    "kohya LoRA files are applied with --network_module networks.lora --network_weights FILE",
+)
 _CONTROL_NET = ("ControlNet", "")
 _GUIDANCE = ("CLIP/VGG16 guided generation", "")
 _DEEP_SHRINK = ("Deep Shrink", "")
 _GRADUAL = ("gradual latent", "")
 UNSUPPORTED_OPTIONS: dict[str, tuple[str, str]] = {  # name: (what it is, what to do instead)
-    "network_module": _NETWORKS,
-    "network_weights": _NETWORKS,
-    "network_mul": _NETWORKS,
     "network_args": _NETWORKS,
-    "network_show_meta": _NETWORKS,
     "network_merge_n_models": _NETWORKS,
-    "network_merge": _NETWORKS,
-    "network_pre_calc": _NETWORKS,
     "network_regional_mask_max_color_codes": _NETWORKS,
     "XTI_embeddings": ("Extended Textual Inversion (XTI)", "use --textual_inversion_embeddings"),
     "clip_guidance_scale": _GUIDANCE,
@@ -345,6 +357,49 @@ class InputSettings:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    """kohya LoRA files to apply (``--network_weights``) and their strengths (``--network_mul``)."""
+
+    weights: list[str] = field(default_factory=list)
+    multipliers: list[float] = field(default_factory=list)
+    show_meta: bool = False
+
+
+LORA_MODULE = "networks.lora"
+
+
+def network_settings(args: argparse.Namespace) -> NetworkSettings:
+    """kohya's pairing: the i-th ``--network_module`` and ``--network_weights`` go together, the
+    i-th ``--network_mul`` is the strength (1.0 when missing)."""
+    modules, weights, muls = args.network_module or [], args.network_weights or [], args.network_mul or []
+    if not modules and not weights:
+        if muls:
+            raise UserError("--network_mul: give the LoRA files with --network_module and --network_weights")
+        return NetworkSettings()
+    if len(modules) != len(weights):
+        raise UserError(
+            f"--network_module names {len(modules)} module(s) for {len(weights)} --network_weights file(s); "
+            f"give one '{LORA_MODULE}' per file"
+        )
+    other = next((m for m in modules if m != LORA_MODULE), None)
+    if other is not None:
+        raise UserError(f"--network_module {other}: only kohya's LoRA ({LORA_MODULE}) is supported")
+    if len(muls) > len(weights):
+        raise UserError(f"--network_mul gives {len(muls)} strengths for {len(weights)} LoRA file(s)")
+    for path in weights:
+        if not Path(path).is_file():
+            raise UserError(f"--network_weights {path}: file not found")
+    for name in ("network_merge", "network_pre_calc"):
+        if getattr(args, name):
+            logger.info("--%s: the LoRA is applied beside the weights; the images are the same", name)
+    return NetworkSettings(
+        weights=list(weights),
+        multipliers=[*muls, *[1.0] * (len(weights) - len(muls))],
+        show_meta=args.network_show_meta,
+    )
+
+
+@dataclass(frozen=True)
 class DeviceSettings:
     """Precision, attention and VAE decoding options (fields named like kohya's options)."""
 
@@ -378,6 +433,7 @@ class GeneratorSettings:
     inputs: InputSettings
     device: DeviceSettings
     generation: GenerationSettings
+    networks: NetworkSettings = field(default_factory=NetworkSettings)
 
 
 def settings_from_command_line(argv: list[str] | None = None) -> GeneratorSettings:
@@ -409,6 +465,7 @@ def settings_from_command_line(argv: list[str] | None = None) -> GeneratorSettin
         ),
         device=settings_from(DeviceSettings, args),
         generation=settings_from(GenerationSettings, args, n_iter=1 if interactive else args.n_iter),
+        networks=network_settings(args),
     )
 
 

@@ -23,6 +23,8 @@ class ModelFamily:
     default_resolution: int  # pixels per side the family was trained at
     conditioner: type[TextConditioner]
     architecture_base: str  # SAI model spec, e.g. "stable-diffusion-v1"
+    lora_text_prefixes: tuple[str, ...]  # kohya LoRA names of the text encoders' layers, in encoder order
+    lora_unet_ldm_names: bool  # kohya LoRA names the UNet's layers by LDM (SDXL) or diffusers paths
 
     def architecture(self, v_parameterization: bool) -> str:
         """``modelspec.architecture`` of a Textual Inversion file for a model of this family."""
@@ -35,9 +37,20 @@ class ModelFamily:
         return self.label
 
 
-SD1 = ModelFamily("sd1", "SD 1.x", ("emb_params",), 512, TextConditioner, "stable-diffusion-v1")
-SD2 = ModelFamily("sd2", "SD 2.x", ("emb_params",), 512, TextConditioner, "stable-diffusion-v2-512")
+SD1 = ModelFamily(
+    "sd1", "SD 1.x", ("emb_params",), 512, TextConditioner, "stable-diffusion-v1", ("lora_te",), False
+)
+SD2 = ModelFamily(
+    "sd2", "SD 2.x", ("emb_params",), 512, TextConditioner, "stable-diffusion-v2-512", ("lora_te",), False
+)
 SDXL = ModelFamily(
-    "sdxl", "SDXL", ("clip_l", "clip_g"), 1024, SDXLTextConditioner, "stable-diffusion-xl-v1-base"
+    "sdxl",
+    "SDXL",
+    ("clip_l", "clip_g"),
+    1024,
+    SDXLTextConditioner,
+    "stable-diffusion-xl-v1-base",
+    ("lora_te1", "lora_te2"),
+    True,
 )
 FAMILIES = {family.name: family for family in (SD1, SD2, SDXL)}

@@ -32,47 +32,51 @@ def _resnet_to_ldm(name: str) -> str:
 
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """LDM (``model.diffusion_model.*``) names for a diffusers UNet's weights."""
-    config = unet.config
+    assert len(unet.config.block_out_channels) == len(unet.config.up_block_types)
+    return {
+        "model.diffusion_model." + unet_key_to_ldm(key, unet.config): value
+        for key, value in unet.state_dict().items()
+    }
+
+
+def unet_key_to_ldm(key: str, config) -> str:
+    """The LDM name (without ``model.diffusion_model.``) of a diffusers UNet weight's name; the
+    rule SDXL's LoRA files also name their UNet layers by (``input_blocks_4_1_...``)."""
     per_level = config.layers_per_block + 1
-    n_levels = len(config.block_out_channels)
-    out = {}
-    for key, value in unet.state_dict().items():
-        parts = key.split(".")
-        if parts[0] in ("time_embedding", "add_embedding"):  # add_embedding: SDXL's pooled text + sizes
-            ldm = key.replace(f"{parts[0]}.linear_1", LDM_EMBEDDINGS[parts[0]] + ".0").replace(
-                f"{parts[0]}.linear_2", LDM_EMBEDDINGS[parts[0]] + ".2"
-            )
-        elif parts[0] == "conv_in":
-            ldm = key.replace("conv_in", "input_blocks.0.0")
-        elif parts[0] == "conv_norm_out":
-            ldm = key.replace("conv_norm_out", "out.0")
-        elif parts[0] == "conv_out":
-            ldm = key.replace("conv_out", "out.2")
-        elif parts[0] == "down_blocks":
-            level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if kind == "downsamplers":
-                ldm = f"input_blocks.{1 + level * per_level + config.layers_per_block}.0.op.{parts[-1]}"
-            else:
-                sub = 0 if kind == "resnets" else 1
-                ldm = f"input_blocks.{1 + level * per_level + j}.{sub}.{rest}"
-        elif parts[0] == "mid_block":
-            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
-            ldm = f"middle_block.{1 if kind == 'attentions' else 2 * j}.{rest}"
-        elif parts[0] == "up_blocks":
-            level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if kind == "upsamplers":
-                has_attention = config.up_block_types[level].startswith("CrossAttn")
-                ldm = f"output_blocks.{level * per_level + config.layers_per_block}.{2 if has_attention else 1}.{rest}"
-            else:
-                sub = 0 if kind == "resnets" else 1
-                ldm = f"output_blocks.{level * per_level + j}.{sub}.{rest}"
+    parts = key.split(".")
+    if parts[0] in ("time_embedding", "add_embedding"):  # add_embedding: SDXL's pooled text + sizes
+        ldm = key.replace(f"{parts[0]}.linear_1", LDM_EMBEDDINGS[parts[0]] + ".0").replace(
+            f"{parts[0]}.linear_2", LDM_EMBEDDINGS[parts[0]] + ".2"
+        )
+    elif parts[0] == "conv_in":
+        ldm = key.replace("conv_in", "input_blocks.0.0")
+    elif parts[0] == "conv_norm_out":
+        ldm = key.replace("conv_norm_out", "out.0")
+    elif parts[0] == "conv_out":
+        ldm = key.replace("conv_out", "out.2")
+    elif parts[0] == "down_blocks":
+        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "downsamplers":
+            ldm = f"input_blocks.{1 + level * per_level + config.layers_per_block}.0.op.{parts[-1]}"
         else:
-            raise KeyError(key)
-        if ".resnets." in key:
-            ldm = _resnet_to_ldm("." + ldm)[1:]
-        out["model.diffusion_model." + ldm] = value
-    assert n_levels == len(config.up_block_types)
-    return out
+            sub = 0 if kind == "resnets" else 1
+            ldm = f"input_blocks.{1 + level * per_level + j}.{sub}.{rest}"
+    elif parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        ldm = f"middle_block.{1 if kind == 'attentions' else 2 * j}.{rest}"
+    elif parts[0] == "up_blocks":
+        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "upsamplers":
+            has_attention = config.up_block_types[level].startswith("CrossAttn")
+            ldm = f"output_blocks.{level * per_level + config.layers_per_block}.{2 if has_attention else 1}.{rest}"
+        else:
+            sub = 0 if kind == "resnets" else 1
+            ldm = f"output_blocks.{level * per_level + j}.{sub}.{rest}"
+    else:
+        raise KeyError(key)
+    if ".resnets." in key:
+        ldm = _resnet_to_ldm("." + ldm)[1:]
+    return ldm
 
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Networks beside the model's frozen layers: kohya's LoRA (names, adapters, files)."""

@@ -1,0 +1,288 @@
+"""LoRA networks in kohya's layout (sd-scripts ``networks.lora``): layer names, adapters, files.
+
+A kohya LoRA file holds, for each adapted layer ``<name>``, ``<name>.lora_down.weight``
+(``[dim, in]``, or ``[dim, in, kh, kw]`` for a convolution), ``<name>.lora_up.weight``
+(``[out, dim]`` or ``[out, dim, 1, 1]``) and ``<name>.alpha``; the layer's output gains
+``multiplier * alpha / dim * up(down(x))``. ``<name>`` is the layer's module path, dots written
+as underscores, behind a prefix:
+
+* ``lora_unet_`` and diffusers' UNet path on SD 1.x/2.x (``lora_unet_down_blocks_0_attentions_0_proj_in``),
+  the original LDM path on SDXL (``lora_unet_input_blocks_4_1_proj_in``, kohya's SDXL UNet keeps
+  those names);
+* the family's text prefixes (``lora_te_`` on SD 1.x/2.x; ``lora_te1_`` and ``lora_te2_`` on
+  SDXL) and the transformers path (``text_model_encoder_layers_0_self_attn_q_proj``).
+
+A file may also bundle embeddings as the WebUI reads them: ``bundle_emb.<word>.<key>``.
+
+The adapters run beside the frozen layers (a forward hook adds their output), so no frozen weight
+is ever rewritten, whatever dtype or storage it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from library.embeddings.formats import LoadedEmbedding, bundled_embedding
+from library.errors import UserError
+from library.models.ldm_export import unet_key_to_ldm
+
+logger = logging.getLogger(__name__)
+
+UNET_PREFIX = "lora_unet"
+BUNDLE_PREFIX = "bundle_emb."
+# kohya's networks.lora adapts, in the UNet, the linear and 1x1 layers inside these blocks
+DEFAULT_UNET_BLOCKS = ("Transformer2DModel",)
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+# other networks' keys, to name them when refused
+OTHER_NETWORKS = {
+    "hada_w1_a": "LyCORIS LoHa",
+    "lokr_w1": "LyCORIS LoKr",
+    "oft_blocks": "OFT",
+    "dora_scale": "DoRA",
+}
+
+
+def layer_names(model) -> dict[str, nn.Module]:
+    """Every linear and convolution layer of the model's UNet and text encoders, by kohya LoRA name."""
+    names = {}
+    for path, module in model.unet.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if model.family.lora_unet_ldm_names:
+                path = unet_key_to_ldm(path + ".weight", model.unet.config).removesuffix(".weight")
+            names[f"{UNET_PREFIX}_{path.replace('.', '_')}"] = module
+    for prefix, encoder in zip(model.family.lora_text_prefixes, model.text_encoders):
+        for path, module in encoder.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                names[f"{prefix}_{_with_text_model(path).replace('.', '_')}"] = module
+    return names
+
+
+def _with_text_model(path: str) -> str:
+    """kohya names the encoder's layers under ``text_model`` (transformers 4's nesting), which
+    transformers 5's ``CLIPTextModel`` no longer has."""
+    if path.startswith(("text_model.", "text_projection")):
+        return path
+    return "text_model." + path
+
+
+def default_unet_layers(model) -> dict[str, nn.Module]:
+    """The UNet layers kohya's ``networks.lora`` trains by default: the linear and 1x1 layers of
+    its transformer blocks (attention projections, feed-forward, proj_in/proj_out)."""
+    by_module = {id(module): name for name, module in layer_names(model).items()}
+    chosen = {}
+    for block in model.unet.modules():
+        if type(block).__name__ in DEFAULT_UNET_BLOCKS:
+            for module in block.modules():
+                one_by_one = isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+                if isinstance(module, nn.Linear) or one_by_one:
+                    chosen[by_module[id(module)]] = module
+    return chosen
+
+
+class LoRAAdapter(nn.Module):
+    """``multiplier * alpha / dim * up(down(x))``, added to one frozen layer's output.
+
+    ``down`` has the layer's input width, kernel, stride and padding; ``up`` starts at zero when
+    created for training, so a new network changes nothing before its first step (kohya's init).
+    """
+
+    def __init__(self, layer: nn.Module, dim: int, alpha: float):
+        super().__init__()
+        if isinstance(layer, nn.Conv2d):
+            self.lora_down = nn.Conv2d(
+                layer.in_channels, dim, layer.kernel_size, layer.stride, layer.padding, bias=False
+            )
+            self.lora_up = nn.Conv2d(dim, layer.out_channels, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(layer.in_features, dim, bias=False)
+            self.lora_up = nn.Linear(dim, layer.out_features, bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.dim = dim
+        self.multiplier = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight_dtype = self.lora_down.weight.dtype
+        out = self.lora_up(self.lora_down(x.to(weight_dtype)))
+        return (out * (self.multiplier * float(self.alpha) / self.dim)).to(x.dtype)
+
+
+class LoRANetwork(nn.Module):
+    """Adapters by kohya name, attached to the model's layers with forward hooks."""
+
+    def __init__(self, adapters: dict[str, LoRAAdapter], layers: dict[str, nn.Module]):
+        super().__init__()
+        self.adapters = nn.ModuleDict(adapters)
+        self._layers = {name: layers[name] for name in adapters}  # not submodules: not saved, not trained
+        self._hooks: list = []
+
+    @classmethod
+    def create(cls, layers: dict[str, nn.Module], dim: int, alpha: float) -> LoRANetwork:
+        """A fresh network over ``layers`` (e.g. ``default_unet_layers(model)``)."""
+        return cls({name: LoRAAdapter(layer, dim, alpha) for name, layer in layers.items()}, layers)
+
+    def attach(self) -> LoRANetwork:
+        for name, adapter in self.adapters.items():
+            self._hooks.append(self._layers[name].register_forward_hook(_adds(adapter)))
+        return self
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for adapter in self.adapters.values():
+            adapter.multiplier = multiplier
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` (kohya's keys)."""
+        out = {}
+        for name, adapter in self.adapters.items():
+            for key, value in adapter.state_dict().items():
+                value = value.detach().to("cpu").contiguous()
+                out[f"{name}.{key}"] = value.to(dtype) if dtype is not None else value
+        return out
+
+
+def _adds(adapter: LoRAAdapter):
+    def hook(_module, args, output):
+        return output + adapter(args[0])
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+@dataclass
+class LoRAFile:
+    """A kohya LoRA file's parts: each layer's tensors, bundled embeddings by word, metadata."""
+
+    path: Path
+    layers: dict[str, dict[str, torch.Tensor]]
+    bundled: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_lora_file(path: str | os.PathLike) -> LoRAFile:
+    """A ``.safetensors`` (or ``.ckpt``/``.pt`` of tensors) LoRA file; one-line ``UserError`` when it is none."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--network_weights {path}: file not found")
+    tensors, metadata = _read_tensors(path)
+    layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    bundled: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            word, _, rest = key[len(BUNDLE_PREFIX) :].partition(".")
+            bundled[word][rest] = value
+            continue
+        name, _, part = key.partition(".")
+        other = next((label for marker, label in OTHER_NETWORKS.items() if marker in part), None)
+        if other:
+            raise UserError(
+                f"--network_weights {path}: a {other} network; only kohya's networks.lora files are read"
+            )
+        if part in LORA_PARTS:
+            layers[name][part] = value
+    if not layers:
+        raise UserError(f"--network_weights {path}: not a LoRA file (no '*.lora_down.weight' tensors)")
+    for name, parts in layers.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise UserError(
+                f"--network_weights {path}: layer {name} lacks lora_down or lora_up; the file is damaged"
+            )
+    return LoRAFile(path, dict(layers), dict(bundled), metadata)
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.suffix.lower() == ".safetensors":
+        import safetensors
+
+        try:
+            with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+        except Exception as exc:  # safetensors raises its own error type for every kind of damage
+            raise UserError(f"--network_weights {path}: not a readable .safetensors file ({exc})") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: never runs code
+    except Exception as exc:
+        raise UserError(f"--network_weights {path}: not a LoRA file of tensors ({str(exc)[:200]})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--network_weights {path}: not a LoRA file of tensors")
+    return state, {}
+
+
+def network_from_file(lora: LoRAFile, model) -> LoRANetwork:
+    """The file's adapters for ``model``'s layers; a file for another model ends in one line."""
+    layers = layer_names(model)
+    unknown = [name for name in lora.layers if name not in layers]
+    if unknown:
+        raise UserError(f"--network_weights {lora.path}: {_mismatch(lora, unknown, model)}")
+    adapters = {}
+    for name, parts in lora.layers.items():
+        layer = layers[name]
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        dim = int(down.shape[0])
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(dim)  # kohya: no alpha means alpha = dim
+        adapter = LoRAAdapter(layer, dim, alpha)
+        for target, value, what in ((adapter.lora_down, down, "lora_down"), (adapter.lora_up, up, "lora_up")):
+            if value.numel() != target.weight.numel():
+                raise UserError(
+                    f"--network_weights {lora.path}: {name}.{what} is {list(value.shape)}, the model's layer "
+                    f"needs {list(target.weight.shape)}: a LoRA for another model (dimension mismatch)"
+                )
+            with torch.no_grad():  # a 1x1 convolution and a linear layer hold the same numbers
+                target.weight.copy_(value.reshape(target.weight.shape).float())
+        adapters[name] = adapter
+    return LoRANetwork(adapters, layers)
+
+
+def _mismatch(lora: LoRAFile, unknown: list[str], model) -> str:
+    """Why the file's layer names are not this model's: another family when its names say so."""
+    names = list(lora.layers)
+    sdxl_names = any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks_")) for n in names)
+    sd_names = any(n.startswith(("lora_te_", "lora_unet_down_blocks_")) for n in names)
+    made_for = "SDXL" if sdxl_names else "SD 1.x/2.x" if sd_names else None
+    if made_for and made_for != ("SDXL" if model.family.name == "sdxl" else "SD 1.x/2.x"):
+        return f"a LoRA for {made_for}, but the model is {model.family.label}; use a LoRA made for this model"
+    return (
+        f"layer {unknown[0]} (and {len(unknown) - 1} more) is not in this model: "
+        "a LoRA for another model or architecture"
+        if len(unknown) > 1
+        else f"layer {unknown[0]} is not in this model: a LoRA for another model or architecture"
+    )
+
+
+def bundled_embeddings(lora: LoRAFile) -> list[tuple[str, LoadedEmbedding]]:
+    """The embeddings the file bundles, each under its word (``bundle_emb.<word>.*``)."""
+    return [
+        (f"{lora.path} (bundle_emb.{word})", bundled_embedding(parts, f"{lora.path}:{word}", word))
+        for word, parts in lora.bundled.items()
+    ]
+
+
+def attach_lora_files(model, loras: list[LoRAFile], multipliers: list[float], show_meta: bool = False):
+    """Each file's adapters on the model's layers at its strength (``--network_mul``)."""
+    networks = []
+    for lora, multiplier in zip(loras, multipliers):
+        if show_meta:
+            for key, value in sorted(lora.metadata.items()):
+                logger.info(
+                    "%s metadata %s: %s", lora.path, key, value if len(value) <= 300 else value[:300] + "..."
+                )
+        network = network_from_file(lora, model)
+        network.set_multiplier(multiplier)
+        network.to(model.unet.device).attach()
+        logger.info("LoRA %s: %d layers at strength %g", lora.path, len(network.adapters), multiplier)
+        networks.append(network)
+    return networks
