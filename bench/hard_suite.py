@@ -1,8 +1,11 @@
 """The hard suite: cases where Textual Inversion fails as it does on real pictures, and the methods
 that are meant to help, measured on the small real model.
 
-    python -m bench.quality --suite hard           # every case, method and seed (about an hour on 2 cores)
-    python -m bench.quality --suite hard --quick   # one seed, the entangled case, two methods (minutes)
+    python -m bench.quality --suite hard           # every case, 3 methods, 3 seeds (an hour on 2 cores)
+    python -m bench.quality --suite hard --quick   # one seed, one case, two methods (2 minutes)
+
+Run halves side by side with ``--cases`` (and ``OMP_NUM_THREADS=1``: half an hour on 2 cores) and
+merge their results with ``--from-json``.
 
 On the demo's concept every setting reaches the judge's ceiling, so nothing can be compared
 there. Here:
@@ -10,6 +13,8 @@ there. Here:
 * **entangled**: every training picture is a purple heart on black, captioned only ``a myshape``.
   The word can learn "purple, on black" as well as "heart", and then ``a red myshape`` stays
   purple;
+* **entangled captioned**: the same pictures captioned ``a purple myshape on a black background``
+  (the data-side remedy, on which the recommendation is compared with kohya's example settings);
 * **misleading init**: the demo's pictures, but the vectors start from ``ring``, another shape;
 * **overfit**: the demo's pictures with many vectors, a high learning rate and a long run.
 
@@ -45,14 +50,19 @@ WORK = ROOT / ".cache" / "quality-hard"
 TARGET = 0.9
 
 
-def draw_entangled_pictures(folder: Path, count: int = 8, seed: int = 1) -> None:
-    """``count`` purple hearts on black, each captioned only ``a WORD``."""
+def draw_entangled_pictures(folder: Path, count: int = 8, seed: int = 1, caption: str = f"a {WORD}") -> None:
+    """``count`` purple hearts on black, each captioned ``caption`` (by default only ``a WORD``)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(count):
         scene = shapes.random_scene(rng, shape=shapes.CONCEPT_SHAPE, color="purple", background="black")
         shapes.render(scene).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(f"a {WORD}")
+        (folder / f"{i:02d}.txt").write_text(caption)
+
+
+def draw_captioned_entangled_pictures(folder: Path) -> None:
+    """The entangled pictures with captions that name what they share: the data-side remedy."""
+    draw_entangled_pictures(folder, caption=f"a purple {WORD} on a black background")
 
 
 @dataclass(frozen=True)
@@ -65,9 +75,10 @@ class Case:
 
 CASES = {
     "entangled": Case("entangled", draw_entangled_pictures),
+    "entangled captioned": Case("entangled captioned", draw_captioned_entangled_pictures),
     "misleading init": Case("misleading init", draw_training_pictures, ("--init_word=ring",)),
     "overfit": Case(
-        "overfit", draw_training_pictures, ("--num_vectors_per_token=4", "--learning_rate=2e-2"), steps=800
+        "overfit", draw_training_pictures, ("--num_vectors_per_token=4", "--learning_rate=2e-2"), steps=400
     ),
 }
 
@@ -80,10 +91,14 @@ class Method:
 
 
 # kohya's documented example (docs/train_ti_README: 4 vectors, learning rate 1e-4, 1,600 steps at
-# batch 1); here at the demo's batch of 8, so 800 steps see 4x its pictures
-KOHYA_EXAMPLE = Method("kohya example", ("--learning_rate=1e-4", "--num_vectors_per_token=4"), 800)
+# batch 1); here at the demo's batch of 8, so 400 steps see twice its pictures
+KOHYA_EXAMPLE = Method("kohya example", ("--learning_rate=1e-4", "--num_vectors_per_token=4"), 400)
 DEFAULT = Method("default", (), 160)
 RECOMMENDED = Method("recommended", ("--direction_only",), 160)
+# The recommendation is options and captions: on the entangled pictures no option kept colour
+# editable (docs/quality.md), captions naming what every picture shares did; kohya's example
+# settings are compared on the same captioned pictures.
+RECOMMENDED_CASE = "entangled captioned"
 METHODS = {
     m.name: m
     for m in (
@@ -95,9 +110,11 @@ METHODS = {
         Method("cross init", ("--cross_init",), 160),
         Method("cross init + pull", ("--cross_init", "--init_pull=1"), 160),
         Method("cross init + direction", ("--cross_init", "--direction_only"), 160),
+        Method("pull 0.01", ("--init_pull=0.01",), 160),
+        Method("pull 0.001", ("--init_pull=0.001",), 160),
     )
 }
-JUDGED_STEPS = (10, 20, 40, 80, 160, 320, 800)
+JUDGED_STEPS = (10, 20, 40, 80, 160, 400, 800)
 
 
 @dataclass(frozen=True)
@@ -109,14 +126,26 @@ class SuitePlan:
     steps_cap: int | None = None  # --quick: shorter runs
 
 
-FULL = SuitePlan(tuple(CASES), tuple(METHODS), (1, 2, 3), 24)
-QUICK = SuitePlan(("entangled",), ("recommended", "kohya example"), (1,), 12, steps_cap=160)
+# every case with today's default, kohya's example and the recommendation; other methods with --methods
+FULL = SuitePlan(
+    ("entangled", "misleading init", "overfit", "entangled captioned"),
+    ("default", "kohya example", "recommended"),
+    (1, 2, 3),
+    12,
+)
+QUICK = SuitePlan((RECOMMENDED_CASE,), ("recommended", "kohya example"), (1,), 12, steps_cap=160)
+
+
+def merged_options(case: Case, method: Method) -> list[str]:
+    """The case's options with the method's replacing any of the same name (as argparse reads them)."""
+    by_name = {o.split("=", 1)[0]: o for o in [*case.options, *method.options]}
+    return list(by_name.values())
 
 
 def command(case: Case, method: Method, steps: int, seed: int, data: Path, out: Path) -> list[str]:
     """The demo's command with the case's and the method's options (theirs win), saving at every
     judged step."""
-    extra = [*case.options, *method.options]
+    extra = merged_options(case, method)
     replaced = {o.split("=", 1)[0] for o in extra} | {
         "--max_train_steps",
         "--output_dir",
@@ -124,7 +153,6 @@ def command(case: Case, method: Method, steps: int, seed: int, data: Path, out: 
         "--seed",
     }
     base = [o for o in TRAIN_OPTIONS if o.split("=", 1)[0] not in replaced]
-    # options given twice (a case's and a method's learning rate): the method's is the later one
     return [
         sys.executable,
         "train_textual_inversion.py",
@@ -250,10 +278,12 @@ def line_part(s: Summary) -> str:
     )
 
 
-def final_line(summaries: list[Summary]) -> str:
-    """The recommendation on the entangled case, against kohya's example settings."""
+def final_line(summaries: list[Summary]) -> str | None:
+    """The recommendation on the entangled pictures against kohya's example settings (None: not run)."""
     by = {(s.case, s.method): s for s in summaries}
-    ours, kohya = by[("entangled", RECOMMENDED.name)], by[("entangled", KOHYA_EXAMPLE.name)]
+    ours, kohya = by.get((RECOMMENDED_CASE, RECOMMENDED.name)), by.get((RECOMMENDED_CASE, KOHYA_EXAMPLE.name))
+    if ours is None or kohya is None:
+        return None
     return f"hard: {line_part(ours)} (kohya example: {line_part(kohya)})"
 
 
@@ -277,7 +307,7 @@ def markdown(summaries: list[Summary], plan: SuitePlan, machine: dict, reference
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        options = " ".join([*CASES[s.case].options, *METHODS[s.method].options]) or "demo settings"
+        options = " ".join(merged_options(CASES[s.case], METHODS[s.method])) or "demo settings"
         last = " / ".join(f"{100 * s.last[k]:.0f}%" for k in ("concept", "color", "background"))
         lines.append(
             f"| {s.case} | {s.method} | `{options}` | {s.at_step if s.reached else 'not reached'} "
@@ -313,6 +343,22 @@ def save_results(trials: list[Trial], summaries: list[Summary], plan: SuitePlan,
         )
     )
     return path
+
+
+def summaries_from_json(paths: list[Path]) -> tuple[list[Summary], dict, dict, SuitePlan]:
+    """Summaries of earlier runs (e.g. halves of the suite run side by side), a later run of the
+    same case and method replacing an earlier one; the first run's machine, reference and plan."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    by_key = {}
+    for run in runs:
+        for s in run["summaries"]:
+            s["curve"] = {int(step): tuple(values) for step, values in s["curve"].items()}
+            by_key[(s["case"], s["method"])] = Summary(**s)
+    plan = runs[0]["plan"]
+    plan = SuitePlan(
+        tuple(plan["cases"]), tuple(plan["methods"]), tuple(plan["seeds"]), plan["images"], plan["steps_cap"]
+    )
+    return list(by_key.values()), runs[0]["machine"], runs[0]["reference"], plan
 
 
 def plan_for(

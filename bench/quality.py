@@ -214,20 +214,25 @@ def write_demo_section(text: str) -> None:
 
 def run_hard_suite(args: argparse.Namespace) -> None:
     """The hard suite; its table replaces the hard-suite section of QUALITY.md, its last line is the
-    recommendation against kohya's example settings on the entangled case."""
+    recommendation against kohya's example settings on the entangled pictures."""
     from bench import hard_suite
 
-    plan = hard_suite.plan_for(args.quick, args.cases, args.methods, args.seeds, args.images)
-    trials, summaries, reference = hard_suite.run_suite(plan)
-    machine = describe_machine()
-    saved = hard_suite.save_results(trials, summaries, plan, machine, reference)
+    if args.from_json:
+        summaries, machine, reference, plan = hard_suite.summaries_from_json(args.from_json)
+        saved = args.from_json[-1]
+    else:
+        plan = hard_suite.plan_for(args.quick, args.cases, args.methods, args.seeds, args.images)
+        trials, summaries, reference = hard_suite.run_suite(plan)
+        machine = describe_machine()
+        saved = hard_suite.save_results(trials, summaries, plan, machine, reference)
     section = hard_suite.markdown(summaries, plan, machine, reference)
     if not args.quick:
         before = QUALITY_MD.read_text().split(HARD_SECTION)[0].rstrip() if QUALITY_MD.exists() else ""
         QUALITY_MD.write_text(f"{before}\n\n{section}")
-    print(f"\n{section}\nresults: {saved.relative_to(ROOT)}")
-    if {"entangled"} <= set(plan.cases) and {"recommended", "kohya example"} <= set(plan.methods):
-        print(hard_suite.final_line(summaries), flush=True)
+    print(f"\n{section}\nresults: {saved}")
+    line = hard_suite.final_line(summaries)
+    if line:
+        print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,7 +45,7 @@ def install_embeddings(
     source_of: dict[str, str] = {}
     for path, embedding, word in sources:
         rows = rows_for_model(embedding, model.text_dims, model.family.name, path)
-        if embedding.word != word:
+        if embedding.layout == "webui-image" and embedding.word != word:
             logger.warning(
                 "%s: the image carries the name '%s', but the word to use in prompts is '%s'",
                 path,
