@@ -221,3 +221,37 @@ def test_the_generator_applies_a_lora_at_its_strength_and_reads_its_bundled_embe
         "text", "a glyph", "--network_module", "networks.lora", "--network_weights", str(unbundled)
     )
     assert not np.array_equal(glyph, glyph_as_text)
+
+
+def test_an_sdxl_lora_and_its_bundled_pair_are_applied(sdxl_model, tiny_sdxl, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(generation_args, "setup_console_logging", lambda settings: None)
+    state = random_lora(sdxl_model).kohya_state_dict()
+    torch.manual_seed(2)
+    state["bundle_emb.glyph.clip_l"] = torch.randn(1, 32)  # the WebUI's SDXL keys
+    state["bundle_emb.glyph.clip_g"] = torch.randn(1, 64)
+    lora = tmp_path / "xl.safetensors"
+    save_file(state, lora)
+    outputs = []
+    for name, network in (
+        ("plain", []),
+        ("lora", ["--network_module", "networks.lora", "--network_weights", str(lora)]),
+    ):
+        out = tmp_path / name
+        with caplog.at_level(logging.INFO):
+            gen_img.main(
+                [
+                    "--ckpt",
+                    str(tiny_sdxl / "model.safetensors"),
+                    "--prompt",
+                    "a glyph",
+                    "--outdir",
+                    str(out),
+                    *FAST,
+                    *network,
+                ]
+            )
+        (png,) = sorted(out.glob("*.png"))
+        with Image.open(png) as image:
+            outputs.append(np.asarray(image).astype(int))
+    assert np.abs(outputs[0] - outputs[1]).mean() > 1
+    assert "word 'glyph', 1 vector(s) (sdxl layout)" in caplog.text

@@ -109,6 +109,8 @@ class LoRAAdapter(nn.Module):
         self.multiplier = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_down.weight.device != x.device:  # follows its layer (not its submodule) to the device
+            self.to(x.device)
         weight_dtype = self.lora_down.weight.dtype
         out = self.lora_up(self.lora_down(x.to(weight_dtype)))
         return (out * (self.multiplier * float(self.alpha) / self.dim)).to(x.dtype)
@@ -282,7 +284,7 @@ def attach_lora_files(model, loras: list[LoRAFile], multipliers: list[float], sh
                 )
         network = network_from_file(lora, model)
         network.set_multiplier(multiplier)
-        network.to(model.unet.device).attach()
+        network.attach()
         logger.info("LoRA %s: %d layers at strength %g", lora.path, len(network.adapters), multiplier)
         networks.append(network)
     return networks
