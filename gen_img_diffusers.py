@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.model.expect_sdxl or (path.exists() and peek_family(path) == "sdxl"):
         refuse_clip_skip(generation.clip_skip)  # before minutes of loading
     device, dtype = choose_device_and_dtype(device_settings.wanted_precision)
-    loras = [
-        read_lora_file(path) for path in settings.networks.weights
-    ]  # a bad file shows before the model loads
+    # a file that is no LoRA shows before the model loads
+    loras = [read_lora_file(path) for path in settings.networks.weights]
     model = load_model(settings.model, dtype)  # cast as it loads; fp32 keeps the file's exact fp16 weights
     bundled = [embedding for lora in loras for embedding in bundled_embeddings(lora)]
     embeddings = install_embeddings(model, inputs.textual_inversion_embeddings, bundled=bundled)

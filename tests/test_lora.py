@@ -181,6 +181,15 @@ def test_network_options_are_checked_before_the_model_loads(argv, message):
         generation_args.settings_from_command_line(["--ckpt", "unused", "--prompt", "x", *argv])
 
 
+def test_kohyas_lora_speed_options_are_accepted_and_named_in_the_log(monkeypatch, caplog):
+    monkeypatch.setattr(generation_args, "setup_console_logging", lambda settings: None)
+    with caplog.at_level(logging.INFO):
+        generation_args.settings_from_command_line(["--ckpt", "m", "--prompt", "x", "--network_merge"])
+    assert (
+        "--network_merge: LoRA files are applied beside the weights; the images are the same" in caplog.text
+    )
+
+
 # --- generation ------------------------------------------------------------------------------
 
 

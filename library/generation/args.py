@@ -372,6 +372,9 @@ def network_settings(args: argparse.Namespace) -> NetworkSettings:
     """kohya's pairing: the i-th ``--network_module`` and ``--network_weights`` go together, the
     i-th ``--network_mul`` is the strength (1.0 when missing)."""
     modules, weights, muls = args.network_module or [], args.network_weights or [], args.network_mul or []
+    for name in ("network_merge", "network_pre_calc"):
+        if getattr(args, name):
+            logger.info("--%s: LoRA files are applied beside the weights; the images are the same", name)
     if not modules and not weights:
         if muls:
             raise UserError("--network_mul: give the LoRA files with --network_module and --network_weights")
@@ -389,9 +392,6 @@ def network_settings(args: argparse.Namespace) -> NetworkSettings:
     for path in weights:
         if not Path(path).is_file():
             raise UserError(f"--network_weights {path}: file not found")
-    for name in ("network_merge", "network_pre_calc"):
-        if getattr(args, name):
-            logger.info("--%s: the LoRA is applied beside the weights; the images are the same", name)
     return NetworkSettings(
         weights=list(weights),
         multipliers=[*muls, *[1.0] * (len(weights) - len(muls))],
