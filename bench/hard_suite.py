@@ -105,6 +105,7 @@ METHODS = {
         DEFAULT,
         KOHYA_EXAMPLE,
         RECOMMENDED,
+        Method("kohya example 800 steps", KOHYA_EXAMPLE.options, 800),  # does it get there later?
         Method("preserve norm", ("--preserve_embedding_norm",), 160),
         Method("direction only at init norm", ("--direction_only", "--direction_norm=init"), 160),
         Method("cross init", ("--cross_init",), 160),
