@@ -154,6 +154,24 @@ def test_files_for_another_model_or_network_are_refused_in_one_line(
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, loha)
     with pytest.raises(UserError, match=r"a LyCORIS LoHa network; only kohya's networks.lora"):
         read_lora_file(loha)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match=r"damaged.safetensors: not a readable .safetensors file"):
+        read_lora_file(damaged)
+    half = tmp_path / "half.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, half)
+    with pytest.raises(UserError, match=r"layer lora_unet_x lacks lora_down or lora_up; the file is damaged"):
+        read_lora_file(half)
+    pickled = tmp_path / "sd1.pt"
+    torch.save(random_lora(sd1_model).kohya_state_dict(), pickled)  # kohya also writes .ckpt/.pt
+    assert len(network_from_file(read_lora_file(pickled), sd1_model).adapters) > 0
+    unknown = tmp_path / "unknown.safetensors"
+    save_file(
+        {"lora_vae_x.lora_down.weight": torch.zeros(2, 2), "lora_vae_x.lora_up.weight": torch.zeros(2, 2)},
+        unknown,
+    )
+    with pytest.raises(UserError, match=r"layer lora_vae_x is not in this model: a LoRA for another model"):
+        network_from_file(read_lora_file(unknown), sd1_model)
     empty = tmp_path / "emb.safetensors"
     save_file({"emb_params": torch.zeros(1, 32)}, empty)
     with pytest.raises(UserError, match=r"emb.safetensors: not a LoRA file"):

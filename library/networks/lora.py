@@ -104,8 +104,8 @@ class LoRAAdapter(nn.Module):
             self.lora_down = nn.Linear(layer.in_features, dim, bias=False)
             self.lora_up = nn.Linear(dim, layer.out_features, bias=False)
         nn.init.zeros_(self.lora_up.weight)
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.dim = dim
+        self.register_buffer("alpha", torch.tensor(float(alpha)))  # saved in the file as kohya's
+        self.scale = float(alpha) / dim  # a number here: reading the buffer would sync a GPU every call
         self.multiplier = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ class LoRAAdapter(nn.Module):
             self.to(x.device)
         weight_dtype = self.lora_down.weight.dtype
         out = self.lora_up(self.lora_down(x.to(weight_dtype)))
-        return (out * (self.multiplier * float(self.alpha) / self.dim)).to(x.dtype)
+        return (out * (self.multiplier * self.scale)).to(x.dtype)
 
 
 class LoRANetwork(nn.Module):
@@ -144,14 +144,13 @@ class LoRANetwork(nn.Module):
         for adapter in self.adapters.values():
             adapter.multiplier = multiplier
 
-    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
         """``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` (kohya's keys)."""
-        out = {}
-        for name, adapter in self.adapters.items():
-            for key, value in adapter.state_dict().items():
-                value = value.detach().to("cpu").contiguous()
-                out[f"{name}.{key}"] = value.to(dtype) if dtype is not None else value
-        return out
+        return {
+            f"{name}.{key}": value.detach().to("cpu").contiguous()
+            for name, adapter in self.adapters.items()
+            for key, value in adapter.state_dict().items()
+        }
 
 
 def _adds(adapter: LoRAAdapter):
@@ -257,12 +256,8 @@ def _mismatch(lora: LoRAFile, unknown: list[str], model) -> str:
     made_for = "SDXL" if sdxl_names else "SD 1.x/2.x" if sd_names else None
     if made_for and made_for != ("SDXL" if model.family.name == "sdxl" else "SD 1.x/2.x"):
         return f"a LoRA for {made_for}, but the model is {model.family.label}; use a LoRA made for this model"
-    return (
-        f"layer {unknown[0]} (and {len(unknown) - 1} more) is not in this model: "
-        "a LoRA for another model or architecture"
-        if len(unknown) > 1
-        else f"layer {unknown[0]} is not in this model: a LoRA for another model or architecture"
-    )
+    more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+    return f"layer {unknown[0]}{more} is not in this model: a LoRA for another model or architecture"
 
 
 def bundled_embeddings(lora: LoRAFile) -> list[tuple[str, LoadedEmbedding]]:
