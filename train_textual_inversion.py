@@ -11,6 +11,9 @@ algorithm, top to bottom:
 5. the loop: encode prompts, add noise, predict it with the UNet, step on the loss;
 6. save embeddings every client loads (WebUI ``.pt``, kohya/ComfyUI ``.safetensors``).
 
+With ``--network_module networks.lora`` a UNet LoRA trains beside the vectors (pivotal tuning,
+``library.training.pivotal``) and is saved as ``name_lora.safetensors`` with the word bundled.
+
 Run with ``accelerate launch train_textual_inversion.py ...`` or plain ``python``.
 """
 
@@ -39,6 +42,7 @@ from library.training.dataset.latent_cache import LatentCaching
 from library.training.events import RunEvents
 from library.training.new_word import NewWord, add_placeholder_tokens
 from library.training.optimizers import create_lr_scheduler, create_optimizer, optimizer_train_mode
+from library.training.pivotal import UNetLoRA
 from library.training.run import Run
 from library.training.state import Progress, check_resume, prepare_output_folders, resume_or_start, saved_seed
 from library.training.steering import VectorSteering
@@ -95,20 +99,37 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
         tokenizers, clip_skip=settings.loop.clip_skip, max_token_length=settings.data.max_token_length
     )
     text.drop_unused_layers()  # the layers past --clip_skip never run
+    lora = UNetLoRA.for_run(model, settings.lora, length.max_train_steps, device, seed)  # --network_module
     model.unet = configure_for_training(model.unet, model.text_encoders, settings.compute, device)
     if caching and not vae_alone:  # the VAE stays: samples are decoded with it
         cache_latents(dataset, model.vae, settings, accelerator)
 
-    # 4. The optimizer and LR schedule see only the new vectors; the schedule runs over the real steps.
-    optimizer_name, _, optimizer = create_optimizer(word.parameters, settings.optimizer)
+    # 4. The optimizer and LR schedule see only the new vectors (and the LoRA, at --unet_lr); the
+    #    schedule runs over the real steps.
+    trained = [word.parameters] + ([lora.parameters] if lora else [])  # each clipped on its own
+    groups = word.parameters if lora is None else [{"params": word.parameters}, lora.param_group()]
+    optimizer_name, _, optimizer = create_optimizer(groups, settings.optimizer)
     scheduler = create_lr_scheduler(optimizer, settings.optimizer, length.max_train_steps)
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling on CUDA
     loader = accelerator.prepare_data_loader(
         make_train_dataloader(dataset, settings.data), device_placement=True
     )
-    progress = resume_or_start(settings, word, optimizer, scheduler, seed, length)
+    progress = resume_or_start(
+        settings, word, optimizer, scheduler, seed, length, lora=lora.network if lora else None
+    )
     run = Run(
-        settings, accelerator, precision, model, text, word, dataset, length, optimizer, scheduler, progress
+        settings,
+        accelerator,
+        precision,
+        model,
+        text,
+        word,
+        dataset,
+        length,
+        optimizer,
+        scheduler,
+        progress,
+        lora,
     )
     steering = VectorSteering.for_run(
         settings.steering, start_vectors, run.start_norms, word.vocabulary_norms()
@@ -129,6 +150,8 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
         while not events.finished:
             for batch in epoch_batches(accelerator, loader, progress):
                 logger.debug("step %d, epoch %d: %s", progress.global_step, progress.epoch, batch["keys"])
+                if lora:  # --train_vectors_fraction: past the pivot only the LoRA learns
+                    word.set_trainable(lora.trains_vectors(progress.global_step))
                 with accelerator.accumulate():
                     micro_step = progress.batches_done_in_epoch % k
                     loss = diffusion_loss(batch, progress.global_step, micro_step, accelerator.process_index)
@@ -138,13 +161,14 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
                     continue
 
                 # one optimizer step on the gradient averaged over processes, clipped over every
-                # encoder's rows (kohya's SDXL trainer clips only the last encoder's)
+                # encoder's rows (kohya's SDXL trainer clips only the last encoder's), the LoRA apart
                 events.guard.before_step(word.vectors)
-                for vectors in word.parameters:
-                    vectors.grad = accelerator.reduce(vectors.grad, reduction="mean")
+                for weights in (w for group in trained for w in group if w.grad is not None):
+                    weights.grad = accelerator.reduce(weights.grad, reduction="mean")
                 steering.before_step(word.vectors)  # --init_pull, --direction_only
                 if settings.optimizer.max_grad_norm:
-                    accelerator.clip_grad_norm_(word.parameters, settings.optimizer.max_grad_norm)
+                    for group in trained:
+                        accelerator.clip_grad_norm_(group, settings.optimizer.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -169,7 +193,7 @@ def run_seed(settings: RunSettings) -> int:
     """``--seed``, the resumed run's seed, or a fresh one (a resumed run keeps its own)."""
     wanted, resume = settings.loop.seed, settings.saving.resume
     if resume:
-        check_resume(resume, settings.optimizer)
+        check_resume(resume, settings.optimizer, with_lora=settings.lora.enabled)
         saved = saved_seed(resume)
         if wanted is not None and wanted != saved:
             logger.warning("--seed %d differs from the resumed run's seed %d; using %d", wanted, saved, saved)

@@ -73,6 +73,7 @@ SDXL_PARTS = ("clip_l", "clip_g")
 # SAI model spec (https://github.com/Stability-AI/ModelSpec) as kohya's sd-scripts writes it
 MODELSPEC_VERSION = "1.0.1"
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # kohya's value for TI
+MODELSPEC_DIFFUSERS = "diffusers"  # kohya's value for an SD 1.x/2.x LoRA (an SDXL LoRA: the one above)
 
 
 @dataclass
@@ -600,8 +601,10 @@ def sai_model_spec_metadata(
     clip_skip: int | None,
     extra: dict[str, str],
     timesteps: tuple[int, int] | None = None,
+    implementation: str = MODELSPEC_IMPLEMENTATION,
 ) -> dict[str, str]:
-    """The ``modelspec.*`` safetensors metadata kohya writes into a textual inversion file.
+    """The ``modelspec.*`` safetensors metadata kohya writes into a textual inversion file (and,
+    with a ``.../lora`` architecture and its ``implementation``, into a LoRA file).
 
     ``architecture`` is the model family's (``ModelFamily.architecture``), e.g.
     ``stable-diffusion-v1/textual-inversion``.
@@ -618,7 +621,7 @@ def sai_model_spec_metadata(
     metadata = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": architecture,
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.implementation": implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(time.time())).isoformat(),

@@ -26,12 +26,19 @@ class ModelFamily:
     lora_text_prefixes: tuple[str, ...]  # kohya LoRA names of the text encoders' layers, in encoder order
     lora_unet_ldm_names: bool  # kohya LoRA names the UNet's layers by LDM (SDXL) or diffusers paths
 
-    def architecture(self, v_parameterization: bool) -> str:
-        """``modelspec.architecture`` of a Textual Inversion file for a model of this family."""
+    def architecture(self, v_parameterization: bool, adapter: str = "textual-inversion") -> str:
+        """``modelspec.architecture`` of a file trained on a model of this family: ``adapter`` is
+        ``textual-inversion`` (an embedding) or ``lora``."""
         base = self.architecture_base
         if self.name == "sd2" and v_parameterization:
             base = "stable-diffusion-v2-768-v"
-        return f"{base}/textual-inversion"
+        return f"{base}/{adapter}"
+
+    def base_model_version(self, v_parameterization: bool) -> str:
+        """kohya's ``ss_base_model_version`` of a LoRA: ``sd_v1``, ``sd_v2``, ``sd_v2_v``, ``sdxl_base_v1-0``."""
+        if self.name == "sdxl":
+            return "sdxl_base_v1-0"
+        return ("sd_v2" if self.name == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
 
     def __str__(self) -> str:
         return self.label

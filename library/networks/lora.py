@@ -20,17 +20,20 @@ is ever rewritten, whatever dtype or storage it has.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from library.embeddings.formats import LoadedEmbedding, bundled_embedding
 from library.errors import UserError
+from library.files import write_atomically
 from library.models.ldm_export import unet_key_to_ldm
 
 logger = logging.getLogger(__name__)
@@ -153,6 +156,52 @@ class LoRANetwork(nn.Module):
         }
 
 
+def lora_file_tensors(
+    network: LoRANetwork, bundle: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors: the network's in kohya's keys (in ``dtype``, as kohya saves at
+    ``--save_precision``) and each bundled embedding's rows as ``bundle_emb.<word>.<key>``, with the
+    embedding-file keys the WebUI reads (``emb_params``; SDXL ``clip_l`` and ``clip_g``)."""
+    tensors = {key: value.to(dtype) for key, value in network.kohya_state_dict().items()}
+    for word, parts in bundle.items():
+        for key, rows in parts.items():
+            tensors[f"{BUNDLE_PREFIX}{word}.{key}"] = rows.detach().to("cpu", dtype).contiguous()
+    return tensors
+
+
+def save_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a ``.safetensors`` LoRA atomically, with the two hashes kohya precomputes for galleries
+    (``sshs_model_hash``: sha256 of the tensor bytes of the file written with only its ``ss_*``
+    metadata; ``sshs_legacy_hash``: the 8-hex hash of 64 KiB at 1 MiB of that file)."""
+    training = {key: value for key, value in metadata.items() if key.startswith("ss_")}
+    reference = safetensors.torch.save(tensors, training)
+    header = int.from_bytes(reference[:8], "little")
+    hashes = {
+        "sshs_model_hash": hashlib.sha256(reference[8 + header :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(reference[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+    }
+    payload = safetensors.torch.save(tensors, {**metadata, **hashes})
+    write_atomically(path, lambda f: f.write(payload))
+
+
+def load_kohya_state_dict(network: LoRANetwork, tensors: dict[str, torch.Tensor]) -> None:
+    """Put ``kohya_state_dict`` tensors back into a network of the same layers and ranks;
+    ``ValueError`` naming the first difference otherwise."""
+    expected = network.kohya_state_dict()
+    if set(tensors) != set(expected):
+        missing = sorted(set(expected) ^ set(tensors))[0]
+        raise ValueError(f"the layers differ ({missing})")
+    for key, value in expected.items():
+        if tensors[key].shape != value.shape:
+            raise ValueError(f"{key} is {list(tensors[key].shape)}, not {list(value.shape)}")
+        if key.endswith(".alpha") and float(tensors[key]) != float(value):
+            raise ValueError(f"{key} is {float(tensors[key]):g}, not {float(value):g}")
+    with torch.no_grad():
+        for name, adapter in network.adapters.items():
+            adapter.lora_down.weight.copy_(tensors[f"{name}.lora_down.weight"])
+            adapter.lora_up.weight.copy_(tensors[f"{name}.lora_up.weight"])
+
+
 def _adds(adapter: LoRAAdapter):
     def hook(_module, args, output):
         return output + adapter(args[0])
@@ -207,8 +256,6 @@ def read_lora_file(path: str | os.PathLike) -> LoRAFile:
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.suffix.lower() == ".safetensors":
-        import safetensors
-
         try:
             with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
                 return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})

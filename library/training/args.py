@@ -37,6 +37,7 @@ from library.training.loss import LossSettings, add_loss_arguments
 from library.training.new_word import INIT_WORD_MODES, WordSettings
 from library.training.noise import NoiseSettings, add_noise_arguments
 from library.training.optimizers import OptimizerSettings, add_optimizer_arguments, optimizer_class_for
+from library.training.pivotal import LoRASettings, add_lora_arguments, check_lora_settings
 from library.training.run import LoopSettings
 from library.training.samples import DEFAULTS as SAMPLE_DEFAULTS
 from library.training.samples import SampleSettings, read_sample_prompts
@@ -357,6 +358,7 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     add_noise_arguments(parser)
     add_loss_arguments(parser)
     add_optimizer_arguments(parser)
+    add_lora_arguments(parser)
     _saving_arguments(parser)
     _sample_arguments(parser)
     _validation_arguments(parser)
@@ -505,6 +507,13 @@ def check_settings(settings: RunSettings) -> None:
     _check_steering(word, settings.steering)
     _check_counts(settings)
     _check_rates(settings.optimizer)
+    check_lora_settings(settings.lora)
+    name = saving.name(word.token_string)
+    if settings.lora.enabled and "." in name:
+        raise UserError(
+            f"{'--output_name' if saving.output_name else '--token_string'} {name!r}: the LoRA bundles the word as "
+            f"bundle_emb.{name}.*, which the WebUI cuts at the first dot; use a name without dots"
+        )
     check_output_name(saving.output_name)
     if saving.resume and not Path(saving.resume).is_dir():
         raise UserError(
@@ -621,6 +630,7 @@ class RunSettings:
     optimizer: OptimizerSettings
     loop: LoopSettings
     steering: SteeringSettings
+    lora: LoRASettings
     compute: ComputeSettings
     saving: SaveSettings
     metadata: MetadataSettings
@@ -650,6 +660,7 @@ def run_settings(args: argparse.Namespace, sdxl: bool = False) -> RunSettings:
         optimizer=settings_from(OptimizerSettings, args),
         loop=settings_from(LoopSettings, args),
         steering=settings_from(SteeringSettings, args),
+        lora=settings_from(LoRASettings, args),
         compute=settings_from(ComputeSettings, args),
         saving=settings_from(SaveSettings, args),
         metadata=settings_from(MetadataSettings, args),

@@ -87,6 +87,9 @@ class RunEvents:
         run = self.run
         total = sum(float(v.detach().sum()) for v in run.word.vectors.values())
         logger.debug("process %d: final vectors sum %.9g", run.accelerator.process_index, total)
+        if run.lora is not None:
+            lora_total = sum(float(p.detach().double().sum()) for p in run.lora.parameters)
+            logger.debug("process %d: final LoRA sum %.12g", run.accelerator.process_index, lora_total)
         self.guard.check_vectors(run.word.vectors, run.progress.global_step)
         optimizer_eval_mode(run.optimizer)
         run.accelerator.wait_for_everyone()

@@ -275,6 +275,12 @@ class NewWord:
     def num_vectors(self) -> int:
         return int(self.parameters[0].shape[0])
 
+    def set_trainable(self, trainable: bool) -> None:
+        """Frozen rows get no gradient, so the optimizer leaves them (and weight decay) alone and the
+        text encoders run without recording a backward pass."""
+        for vectors in self.parameters:
+            vectors.requires_grad_(trainable)
+
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A detached copy of every encoder's rows."""
         return {key: vectors.detach().clone() for key, vectors in self.vectors.items()}

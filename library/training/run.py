@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from library.embeddings.formats import sai_model_spec_metadata
+from library.embeddings.formats import MODELSPEC_DIFFUSERS, MODELSPEC_IMPLEMENTATION, sai_model_spec_metadata
 from library.training.accelerator import Precision
 from library.training.cadence import RunLength
 from library.training.new_word import NewWord
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from library.text.conditioning import TextConditioner
     from library.training.args import RunSettings
     from library.training.dataset.dataset import TrainDataset
+    from library.training.pivotal import UNetLoRA
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Run:
     optimizer: Any
     lr_scheduler: Any
     progress: Progress  # where the run is; its seed (a resumed run keeps its own)
+    lora: UNetLoRA | None = None  # the UNet LoRA trained beside the word (--network_module)
     start_vectors: dict[str, torch.Tensor] = field(init=False)  # the word's rows as this process began
     start_norms: dict[str, torch.Tensor] = field(
         init=False
@@ -93,20 +95,25 @@ class Run:
             f"{self.word.num_vectors} vectors of dimension {widths} for {length.max_train_steps} steps "
             f"({length.num_epochs} epochs, {length.steps_per_epoch} steps each) on {self.accelerator.device} "
             f"x{self.accelerator.num_processes} process(es), {self.precision.mixed_precision}"
+            + (f", with a {self.lora.describe()}" if self.lora else "")
         )
 
-    def embedding_metadata(self) -> dict[str, str]:
-        """SAI model-spec metadata for ``.safetensors`` (kohya's keys), from the run and --metadata_*."""
+    def embedding_metadata(self, adapter: str = "textual-inversion") -> dict[str, str]:
+        """SAI model-spec metadata for ``.safetensors`` (kohya's keys), from the run and --metadata_*;
+        ``adapter="lora"`` for the LoRA file of a pivotal-tuning run."""
         settings = self.settings
         noise = settings.noise
         timesteps = (noise.min_timestep, noise.max_timestep) if noise.timestep_range_given else None
         extra = settings.metadata.given()
+        family = self.model.family
+        lora_by_diffusers = adapter == "lora" and family.name != "sdxl"  # kohya's implementation values
         return sai_model_spec_metadata(
-            architecture=self.model.family.architecture(settings.model.v_parameterization),
+            architecture=family.architecture(settings.model.v_parameterization, adapter),
             v_parameterization=settings.model.v_parameterization,
             resolution=self.dataset.resolution,
             title=extra.get("title") or self.output_name,
             clip_skip=settings.loop.clip_skip,
             extra=extra,
             timesteps=timesteps,
+            implementation=MODELSPEC_DIFFUSERS if lora_by_diffusers else MODELSPEC_IMPLEMENTATION,
         )

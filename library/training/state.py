@@ -1,7 +1,7 @@
 """What a run saves: embedding files with kohya's names, and resumable training states.
 
-A state folder holds the vectors, the optimizer and LR-scheduler states and the counters
-(global step, epoch, batches done in that epoch). Nothing else is needed for an exact resume:
+A state folder holds the vectors (and a pivotal-tuning run's LoRA), the optimizer and
+LR-scheduler states and the counters (global step, epoch, batches done in that epoch). Nothing else is needed for an exact resume:
 every random draw of the run (data order, augmentation, noise, timesteps) is derived from the
 seed and the step or epoch, not from a running RNG. Everything is read back with
 ``weights_only=True``, so a state folder cannot run code either.
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from library.embeddings.formats import refusal_detail, save_embedding
 from library.errors import UserError
 from library.files import ensure_writable_folder, remove_interrupted_saves, write_folder_atomically
+from library.networks.lora import load_kohya_state_dict, lora_file_tensors, save_lora_file
 from library.training.cadence import SaveCadence
 from library.training.optimizers import (
     OptimizerSettings,
@@ -35,6 +36,7 @@ from library.training.optimizers import (
     optimizer_label,
     optimizer_train_mode,
 )
+from library.training.pivotal import LoRASession
 
 if TYPE_CHECKING:
     from library.training.run import Run
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+LORA_STATE = "lora.safetensors"  # a pivotal-tuning run's LoRA in a state folder
 Vectors = Mapping[str, torch.Tensor]  # each text encoder's rows of the new word (``NewWord.vectors``)
 
 
@@ -220,6 +223,12 @@ class RunSaver:
         self.extension = self.settings.extension
         self.cadence = self.settings.cadence(run.length.num_epochs)
         self.metadata = metadata
+        self.lora_session = LoRASession.now() if run.lora is not None else None
+
+    @property
+    def lora_name(self) -> str:
+        """A pivotal-tuning run's LoRA files are named like its embeddings, as ``name_lora``."""
+        return f"{self.name}_lora"
 
     def embedding(
         self,
@@ -248,19 +257,39 @@ class RunSaver:
                 logger.info("saved %s", path)
         return path
 
+    def lora(self, file_name: str, announce: bool = True) -> Path | None:
+        """With ``--network_module``: the LoRA file (always ``.safetensors``: kohya's metadata has no
+        place elsewhere), the word's rows bundled under the embedding's name (the WebUI's rule)."""
+        run, path = self.run, self.folder / file_name
+        if run.lora is None:
+            return None
+        if run.accelerator.is_main_process:
+            vectors = {key: value.detach().float().cpu() for key, value in run.word.vectors.items()}
+            tensors = lora_file_tensors(run.lora.network, {self.name: vectors}, self.settings.dtype)
+            save_lora_file(path, tensors, run.lora.metadata(run, self.lora_session))
+            if announce:
+                logger.info("saved %s", path)
+        return path
+
     def state(self, folder_name: str) -> None:
         run = self.run
         if run.accelerator.is_main_process:
             optimizer_eval_mode(run.optimizer)
             save_training_state(
-                self.folder / folder_name, run.word.vectors, run.optimizer, run.lr_scheduler, run.progress
+                self.folder / folder_name,
+                run.word.vectors,
+                run.optimizer,
+                run.lr_scheduler,
+                run.progress,
+                lora=run.lora.network if run.lora else None,
             )
             optimizer_train_mode(run.optimizer)
         run.accelerator.wait_for_everyone()
 
     def intermediate(self, *, step: int | None = None, epoch: int | None = None) -> None:
-        """A numbered embedding (and state) during the run; an older one goes per --save_last_n_*."""
+        """A numbered embedding (LoRA, state) during the run; an older one goes per --save_last_n_*."""
         self.embedding(embedding_file_name(self.name, self.extension, step=step, epoch=epoch))
+        self.lora(embedding_file_name(self.lora_name, "safetensors", step=step, epoch=epoch))
         with_state = self.settings.save_state
         if with_state:
             self.state(state_folder_name(self.name, step=step, epoch=epoch))
@@ -273,50 +302,67 @@ class RunSaver:
                     else embedding_file_name(self.name, self.extension, **old)
                 )
                 remove_save(self.folder / name)
+                if not state and self.run.lora is not None:
+                    remove_save(self.folder / embedding_file_name(self.lora_name, "safetensors", **old))
 
     @property
     def final_path(self) -> Path:
         return self.folder / embedding_file_name(self.name, self.extension)
 
+    @property
+    def final_lora_path(self) -> Path | None:
+        return self.folder / f"{self.lora_name}.safetensors" if self.run.lora is not None else None
+
     def warn_if_final_exists(self) -> None:
         """A second run into the same folder: say so at the start, not after the old file is gone."""
-        if self.run.accelerator.is_main_process and self.final_path.exists():
-            logger.warning(
-                "%s exists from an earlier run; this run's result replaces it, and the old file is kept as %s.bak",
-                self.final_path,
-                self.final_path.name,
-            )
+        for final in (self.final_path, self.final_lora_path):
+            if self.run.accelerator.is_main_process and final is not None and final.exists():
+                logger.warning(
+                    "%s exists from an earlier run; this run's result replaces it, and the old file is kept as "
+                    "%s.bak",
+                    final,
+                    final.name,
+                )
 
     def final(self) -> None:
-        """``name.ext`` and, with ``--save_state``/``--save_state_on_train_end``, ``name-state``.
-
-        An earlier run's ``name.ext`` is kept as ``name.ext.bak`` (an extension no client loads), so
-        re-running a command never destroys a good embedding; kohya replaces it silently. The new
-        file is written first and only then put in place: when it cannot be written (a full disk),
-        the earlier file stays where it was and the error says so.
-        """
-        final = self.final_path
-        if self.run.accelerator.is_main_process and final.exists():
-            staged = final.with_name(f".{final.name}.p{os.getpid()}.{secrets.token_hex(4)}.tmp")
-            try:
-                self.embedding(staged.name, announce=False)
-            except UserError as exc:
-                raise UserError(f"{exc}; the earlier run's {final.name} is untouched") from None
-            os.replace(final, final.with_name(final.name + ".bak"))
-            os.replace(staged, final)
-            logger.info("saved %s (the earlier one is now %s.bak)", final, final.name)
-        else:
-            self.embedding(final.name)
+        """``name.ext`` (a pivotal-tuning run: ``name_lora.safetensors`` too) and, with
+        ``--save_state``/``--save_state_on_train_end``, ``name-state``."""
+        self._replacing_earlier(
+            self.final_path, lambda name, announce: self.embedding(name, announce=announce)
+        )
+        if self.final_lora_path is not None:
+            self._replacing_earlier(self.final_lora_path, self.lora)
         if self.settings.save_state or self.settings.save_state_on_train_end:
             self.state(state_folder_name(self.name))
+
+    def _replacing_earlier(self, final: Path, write: Callable[[str, bool], Any]) -> None:
+        """Write ``final`` with ``write(file name, announce)``; an earlier run's file is kept as
+        ``final.bak`` (an extension no client loads), so re-running a command never destroys a good
+        file; kohya replaces it silently. The new file is written first and only then put in place:
+        when it cannot be written (a full disk), the earlier file stays where it was and the error
+        says so."""
+        if not (self.run.accelerator.is_main_process and final.exists()):
+            write(final.name, True)
+            return
+        staged = final.with_name(f".{final.name}.p{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            write(staged.name, False)
+        except UserError as exc:
+            raise UserError(f"{exc}; the earlier run's {final.name} is untouched") from None
+        os.replace(final, final.with_name(final.name + ".bak"))
+        os.replace(staged, final)
+        logger.info("saved %s (the earlier one is now %s.bak)", final, final.name)
 
 
 # ---------------------------------------------------------------------------------------------
 # state folders
 
 
-def save_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler, progress: Progress) -> None:
-    """Write a state folder atomically (``library.files.write_folder_atomically``)."""
+def save_training_state(
+    folder: Path, vectors: Vectors, optimizer, lr_scheduler, progress: Progress, lora=None
+) -> None:
+    """Write a state folder atomically (``library.files.write_folder_atomically``); ``lora``: the
+    run's ``LoRANetwork``, kept in fp32 as ``lora.safetensors``."""
 
     def write(into: Path) -> None:
         rows = {
@@ -324,6 +370,8 @@ def save_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler,
             for key, value in vectors.items()
         }
         save_file(rows, str(into / "vectors.safetensors"))
+        if lora is not None:
+            save_file(lora.kohya_state_dict(), str(into / LORA_STATE))
         torch.save(optimizer.state_dict(), into / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), into / "lr_scheduler.pt")
         (into / "progress.json").write_text(
@@ -399,10 +447,12 @@ def saved_seed(folder: Path) -> int:
     return int(_read_progress(Path(folder))["seed"])
 
 
-def check_resume(folder: Path, optimizer: OptimizerSettings) -> None:
+def check_resume(folder: Path, optimizer: OptimizerSettings, with_lora: bool = False) -> None:
     """Before the model loads: refuse a state the options cannot continue (another optimizer or LR
-    schedule would read the state wrongly or silently), and say which options the state overrides."""
+    schedule would read the state wrongly or silently; a LoRA saved or asked for, not both), and say
+    which options the state overrides."""
     info = _read_progress(Path(folder))
+    _check_lora_presence(Path(folder), with_lora)
     for option, recorded, wanted in (
         ("optimizer_type", info.get("optimizer_type"), optimizer_label(optimizer)),
         ("lr_scheduler", info.get("lr_scheduler"), optimizer.lr_scheduler),
@@ -428,9 +478,10 @@ def _state_key(key: str, vectors: Vectors) -> str:
     return "vectors" if len(vectors) == 1 else key
 
 
-def resume_or_start(settings, word, optimizer, lr_scheduler, seed: int, length) -> Progress:
+def resume_or_start(settings, word, optimizer, lr_scheduler, seed: int, length, lora=None) -> Progress:
     """A new run's progress (recording what the state needs to resume it), or with ``--resume`` the
-    state folder's restored into the live objects. ``settings`` are the run's ``RunSettings``."""
+    state folder's restored into the live objects. ``settings`` are the run's ``RunSettings``;
+    ``lora`` the run's ``LoRANetwork`` (``--network_module``)."""
     resume = settings.saving.resume
     if not resume:
         return Progress(
@@ -440,7 +491,7 @@ def resume_or_start(settings, word, optimizer, lr_scheduler, seed: int, length) 
             learning_rate=settings.optimizer.learning_rate,
             start_norms={key: norms.tolist() for key, norms in word.norms().items()},
         )
-    progress = load_training_state(resume, word.vectors, optimizer, lr_scheduler)
+    progress = load_training_state(resume, word.vectors, optimizer, lr_scheduler, lora)
     logger.info("resumed from %s at step %d (epoch %d)", resume, progress.global_step, progress.epoch + 1)
     if progress.global_step >= length.max_train_steps:
         logger.warning(
@@ -452,10 +503,11 @@ def resume_or_start(settings, word, optimizer, lr_scheduler, seed: int, length) 
     return progress
 
 
-def load_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler) -> Progress:
+def load_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler, lora=None) -> Progress:
     """Restore a state folder written by ``save_training_state`` into the live objects."""
     folder = Path(folder)
     info = _read_progress(folder)
+    _restore_lora(folder, lora)
     saved = _read_state_file(folder, "vectors.safetensors", lambda p: load_file(str(p)))
     expected = {_state_key(key, vectors): value for key, value in vectors.items()}
     if set(saved) != set(expected):
@@ -485,3 +537,30 @@ def load_training_state(folder: Path, vectors: Vectors, optimizer, lr_scheduler)
         ) from None
     info.pop("format")
     return Progress(**info)
+
+
+def _check_lora_presence(folder: Path, with_lora: bool) -> None:
+    """A pivotal-tuning state resumes only with its LoRA, and a plain one only without."""
+    if (folder / LORA_STATE).is_file() and not with_lora:
+        raise UserError(
+            f"--resume {folder}: the state was saved with a LoRA; resume with the same --network_module options"
+        )
+    if with_lora and not (folder / LORA_STATE).is_file():
+        raise UserError(
+            f"--resume {folder}: the state was saved without a LoRA; resume without --network_module "
+            "(or start a new run with --weights to add one)"
+        )
+
+
+def _restore_lora(folder: Path, lora) -> None:
+    _check_lora_presence(folder, lora is not None)
+    if lora is None:
+        return
+    tensors = _read_state_file(folder, LORA_STATE, lambda p: load_file(str(p)))
+    try:
+        load_kohya_state_dict(lora, tensors)
+    except ValueError as exc:
+        raise UserError(
+            f"--resume {folder}: its LoRA does not fit this run's ({exc}); resume with the same --network_dim "
+            "and --network_alpha"
+        ) from None

@@ -65,8 +65,8 @@ def logged_config(options: dict[str, Any], settings: TrackerSettings) -> dict[st
 class TrainLogger:
     """Loss, learning rate and each vector's norm, to the progress bar and the trackers.
 
-    Tags are kohya's: ``loss`` (this step), ``lr``, ``lr/d*lr`` (D-Adaptation, Prodigy) and
-    ``loss/epoch`` (the epoch's mean, logged at step = epoch number); ours beside them:
+    Tags are kohya's: ``loss`` (this step), ``lr``, ``lr/unet`` (pivotal tuning), ``lr/d*lr``
+    (D-Adaptation, Prodigy) and ``loss/epoch`` (the epoch's mean, logged at step = epoch number); ours beside them:
     ``loss/average`` (the epoch so far, as the progress bar shows) and ``norm/vector<i>``
     (``norm/<encoder>/vector<i>`` for a family with several text encoders).
     """
@@ -118,6 +118,8 @@ class TrainLogger:
         bar.set_postfix(loss=f"{loss:.4f}", avg=f"{average:.4f}", lr=f"{lr:.2e}", norm=f"{largest:.3g}")
         if self.enabled:
             logs = {"loss": loss, "lr": lr, "loss/average": average}
+            if len(lr_scheduler.get_last_lr()) > 1:  # pivotal tuning: the LoRA's rate (kohya's tag)
+                logs["lr/unet"] = lr_scheduler.get_last_lr()[1]
             if self.adaptive:
                 group = optimizer.param_groups[0]
                 logs["lr/d*lr"] = group["d"] * group["lr"]
