@@ -42,6 +42,13 @@ def webui_sd_name(key: str) -> str:
         kind, index, rest = middle[1], int(middle[2]), middle[3]
         rest = resnet_parts.get(rest, rest) if kind == "resnets" else rest
         return f"diffusion_model_middle_block_{1 if kind == 'attentions' else index * 2}_{rest}"
+    downsampler = re.match(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key)
+    if downsampler:
+        return f"diffusion_model_input_blocks_{3 + int(downsampler[1]) * 3}_0_op"
+    upsampler = re.match(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key)
+    if upsampler:
+        block = int(upsampler[1])
+        return f"diffusion_model_output_blocks_{2 + block * 3}_{2 if block > 0 else 1}_conv"
     up = re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
     if up:
         block, kind, index, rest = int(up[1]), up[2], int(up[3]), up[4]

@@ -1,6 +1,7 @@
 """Pivotal tuning through the real trainer CLIs: a UNet LoRA trained beside the word, its kohya
-file (layers, ss_* metadata, the word bundled), the pivot, resume and continue, two processes,
-refusals, and every client's rule for finding the layers (diffusers run for real)."""
+file (layers, ss_* metadata, the word bundled), the pivot, resume and continue, refusals, and
+every client's rule for finding the layers (diffusers run for real). Two processes: the lock-step
+test in test_train_cli.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import init_empty_weights
-from cli_helpers import common, error_line, launch_two, picture_folder, run_train
+from cli_helpers import common, error_line, picture_folder, run_train
 from diffusers import UNet2DConditionModel
 from lora_client_rules import (
     comfyui_key_map,
@@ -50,18 +51,30 @@ def lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata())
 
 
+CONV = ["--network_args", "conv_dim=2", "conv_alpha=1"]  # kohya's 3x3 convolutions, at their own rank
+
+
 @pytest.fixture(scope="module")
 def sd1_run(data, tiny_sd1, tmp_path_factory) -> Path:
-    """6 steps, saved every 3 with states; the vectors train for the first half."""
+    """6 steps, saved every 3 with states; the vectors train for the first half; the 3x3
+    convolutions adapted too."""
     out = tmp_path_factory.mktemp("pivotal")
     run_train(
         *common(data, out, tiny_sd1 / "model.safetensors"),
         *PIVOTAL,
+        *CONV,
         "--max_train_steps=6",
         "--save_every_n_steps=3",
         "--save_state",
         "--train_vectors_fraction=0.5",
     )
+    return out
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(data, tiny_sdxl, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pivotal-sdxl")
+    run_train(*common(data, out, tiny_sdxl / "model.safetensors"), *PIVOTAL, "--max_train_steps=2", sdxl=True)
     return out
 
 
@@ -81,13 +94,17 @@ def test_a_pivotal_run_writes_a_kohya_lora_with_the_word_bundled(sd1_run, sd1_mo
         "mychar4_lora.safetensors",
     ]
     tensors, metadata = lora_file(sd1_run / "mychar4_lora.safetensors")
-    layers = default_unet_layers(sd1_model)
+    layers = default_unet_layers(sd1_model, with_convs=True)
     expected = {
         f"{name}.{part}" for name in layers for part in ("lora_down.weight", "lora_up.weight", "alpha")
     }
     assert set(tensors) == expected | {"bundle_emb.mychar4.emb_params"}
-    assert all(float(tensors[key]) == 2.0 for key in expected if key.endswith(".alpha"))
-    assert all(tensors[key].shape[0] == 4 for key in expected if key.endswith("lora_down.weight"))
+    assert len(layers) > len(default_unet_layers(sd1_model))
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in layers  # kohya's name for a ResNet 3x3 conv
+    for name, layer in layers.items():
+        wide = isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1)
+        rank_and_alpha = (tensors[f"{name}.lora_down.weight"].shape[0], float(tensors[f"{name}.alpha"]))
+        assert rank_and_alpha == ((2, 1.0) if wide else (4, 2.0)), name
     assert max(tensors[key].abs().max() for key in expected if "lora_up" in key) > 0  # it learned
     plain = load_file(str(sd1_run / "mychar4.safetensors"))
     assert set(plain) == {"emb_params"} and torch.equal(
@@ -123,6 +140,7 @@ def test_a_pivotal_run_writes_a_kohya_lora_with_the_word_bundled(sd1_run, sd1_mo
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
     }
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
     assert json.loads(metadata["ss_training_comment"])["train_vectors_fraction"] == 0.5
     assert re.fullmatch(r"[0-9a-f]{64}", metadata["sshs_model_hash"])
     _, embedding_metadata = lora_file(sd1_run / "mychar4.safetensors")
@@ -135,20 +153,6 @@ def test_the_vectors_stop_at_the_pivot_and_the_lora_trains_on(sd1_run):
     lora_at_pivot = load_file(str(sd1_run / "mychar4_lora-step00000003.safetensors"))
     lora_end = load_file(str(sd1_run / "mychar4_lora.safetensors"))
     assert any(not torch.equal(lora_at_pivot[k], lora_end[k]) for k in lora_end if "lora_up" in k)
-
-
-def test_a_resumed_pivotal_run_ends_with_the_same_files(sd1_run, data, tiny_sd1, tmp_path):
-    state = sd1_run / "mychar4-step00000003-state"
-    assert (state / "lora.safetensors").is_file()
-    run_train(
-        *common(data, tmp_path, tiny_sd1 / "model.safetensors"),
-        *PIVOTAL,
-        "--max_train_steps=6",
-        "--train_vectors_fraction=0.5",
-        f"--resume={state}",
-    )
-    whole, resumed = (load_file(str(d / "mychar4_lora.safetensors")) for d in (sd1_run, tmp_path))
-    assert set(whole) == set(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_network_weights_continue_from_a_lora_file(sd1_run, data, tiny_sd1, tmp_path):
@@ -167,24 +171,9 @@ def test_network_weights_continue_from_a_lora_file(sd1_run, data, tiny_sd1, tmp_
     assert all(torch.equal(before[k], after[k]) for k in layers)
 
 
-def test_two_processes_train_the_lora_in_lock_step(data, tiny_sd1, tmp_path):
-    result = run_train(
-        *common(data, tmp_path, tiny_sd1 / "model.safetensors"),
-        *PIVOTAL,
-        "--max_train_steps=2",
-        "--console_log_level=DEBUG",
-        **launch_two(29541),
-    )
-    sums = dict(re.findall(r"process (\d): final LoRA sum (\S+)", result.stderr))
-    assert sorted(sums) == ["0", "1"] and sums["0"] == sums["1"]
-
-
-def test_an_sdxl_pivotal_run_names_layers_the_ldm_way_and_bundles_both_encoders(data, tiny_sdxl, tmp_path):
-    run_train(
-        *common(data, tmp_path, tiny_sdxl / "model.safetensors"), *PIVOTAL, "--max_train_steps=2", sdxl=True
-    )
-    tensors, metadata = lora_file(tmp_path / "mychar4_lora.safetensors")
-    plain = load_file(str(tmp_path / "mychar4.safetensors"))
+def test_an_sdxl_pivotal_run_names_layers_the_ldm_way_and_bundles_both_encoders(sdxl_run, tiny_sdxl):
+    tensors, metadata = lora_file(sdxl_run / "mychar4_lora.safetensors")
+    plain = load_file(str(sdxl_run / "mychar4.safetensors"))
     assert {k for k in tensors if k.startswith("bundle_emb.")} == {
         "bundle_emb.mychar4.clip_l",
         "bundle_emb.mychar4.clip_g",
@@ -215,39 +204,34 @@ def test_comfyui_finds_every_sd1_layer(sd1_run, tiny_sd1):
     assert names <= comfy
 
 
-def test_the_webui_finds_every_sd1_layer_of_a_full_size_model():
+@pytest.mark.parametrize("with_convs", [False, True])
+def test_the_webui_finds_every_sd1_layer_of_a_full_size_model(with_convs):
     """The WebUI's block arithmetic assumes SD 1.5's real UNet (2 layers per block): our names,
-    translated by its rule, are the LDM names of the same layers."""
+    translated by its rule, are the LDM names of the same layers (ResNet, down- and upsampling
+    convolutions too)."""
     config = base_config("sd1")["unet"]
     with init_empty_weights():
         unet = UNet2DConditionModel(**config)
     model = SimpleNamespace(unet=unet, family=SD1, text_encoders=[])
     paths = {id(module): path for path, module in unet.named_modules()}
-    layers = default_unet_layers(model)
-    assert len(layers) > 100  # every attention projection, feed-forward and proj_in/out of SD 1.5
+    layers = default_unet_layers(model, with_convs=with_convs)
+    assert len(layers) > (200 if with_convs else 100)  # every attention projection, feed-forward, proj_in/out
     ldm_names = {}
     for name, module in layers.items():
         ldm = unet_key_to_ldm(paths[id(module)] + ".weight", unet.config).removesuffix(".weight")
         ldm_names[name] = "diffusion_model_" + ldm.replace(".", "_")
-    assert all(webui_module(name, set(ldm_names.values())) == ldm_names[name] for name in layers)
+    for name in layers:
+        assert webui_module(name, set(ldm_names.values())) == ldm_names[name], name
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_diffusers_load_lora_weights_gives_our_unet_output(family, sd1_run, data, tmp_path, request):
+def test_diffusers_load_lora_weights_gives_our_unet_output(family, request):
     """The real library: the file without its bundle, through load_lora_weights, changes the UNet
     exactly as our generator's adapters do."""
-    peft = pytest.importorskip("peft")
-    assert peft
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # load_lora_weights needs peft
 
     root = request.getfixturevalue("tiny_sdxl" if family == "sdxl" else "tiny_sd1")
-    if family == "sdxl":
-        run_train(
-            *common(data, tmp_path, root / "model.safetensors"), *PIVOTAL, "--max_train_steps=2", sdxl=True
-        )
-        path = tmp_path / "mychar4_lora.safetensors"
-    else:
-        path = sd1_run / "mychar4_lora.safetensors"
+    path = request.getfixturevalue("sdxl_run" if family == "sdxl" else "sd1_run") / "mychar4_lora.safetensors"
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = pipeline_class.from_pretrained(str(root / "diffusers"), torch_dtype=torch.float32)
     ours = load_sd_model(root / "model.safetensors")
@@ -296,6 +280,15 @@ def settings(tmp_path, *extra: str):
         (["--network_module=networks.lora", "--train_vectors_fraction=0"], "must be above 0 and at most 1"),
         (["--network_module=networks.lora", "--network_weights=missing.safetensors"], "file not found"),
         (["--network_module=networks.lora", "--output_name=my.word"], "the WebUI cuts at the first dot"),
+        (
+            ["--network_module=networks.lora", "--network_args", "dropout=0.1"],
+            "only conv_dim=N and conv_alpha=A",
+        ),
+        (["--network_module=networks.lora", "--network_args", "conv_alpha=2"], "conv_alpha needs conv_dim"),
+        (
+            ["--network_module=networks.lora", "--network_args", "conv_dim=x"],
+            "conv_dim must be a whole number",
+        ),
     ],
 )
 def test_lora_options_that_cannot_work_are_refused_in_one_line(tmp_path, extra, message):
@@ -305,7 +298,7 @@ def test_lora_options_that_cannot_work_are_refused_in_one_line(tmp_path, extra, 
 
 def test_a_network_weights_file_of_another_rank_or_with_text_layers_is_refused(sd1_run, tmp_path):
     start = sd1_run / "mychar4_lora.safetensors"
-    with pytest.raises(UserError, match="has dim 4, but --network_dim is 8: remove --network_dim"):
+    with pytest.raises(UserError, match="has dim 4, but --network_dim is 8: remove it"):
         settings(tmp_path, "--network_module=networks.lora", f"--network_weights={start}", "--network_dim=8")
     with_text = load_file(str(start))
     with_text["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 32)

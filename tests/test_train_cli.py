@@ -350,21 +350,33 @@ def test_output_config_then_config_file(char_data, tiny_sd1, tmp_path):
         parse_args([f"--config_file={config}"])
 
 
-def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):
-    """accelerate's launcher starts CPU processes with --multi_gpu plus ACCELERATE_USE_CPU (gloo)."""
+def test_two_processes_train_in_lock_step_and_resume_exactly(char_data, tiny_sd1, tmp_path):
+    """accelerate's launcher starts CPU processes with --multi_gpu plus ACCELERATE_USE_CPU (gloo). A
+    pivotal-tuning LoRA (3x3 convolutions too, vectors stopped after the first step) stays in
+    lock-step beside the word, and two processes resume from a state to the same vectors and LoRA
+    (with a linear LR schedule, whose state resumes too). The SDXL test trains the word alone."""
     out = tmp_path / "o"
     prompts = tmp_path / "p.txt"
     prompts.write_text("mychar4 --w 64 --h 64 --s 2 --d 3\n")
-    result = run_train(
-        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+    args = [
         "--max_train_steps=3",
         "--token_string=mychar4",
         "--init_word=toy",
-        "--save_every_n_steps=2",
-        "--save_state",
         "--save_model_as=safetensors",
         "--learning_rate=1e-2",
+        "--lr_scheduler=linear",
         "--console_log_level=DEBUG",
+        "--network_module=networks.lora",
+        "--network_args",
+        "conv_dim=2",
+        "--unet_lr=1e-3",
+        "--train_vectors_fraction=0.4",
+    ]
+    result = run_train(
+        *common(char_data, out, tiny_sd1 / "model.safetensors"),
+        *args,
+        "--save_every_n_steps=2",
+        "--save_state",
         f"--sample_prompts={prompts}",
         "--sample_every_n_steps=2",
         **launch_two(29517),
@@ -375,6 +387,22 @@ def test_two_processes_train_in_lock_step(char_data, tiny_sd1, tmp_path):
     assert len(list((out / "sample").glob("*.png"))) == 1  # sampled once, by the main process
     sums = re.findall(r"process (\d): final vectors sum (\S+)", result.stderr)
     assert sorted(p for p, _ in sums) == ["0", "1"] and sums[0][1] == sums[1][1]  # lock-step
+    lora = dict(re.findall(r"process (\d): final LoRA sum (\S+)", result.stderr))
+    assert sorted(lora) == ["0", "1"] and lora["0"] == lora["1"]
+
+    resumed = tmp_path / "resumed"
+    state = out / "mychar4-step00000002-state"
+    run_train(
+        *common(char_data, resumed, tiny_sd1 / "model.safetensors"),
+        *args,
+        f"--resume={state}",
+        **launch_two(29518),
+    )
+    for name in ("mychar4.safetensors", "mychar4_lora.safetensors"):
+        whole, again = load_file(str(out / name)), load_file(str(resumed / name))
+        assert set(whole) == set(again) and all((whole[k] - again[k]).abs().max() <= 1e-6 for k in whole), (
+            name
+        )
 
 
 def test_killed_or_interrupted_runs_resume_exactly_from_their_newest_state(char_data, tiny_sd1, tmp_path):

@@ -67,19 +67,3 @@ def test_accumulation_steps_at_each_epoch_end_and_resumes_exactly_from_every_sav
         out = tmp_path / state
         run_train(*common(data, out, model), *args, f"--resume={tmp_path / 'whole' / state}")
         assert (final_vectors(out) - expected).abs().max().item() <= 1e-6, state
-
-
-def test_two_processes_resume_exactly(data, tiny_sd1, tmp_path):
-    model = tiny_sd1 / "model.safetensors"
-    args = [*TRAIN, "--max_train_steps=4", "--lr_scheduler=linear"]
-    run_train(
-        *common(data, tmp_path / "whole", model),
-        *args,
-        "--save_every_n_steps=2",
-        "--save_state",
-        **launch_two(29533),
-    )
-    state = tmp_path / "whole" / "mychar4-step00000002-state"
-    run_train(*common(data, tmp_path / "resumed", model), *args, f"--resume={state}", **launch_two(29534))
-    difference = final_vectors(tmp_path / "resumed") - final_vectors(tmp_path / "whole")
-    assert difference.abs().max().item() <= 1e-6

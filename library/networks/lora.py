@@ -40,8 +40,10 @@ logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "lora_unet"
 BUNDLE_PREFIX = "bundle_emb."
-# kohya's networks.lora adapts, in the UNet, the linear and 1x1 layers inside these blocks
+# kohya's networks.lora adapts, in the UNet, the linear and 1x1 layers inside these blocks, and
+# with network_args conv_dim also every layer of these (3x3 convolutions at conv_dim's rank)
 DEFAULT_UNET_BLOCKS = ("Transformer2DModel",)
+CONV_UNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 # other networks' keys, to name them when refused
 OTHER_NETWORKS = {
@@ -75,18 +77,27 @@ def _with_text_model(path: str) -> str:
     return "text_model." + path
 
 
-def default_unet_layers(model) -> dict[str, nn.Module]:
-    """The UNet layers kohya's ``networks.lora`` trains by default: the linear and 1x1 layers of
-    its transformer blocks (attention projections, feed-forward, proj_in/proj_out)."""
+def default_unet_layers(model, with_convs: bool = False) -> dict[str, nn.Module]:
+    """The UNet layers kohya's ``networks.lora`` trains: the linear and 1x1 layers of its
+    transformer blocks (attention projections, feed-forward, proj_in/proj_out); ``with_convs``
+    (kohya's ``conv_dim``) adds every linear and convolution of the ResNet, down- and upsampling
+    blocks."""
     by_module = {id(module): name for name, module in layer_names(model).items()}
+    blocks = DEFAULT_UNET_BLOCKS + (CONV_UNET_BLOCKS if with_convs else ())
     chosen = {}
     for block in model.unet.modules():
-        if type(block).__name__ in DEFAULT_UNET_BLOCKS:
+        if type(block).__name__ in blocks:
             for module in block.modules():
                 one_by_one = isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
-                if isinstance(module, nn.Linear) or one_by_one:
+                wide_conv = with_convs and isinstance(module, nn.Conv2d)
+                if isinstance(module, nn.Linear) or one_by_one or wide_conv:
                     chosen[by_module[id(module)]] = module
     return chosen
+
+
+def is_wide_conv(layer: nn.Module) -> bool:
+    """A convolution with a kernel larger than 1x1: kohya gives it ``conv_dim``'s rank and alpha."""
+    return isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
 
 
 class LoRAAdapter(nn.Module):
@@ -129,9 +140,16 @@ class LoRANetwork(nn.Module):
         self._hooks: list = []
 
     @classmethod
-    def create(cls, layers: dict[str, nn.Module], dim: int, alpha: float) -> LoRANetwork:
-        """A fresh network over ``layers`` (e.g. ``default_unet_layers(model)``)."""
-        return cls({name: LoRAAdapter(layer, dim, alpha) for name, layer in layers.items()}, layers)
+    def create(
+        cls, layers: dict[str, nn.Module], dim: int, alpha: float, conv: tuple[int, float] | None = None
+    ) -> LoRANetwork:
+        """A fresh network over ``layers`` (e.g. ``default_unet_layers(model)``); ``conv``: the rank
+        and alpha of the 3x3 convolutions among them (kohya's ``conv_dim``, ``conv_alpha``)."""
+        adapters = {}
+        for name, layer in layers.items():
+            rank, scale = conv if conv is not None and is_wide_conv(layer) else (dim, alpha)
+            adapters[name] = LoRAAdapter(layer, rank, scale)
+        return cls(adapters, layers)
 
     def attach(self) -> LoRANetwork:
         for name, adapter in self.adapters.items():

@@ -30,6 +30,7 @@ from library.networks.lora import (
     UNET_PREFIX,
     LoRANetwork,
     default_unet_layers,
+    is_wide_conv,
     network_from_file,
     read_lora_file,
 )
@@ -44,7 +45,15 @@ NETWORK_MODULE = "networks.lora"
 DEFAULT_DIM = 4  # kohya's networks.lora without --network_dim
 DEFAULT_ALPHA = 1.0  # kohya's --network_alpha default
 DEFAULT_UNET_LR = 1e-4  # a LoRA's usual rate; --learning_rate stays the vectors' (often 50x higher)
-LORA_OPTIONS = ("network_dim", "network_alpha", "network_weights", "unet_lr", "network_train_unet_only")
+LORA_OPTIONS = (
+    "network_dim",
+    "network_alpha",
+    "network_weights",
+    "network_args",
+    "unet_lr",
+    "network_train_unet_only",
+)
+NETWORK_ARGS = ("conv_dim", "conv_alpha")  # kohya's 3x3-convolution LoRA ("LoRA-C3Lier")
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class LoRASettings:
     network_dim: int | None = None  # None: the --network_weights file's, else DEFAULT_DIM
     network_alpha: float | None = None  # None: the --network_weights file's, else DEFAULT_ALPHA
     network_weights: str | None = None
+    network_args: list[str] | None = None  # "conv_dim=8", "conv_alpha=4"
     unet_lr: float | None = None  # None: DEFAULT_UNET_LR
     network_train_unet_only: bool = False  # always so here: the text side learns through the word
     train_vectors_fraction: float = 1.0
@@ -66,6 +76,20 @@ class LoRASettings:
     @property
     def learning_rate(self) -> float:
         return DEFAULT_UNET_LR if self.unet_lr is None else self.unet_lr
+
+    @property
+    def given_args(self) -> dict[str, str]:
+        """``--network_args`` as kohya records them (``ss_network_args``): key to the text given."""
+        pairs = [item.split("=", 1) for item in self.network_args or []]
+        return {key.strip(): value.strip() for key, value in pairs}
+
+    @property
+    def conv(self) -> tuple[int, float] | None:
+        """kohya's ``conv_dim`` and ``conv_alpha`` (1 when only conv_dim is given), or None."""
+        args = self.given_args
+        if "conv_dim" not in args:
+            return None
+        return int(args["conv_dim"]), float(args.get("conv_alpha", 1.0))
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +117,14 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=default("network_weights"),
         help="continue from a kohya LoRA file (its rank and alpha are kept)",
+    )
+    g.add_argument(
+        "--network_args",
+        type=str,
+        nargs="*",
+        default=default("network_args"),
+        help="conv_dim=N [conv_alpha=A]: also adapt the UNet's 3x3 convolutions (ResNet, down- and "
+        "upsampling blocks) at rank N, as kohya's networks.lora does",
     )
     g.add_argument(
         "--unet_lr",
@@ -141,8 +173,32 @@ def check_lora_settings(lora: LoRASettings) -> None:
             f"--train_vectors_fraction {lora.train_vectors_fraction}: must be above 0 and at most 1 "
             "(0.5: the vectors train for the first half of the steps)"
         )
+    _check_network_args(lora)
     if lora.network_weights:
         _check_continued_file(lora)
+
+
+def _check_network_args(lora: LoRASettings) -> None:
+    """Only kohya's conv_dim and conv_alpha, as numbers; conv_alpha needs conv_dim."""
+    for item in lora.network_args or []:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or key not in NETWORK_ARGS:
+            raise UserError(
+                f"--network_args {item}: only conv_dim=N and conv_alpha=A (kohya's 3x3-convolution LoRA) are "
+                "supported when training here"
+            )
+    args = lora.given_args
+    if "conv_alpha" in args and "conv_dim" not in args:
+        raise UserError("--network_args conv_alpha needs conv_dim=N too (the rank of the 3x3 convolutions)")
+    try:
+        conv = lora.conv
+    except ValueError:
+        conv = (0, 0.0)
+    if conv is not None and not (conv[0] >= 1 and math.isfinite(conv[1]) and conv[1] >= 0):
+        raise UserError(
+            f"--network_args {' '.join(lora.network_args)}: conv_dim must be a whole number of at least 1 "
+            "and conv_alpha a number of 0 or more"
+        )
 
 
 def _check_continued_file(lora: LoRASettings) -> None:
@@ -154,18 +210,26 @@ def _check_continued_file(lora: LoRASettings) -> None:
             f"--network_weights {file.path}: it adapts text-encoder layers ({other[0]}); the LoRA trained "
             "here is on the UNet only (the word trains the text side): continue from a UNet-only LoRA"
         )
-    dims = {int(parts["lora_down.weight"].shape[0]) for parts in file.layers.values()}
-    alphas = {float(parts["alpha"]) for parts in file.layers.values() if "alpha" in parts}
-    for option, asked, found in (
-        ("network_dim", lora.network_dim, dims),
-        ("network_alpha", lora.network_alpha, alphas),
+    conv_dim, conv_alpha = lora.conv or (None, None)
+    for wide, dim_option, dim, alpha_option, alpha in (
+        (False, "--network_dim", lora.network_dim, "--network_alpha", lora.network_alpha),
+        (True, "--network_args conv_dim", conv_dim, "--network_args conv_alpha", conv_alpha),
     ):
-        if asked is not None and found and found != {asked}:
-            raise UserError(
-                f"--network_weights {file.path} has {option.removeprefix('network_')} "
-                f"{', '.join(f'{v:g}' for v in sorted(found))}, but --{option} is {asked:g}: remove --{option} "
-                "to continue with the file's"
-            )
+        parts = [p for p in file.layers.values() if _is_wide(p["lora_down.weight"]) == wide]
+        dims = {int(p["lora_down.weight"].shape[0]) for p in parts}
+        alphas = {float(p["alpha"]) for p in parts if "alpha" in p}
+        for option, asked, found in ((dim_option, dim, dims), (alpha_option, alpha, alphas)):
+            if asked is not None and found and found != {asked}:
+                raise UserError(
+                    f"--network_weights {file.path} has {option.split()[-1].removeprefix('--network_')} "
+                    f"{', '.join(f'{v:g}' for v in sorted(found))}, but {option} is {asked:g}: remove it to "
+                    "continue with the file's"
+                )
+
+
+def _is_wide(down: torch.Tensor) -> bool:
+    """A file's ``lora_down`` weight of a 3x3 (or larger) convolution."""
+    return down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
 
 
 class UNetLoRA:
@@ -174,9 +238,12 @@ class UNetLoRA:
     def __init__(self, network: LoRANetwork, settings: LoRASettings, max_train_steps: int):
         self.network = network
         self.settings = settings
-        adapters = list(network.adapters.values())
-        self.dim = int(adapters[0].lora_down.weight.shape[0])
-        self.alpha = float(adapters[0].alpha)
+        plain = [a for a in network.adapters.values() if not is_wide_conv(a.lora_down)]
+        first = (plain or list(network.adapters.values()))[0]  # the rank and alpha of --network_dim/alpha
+        self.dim = int(first.lora_down.weight.shape[0])
+        self.alpha = float(first.alpha)
+        wide = [a for a in network.adapters.values() if is_wide_conv(a.lora_down)]
+        self.conv = (int(wide[0].lora_down.weight.shape[0]), float(wide[0].alpha)) if wide else None
         self.pivot_step = max(1, round(settings.train_vectors_fraction * max_train_steps))
 
     @classmethod
@@ -196,16 +263,14 @@ class UNetLoRA:
             alpha = DEFAULT_ALPHA if settings.network_alpha is None else settings.network_alpha
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                network = LoRANetwork.create(default_unet_layers(model), dim, alpha)
-        network.to(device).requires_grad_(True)
-        for adapter in network.adapters.values():
-            adapter.alpha.requires_grad_(False)
+                layers = default_unet_layers(model, with_convs=settings.conv is not None)
+                network = LoRANetwork.create(layers, dim, alpha, conv=settings.conv)
+        network.to(device).requires_grad_(True)  # its parameters: alpha is a buffer
         network.attach()
         lora = cls(network, settings, max_train_steps)
         logger.info(
-            "LoRA on %d UNet layers, rank %d, alpha %g, learning rate %g%s",
-            len(network.adapters),
-            lora.dim,
+            "%s, alpha %g, learning rate %g%s",
+            lora.describe(),
             lora.alpha,
             settings.learning_rate,
             f"; the vectors train for the first {lora.pivot_step} steps"
@@ -227,7 +292,8 @@ class UNetLoRA:
 
     def describe(self) -> str:
         size = sum(p.numel() for p in self.parameters)
-        return f"LoRA rank {self.dim} on {len(self.network.adapters)} UNet layers ({size:,} weights)"
+        convs = f", 3x3 convolutions at rank {self.conv[0]}" if self.conv else ""
+        return f"LoRA rank {self.dim}{convs} on {len(self.network.adapters)} UNet layers ({size:,} weights)"
 
     # -----------------------------------------------------------------------------------------
     # the file
@@ -242,6 +308,7 @@ class UNetLoRA:
             "ss_network_module": NETWORK_MODULE,
             "ss_network_dim": str(self.dim),
             "ss_network_alpha": f"{self.alpha:g}",
+            **self._network_args_metadata(),
             "ss_base_model_version": family.base_model_version(v_param),
             "ss_v2": str(family.name == "sd2"),
             "ss_output_name": run.output_name,
@@ -266,6 +333,14 @@ class UNetLoRA:
             ),
         }
         return {**training, **run.embedding_metadata(adapter="lora")}
+
+    def _network_args_metadata(self) -> dict[str, str]:
+        """kohya's ``ss_network_args`` when the 3x3 convolutions are adapted (also when continued
+        from a file without --network_args)."""
+        if self.conv is None:
+            return {}
+        dim, alpha = self.conv
+        return {"ss_network_args": json.dumps({"conv_dim": str(dim), "conv_alpha": f"{alpha:g}"})}
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """What a run saves: embedding files with kohya's names, and resumable training states.
 
 A state folder holds the vectors (and a pivotal-tuning run's LoRA), the optimizer and
-LR-scheduler states and the counters (global step, epoch, batches done in that epoch). Nothing else is needed for an exact resume:
-every random draw of the run (data order, augmentation, noise, timesteps) is derived from the
-seed and the step or epoch, not from a running RNG. Everything is read back with
-``weights_only=True``, so a state folder cannot run code either.
+LR-scheduler states and the counters (global step, epoch, batches done in that epoch). Nothing
+else is needed for an exact resume: every random draw of the run (data order, augmentation,
+noise, timesteps) is derived from the seed and the step or epoch, not from a running RNG.
+Everything is read back with ``weights_only=True``, so a state folder cannot run code either.
 """
 
 from __future__ import annotations
