@@ -232,19 +232,24 @@ def edit_prompts(word: str, images: int) -> list[tuple[str, str | None, str | No
     return prompts
 
 
-def evaluate_edits(model, installed: dict[str, int] | None, word: str, images: int) -> EditReport:
-    """Judge ``word`` (already installed in ``model``, or one the model knows) on the three kinds."""
+def evaluate_edits(
+    model, installed: dict[str, int] | None, word: str, images: int, target: str = shapes.CONCEPT_SHAPE
+) -> EditReport:
+    """Judge ``word`` (already installed in ``model``, or one the model knows) on the three kinds;
+    ``target``: the shape the word should draw (a shape outside the world, e.g. ``NEW_GLYPH``, is
+    added to the judge's templates)."""
     asked = edit_prompts(word, images)
     seeds = [FIRST_SEED + i % images for i in range(len(asked))]
-    verdicts = [shapes.judge(i) for i in generate(model, [p for p, _, _ in asked], seeds, installed)]
+    extra = () if target in shapes.ALL_SHAPES else (target,)
+    pictures = generate(model, [p for p, _, _ in asked], seeds, installed)
+    verdicts = [shapes.judge(picture, extra) for picture in pictures]
     plain, colored, backed = (verdicts[k * images : (k + 1) * images] for k in range(3))
-    heart = shapes.CONCEPT_SHAPE
     return EditReport(
-        concept=sum(v.shape == heart for v in plain) / images,
-        color=sum(v.shape == heart and v.color == c for v, (_, c, _) in zip(colored, asked[images:]))
+        concept=sum(v.shape == target for v in plain) / images,
+        color=sum(v.shape == target and v.color == c for v, (_, c, _) in zip(colored, asked[images:]))
         / images,
         background=sum(
-            v.shape == heart and v.background == b for v, (_, _, b) in zip(backed, asked[2 * images :])
+            v.shape == target and v.background == b for v, (_, _, b) in zip(backed, asked[2 * images :])
         )
         / images,
     )

@@ -33,6 +33,9 @@ CONCEPT_SHAPE = "heart"  # drawn, but only ever named by CONCEPT_WORD (or the ge
 CONCEPT_WORD = "dax"
 GENERIC_WORD = "shape"
 ALL_SHAPES = (*SHAPES, CONCEPT_SHAPE)
+# A glyph the model never saw, for the pivotal-tuning evaluation only (bench/pivotal.py): it is in
+# no training picture of the model and the judge knows it only when asked to (``judge(extra=...)``).
+NEW_GLYPH = "arrow"
 
 COLORS = {
     "red": (220, 30, 30),
@@ -91,6 +94,17 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             angle = -math.pi / 2 + i * math.pi / 5
             points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
         return points
+    if shape == "arrow":  # pointing right: a shaft and a head, unlike any shape of the world
+        shaft, head, neck = r * 0.28, r * 0.8, cx + r * 0.1
+        return [
+            (cx - r, cy - shaft),
+            (neck, cy - shaft),
+            (neck, cy - head),
+            (cx + r, cy),
+            (neck, cy + head),
+            (neck, cy + shaft),
+            (cx - r, cy + shaft),
+        ]
     if shape == "heart":
         points = []
         for i in range(64):
@@ -213,10 +227,10 @@ def _normalised(mask: np.ndarray) -> np.ndarray | None:
 
 
 @cache
-def _templates() -> dict[str, list[np.ndarray]]:
-    """Each shape rendered at a few sizes, judged by the same mask rule, normalised."""
+def _templates(extra: tuple[str, ...] = ()) -> dict[str, list[np.ndarray]]:
+    """Each shape (and each ``extra`` one) rendered at a few sizes, judged by the same mask rule, normalised."""
     templates: dict[str, list[np.ndarray]] = {}
-    for shape in ALL_SHAPES:
+    for shape in (*ALL_SHAPES, *extra):
         templates[shape] = []
         for radius in (MIN_RADIUS, (MIN_RADIUS + MAX_RADIUS) / 2, MAX_RADIUS):
             scene = Scene(shape, "red", "gray", radius, (SIZE / 2, SIZE / 2), COLORS["red"], 128)
@@ -224,8 +238,9 @@ def _templates() -> dict[str, list[np.ndarray]]:
     return templates
 
 
-def judge(image: Image.Image) -> Verdict:
-    """The shape (by best template overlap) and colour (nearest palette colour) in ``image``."""
+def judge(image: Image.Image, extra: tuple[str, ...] = ()) -> Verdict:
+    """The shape (by best template overlap) and colour (nearest palette colour) in ``image``;
+    ``extra``: shapes outside the world the judge should also recognise (``NEW_GLYPH``)."""
     pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BOX))
     mask = shape_mask(pixels)
     normal = _normalised(mask)
@@ -237,7 +252,8 @@ def judge(image: Image.Image) -> Verdict:
     def overlap(template: np.ndarray) -> float:
         return float(np.minimum(normal, template).sum() / np.maximum(normal, template).sum())
 
-    shape = max(_templates(), key=lambda name: max(overlap(t) for t in _templates()[name]))
+    templates = _templates(tuple(extra))
+    shape = max(templates, key=lambda name: max(overlap(t) for t in templates[name]))
     return Verdict(shape, color, _background(pixels, mask))
 
 

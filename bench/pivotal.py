@@ -1,0 +1,394 @@
+"""Pivotal tuning against Textual Inversion alone, on the small real model.
+
+    python -m bench.pivotal            # both concepts, three methods, 3 training seeds
+    python -m bench.pivotal --quick    # the new glyph, one seed
+    python -m bench.pivotal --cost     # time per step against TI alone, LoRA sizes at full size
+
+Two concepts, each taught from 16 pictures (one colour after another, captioned ``a COLOUR
+myshape``) through the real trainer CLI:
+
+* **new glyph**: an arrow, a shape the model never saw under any word (``tools.shapes.NEW_GLYPH``;
+  the judge learns its template for this evaluation only). A word can only point at what the
+  model draws, so Textual Inversion alone should stay near the init word; the LoRA can teach the
+  UNet the arrow.
+* **heart**: the demo's concept, which the model already draws under ``dax``: how fast each
+  method gets there, and what it costs in editability.
+
+Each save is judged with ``tools.concept_eval.evaluate_edits`` (concept on plain prompts, colour
+editability in the colours the model draws reliably, background editability), its embedding
+installed and, for pivotal tuning, its own LoRA attached. A method reaches the target at the
+first judged step from which the mean over seeds has concept >= 90 % and colour >= 80 % at every
+later save. Results go to ``bench/results/pivotal-<date>.json`` and the pivotal section of
+``bench/QUALITY.md``; the LoRA's size and time per step are printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tools import shapes
+from tools.concept_eval import SHAPES_MODEL, evaluate_edits
+from tools.demo import TRAIN_OPTIONS, WORD
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".cache" / "pivotal"
+RESULTS = ROOT / "bench" / "results"
+QUALITY_MD = ROOT / "bench" / "QUALITY.md"
+SECTION = "## Pivotal tuning"
+CONCEPT_TARGET, COLOR_TARGET = 0.9, 0.8
+JUDGED_STEPS = (20, 40, 80, 160, 300, 500)
+STEPS = 300  # the glyph's concept peaks between 160 and 300 steps and falls by 500 (docs/quality.md)
+PICTURES = 16  # with 8, pivotal tuning overfits the glyph's few pictures (docs/quality.md)
+# rank 16 on the transformer layers and the 3x3 convolutions: this model's attention sits only at
+# its 8 x 8 level, so a shape it never drew needs the convolutions too (transformer layers alone
+# reached about 60-75 % on one seed in the calibration runs, docs/quality.md)
+LORA_OPTIONS = (
+    "--network_module=networks.lora",
+    "--network_dim=16",
+    "--network_alpha=16",
+    "--network_args",
+    "conv_dim=16",
+    "conv_alpha=16",
+    "--unet_lr=1e-3",
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    options: tuple[str, ...]
+
+
+METHODS = (
+    Method("TI alone", ()),
+    Method("pivotal", LORA_OPTIONS),
+    Method("pivotal, vectors for the first half", (*LORA_OPTIONS, "--train_vectors_fraction=0.5")),
+)
+CONCEPTS = {"new glyph": shapes.NEW_GLYPH, "heart": shapes.CONCEPT_SHAPE}
+
+
+def draw_pictures(folder: Path, shape: str, count: int = 16, seed: int = 1) -> None:
+    """``count`` pictures of ``shape``, one colour after another, captioned ``a COLOUR WORD``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colors = list(shapes.COLORS)
+    for i in range(count):
+        scene = shapes.random_scene(rng, shape=shape, color=colors[i % len(colors)])
+        shapes.render(scene).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"a {colors[i % len(colors)]} {WORD}")
+
+
+def judged_steps(steps: int) -> list[int]:
+    return [step for step in JUDGED_STEPS if step <= steps]
+
+
+def command(method: Method, seed: int, data: Path, out: Path, steps: int) -> list[str]:
+    """The demo's command, run longer, saving every 20 steps, with the method's options."""
+    replaced = {"--max_train_steps", "--output_dir", "--train_data_dir", "--seed"}
+    base = [o for o in TRAIN_OPTIONS if o.split("=", 1)[0] not in replaced]
+    return [
+        sys.executable,
+        "train_textual_inversion.py",
+        *base,
+        *method.options,
+        f"--max_train_steps={steps}",
+        "--save_every_n_steps=20",
+        f"--seed={seed}",
+        f"--output_dir={out}",
+        f"--train_data_dir={data}",
+    ]
+
+
+def run_trial(concept: str, method: Method, seed: int, images: int, pictures: int, steps: int) -> dict:
+    """Train once; judge every judged save. Returns {"seconds", "judged": {step: scores}, "lora_bytes"}."""
+    from library.embeddings.install import install_embeddings
+    from library.models.loading import load_sd_model
+    from library.networks.lora import network_from_file, read_lora_file
+
+    tag = re.sub(r"\W+", "-", f"{concept}-{method.name}-{seed}")
+    data = WORK / (re.sub(r"\W+", "-", concept) + f"-{pictures}") / "data"
+    if not data.is_dir():
+        draw_pictures(data / f"1_{WORD}", CONCEPTS[concept], pictures)
+    out = WORK / "runs" / tag
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.time()
+    result = subprocess.run(
+        command(method, seed, data, out, steps), cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{tag}: the trainer failed:\n{result.stderr[-3000:]}")
+    trial = {"concept": concept, "method": method.name, "seed": seed, "seconds": time.time() - started}
+    trial["pictures"] = pictures
+    trial["judged"] = {}
+    model = load_sd_model(SHAPES_MODEL)
+    for step in judged_steps(steps):
+        suffix = "" if step == steps else f"-step{step:08d}"
+        word = f"{WORD}{step}"  # a fresh word per save: the tokenizer keeps what was installed
+        installed = install_embeddings(model, [out / f"{WORD}{suffix}.safetensors"], [word])
+        lora_path = out / f"{WORD}_lora{suffix}.safetensors"
+        network = network_from_file(read_lora_file(lora_path), model).attach() if lora_path.exists() else None
+        report = evaluate_edits(model, installed, word, images, target=CONCEPTS[concept])
+        if network is not None:
+            network.detach()
+            trial["lora_bytes"] = lora_path.stat().st_size
+        trial["judged"][step] = {
+            "concept": report.concept,
+            "color": report.color,
+            "background": report.background,
+        }
+        print(f"  {tag} step {step}: {report}", flush=True)
+    return trial
+
+
+def summarise(trials: list[dict]) -> list[dict]:
+    """Per (concept, method): mean and spread over seeds at each step, the step the target is
+    reached and held, and the seconds per run."""
+    rows = []
+    for concept in CONCEPTS:
+        for method in METHODS:
+            mine = [t for t in trials if t["concept"] == concept and t["method"] == method.name]
+            if not mine:
+                continue
+            by_step = {}
+            steps = sorted(mine[0]["judged"])
+            for step in steps:
+                scores = [t["judged"][step] for t in mine]
+                by_step[step] = {
+                    key: (
+                        statistics.mean(s[key] for s in scores),
+                        min(s[key] for s in scores),
+                        max(s[key] for s in scores),
+                    )
+                    for key in ("concept", "color", "background")
+                }
+            reached = None
+            for step in reversed(steps):
+                held = (
+                    by_step[step]["concept"][0] >= CONCEPT_TARGET
+                    and by_step[step]["color"][0] >= COLOR_TARGET
+                )
+                if not held:
+                    break
+                reached = step
+            rows.append(
+                {
+                    "concept": concept,
+                    "method": method.name,
+                    "seeds": len(mine),
+                    "by_step": by_step,
+                    "reached": reached,
+                    "seconds": statistics.mean(t["seconds"] for t in mine),
+                    "lora_bytes": mine[0].get("lora_bytes"),
+                    "pictures": mine[0].get("pictures", PICTURES),
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict], machine: str, images: int) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"`python -m bench.pivotal` on {machine}; {rows[0]['seeds'] if rows else 0} training seeds, {images} "
+        f"pictures per kind per judged save; the demo's command run to "
+        + ", ".join(
+            sorted({f"{max(r['by_step'])} steps on {r['pictures']} pictures ({r['concept']})" for r in rows})
+        )
+        + ", LoRA "
+        f"`{' '.join(LORA_OPTIONS)}`. Concept / colour / background at the last save (mean over seeds, "
+        "min-max in brackets), the step from which concept >= 90 % and colour >= 80 % hold, and the "
+        "wall time of a run (training and its saves, not the judging).",
+        "",
+        "| concept | method | concept | colour | background | target from step | run (s) | LoRA file |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        last = row["by_step"][max(row["by_step"])]
+        cells = [
+            f"{100 * m:.0f} % ({100 * lo:.0f}-{100 * hi:.0f})"
+            for m, lo, hi in (last[k] for k in ("concept", "color", "background"))
+        ]
+        size = f"{row['lora_bytes'] / 1e3:.0f} kB" if row["lora_bytes"] else "-"
+        reached = str(row["reached"]) if row["reached"] else "not reached"
+        lines.append(
+            f"| {row['concept']} | {row['method']} | {' | '.join(cells)} | {reached} | {row['seconds']:.0f} | {size} |"
+        )
+    lines.append("")
+    lines.append("Concept by judged step (mean over seeds):")
+    lines.append("")
+    judged = sorted({step for row in rows for step in row["by_step"]})
+    lines.append("| concept | method | " + " | ".join(str(s) for s in judged) + " |")
+    lines.append("|---|---|" + "---|" * len(judged))
+    for row in rows:
+        values = " | ".join(
+            f"{100 * row['by_step'][s]['concept'][0]:.0f} %" if s in row["by_step"] else "-" for s in judged
+        )
+        lines.append(f"| {row['concept']} | {row['method']} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# cost: the LoRA file's size at full size, and the time per step against Textual Inversion alone
+
+
+def full_size_lora_megabytes(family: str, rank: int, with_convs: bool) -> float:
+    """The size in MB of an fp16 LoRA file at ``rank`` (3x3 convolutions at the same rank) on the
+    real architecture, counted on a model built on the meta device (no memory, no weights)."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from library.models.family import FAMILIES
+    from library.models.loading import base_config
+    from library.networks.lora import default_unet_layers
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**base_config(family)["unet"])
+    model = SimpleNamespace(unet=unet, family=FAMILIES[family], text_encoders=[])
+    weights = 0
+    for layer in default_unet_layers(model, with_convs).values():
+        if isinstance(layer, torch.nn.Conv2d):
+            kernel = layer.kernel_size[0] * layer.kernel_size[1]
+            weights += rank * (layer.in_channels * kernel + layer.out_channels) + 1
+        else:
+            weights += rank * (layer.in_features + layer.out_features) + 1
+    return weights * 2 / 1e6
+
+
+def seconds_per_step(method: Method, data: Path, repeats: int = 2) -> float:
+    """The median over ``repeats`` of (a 60-step run - a 20-step run) / 40: start-up, loading and
+    saving cancel out. Runs no judge."""
+    timings = []
+    for _ in range(repeats):
+        runs = {}
+        for steps in (20, 60):
+            out = WORK / "timing" / re.sub(r"\W+", "-", f"{method.name}-{steps}")
+            command_line = [
+                o for o in command(method, 1, data, out, steps) if not o.startswith("--save_every_n_steps")
+            ]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            started = time.perf_counter()
+            subprocess.run(command_line, cwd=ROOT, env=env, check=True, capture_output=True)
+            runs[steps] = time.perf_counter() - started
+        timings.append((runs[60] - runs[20]) / 40)
+    return statistics.median(timings)
+
+
+def cost_section(machine: str) -> str:
+    """Time per step on the shapes model (each method in turn, twice) and full-size LoRA sizes."""
+    data = WORK / f"heart-{PICTURES}" / "data"
+    if not data.is_dir():
+        draw_pictures(data / f"1_{WORD}", shapes.CONCEPT_SHAPE, PICTURES)
+    per_step = {m.name: seconds_per_step(m, data) for m in METHODS}
+    base = per_step[METHODS[0].name]
+    lines = [
+        "### Cost",
+        "",
+        f"Seconds per optimizer step on the shapes model (batch 8 of 64 x 64 pictures, cached latents), "
+        f"on {machine}: (a 60-step run - a 20-step run) / 40, median of 2 repeats, one method after another; past the pivot a step skips the text encoders' backward pass.",
+        "",
+        "| method | s/step | against TI alone |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {value:.3f} | {value / base:.2f}x |" for name, value in per_step.items()]
+    lines += [
+        "",
+        "A LoRA file's size (fp16, `--save_precision fp16`; fp32 doubles it) on the real architectures,",
+        "counted on models built without weights: kohya's default layers, and with `conv_dim` at the same rank.",
+        "",
+        "| model | rank | transformer layers | + 3x3 convolutions |",
+        "|---|---|---|---|",
+    ]
+    for family, label in (("sd1", "SD 1.5"), ("sdxl", "SDXL")):
+        for rank in (4, 16, 32):
+            plain, convs = (full_size_lora_megabytes(family, rank, c) for c in (False, True))
+            lines.append(f"| {label} | {rank} | {plain:.1f} MB | {convs:.1f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the pivotal section of bench/QUALITY.md, leaving the others as they are."""
+    old = QUALITY_MD.read_text() if QUALITY_MD.exists() else ""
+    start = old.find(SECTION)
+    if start < 0:
+        QUALITY_MD.write_text(old.rstrip("\n") + "\n\n" + text)
+        return
+    rest = old[start + len(SECTION) :]
+    end = rest.find("\n## ")
+    tail = rest[end:] if end >= 0 else ""
+    QUALITY_MD.write_text(old[:start] + text + tail)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="the new glyph only, one seed, 8 pictures per kind"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--concepts", nargs="+", choices=list(CONCEPTS), default=list(CONCEPTS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=[m.name for m in METHODS], default=[m.name for m in METHODS]
+    )
+    parser.add_argument("--images", type=int, default=12, help="pictures per kind per judged save")
+    parser.add_argument("--pictures", type=int, default=PICTURES, help="training pictures per concept")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps of every run")
+    parser.add_argument("--machine", default="this machine", help="how the report names the machine")
+    parser.add_argument(
+        "--from-json", type=Path, nargs="*", default=None, help="merge saved trials instead of running"
+    )
+    parser.add_argument("--cost", action="store_true", help="only the time per step and the LoRA sizes")
+    args = parser.parse_args(argv)
+    if args.cost:
+        text = cost_section(args.machine)
+        print(text)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "pivotal-cost.md").write_text(text)
+        return
+    seeds, concepts, images = (
+        (args.seeds, args.concepts, args.images) if not args.quick else ([1], ["new glyph"], 8)
+    )
+    machine = args.machine
+    if args.from_json:
+        saved = [json.loads(path.read_text()) for path in args.from_json]
+        trials = [t for record in saved for t in record["trials"]]
+        images, machine = saved[0]["images"], saved[0]["machine"]
+        for t in trials:
+            t["judged"] = {int(k): v for k, v in t["judged"].items()}
+    else:
+        methods = [m for m in METHODS if m.name in args.methods]
+        trials = [
+            run_trial(c, m, s, images, args.pictures, args.steps)
+            for c in concepts
+            for m in methods
+            for s in seeds
+        ]
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = RESULTS / f"pivotal-{stamp}.json"
+        path.write_text(json.dumps({"machine": machine, "images": images, "trials": trials}, indent=1))
+        print(f"trials saved to {path}")
+    text = markdown(summarise(trials), machine, images)
+    cost = RESULTS / "pivotal-cost.md"
+    if cost.exists():  # measured apart (--cost), added to the section
+        text += "\n" + cost.read_text()
+    print(text)
+    if not args.quick:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
