@@ -14,7 +14,7 @@ our LoRA files"), gathered from the clients' public code (late 2026):
   underscores; other keys are reported as not loaded and skipped.
 * diffusers (``load_lora_weights``): refuses a file unless every key contains ``lora``; a
   bundled file is given with its ``bundle_emb.*`` keys left out (it converts kohya names itself;
-  the tests run the real library).
+  the tests run the real library's conversion).
 """
 
 from __future__ import annotations

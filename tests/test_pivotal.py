@@ -1,19 +1,20 @@
 """Pivotal tuning through the real trainer CLIs: a UNet LoRA trained beside the word, its kohya
-file (layers, ss_* metadata, the word bundled), the pivot, resume and continue, refusals, and
-every client's rule for finding the layers (diffusers run for real). Two processes: the lock-step
-test in test_train_cli.py."""
+file (layers, ss_* metadata, the word bundled), the pivot, continuing, refusals, and every
+client's rule for finding the layers (diffusers' own conversion run). Two processes and resume:
+the lock-step test in test_train_cli.py."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import init_empty_weights
-from cli_helpers import common, error_line, picture_folder, run_train
+from cli_helpers import common, picture_folder, run_train
 from diffusers import UNet2DConditionModel
 from lora_client_rules import (
     comfyui_key_map,
@@ -31,6 +32,8 @@ from library.models.ldm_export import unet_key_to_ldm
 from library.models.loading import base_config, load_sd_model
 from library.networks.lora import default_unet_layers, network_from_file, read_lora_file
 from library.training.args import settings_from_command_line
+from library.training.pivotal import UNetLoRA
+from library.training.state import check_resume
 
 data = picture_folder(4)
 
@@ -155,20 +158,17 @@ def test_the_vectors_stop_at_the_pivot_and_the_lora_trains_on(sd1_run):
     assert any(not torch.equal(lora_at_pivot[k], lora_end[k]) for k in lora_end if "lora_up" in k)
 
 
-def test_network_weights_continue_from_a_lora_file(sd1_run, data, tiny_sd1, tmp_path):
-    """At --unet_lr 0 the continued LoRA is the file's, rank and alpha taken from it."""
+def test_network_weights_continue_from_a_lora_file(sd1_run, tiny_sd1, tmp_path):
+    """The continued network is the file's, rank, alpha and 3x3 convolutions taken from it."""
     start = sd1_run / "mychar4_lora.safetensors"
-    args = [a for a in PIVOTAL if not a.startswith(("--network_dim", "--network_alpha", "--unet_lr"))]
-    run_train(
-        *common(data, tmp_path, tiny_sd1 / "model.safetensors"),
-        *args,
-        "--max_train_steps=1",
-        "--unet_lr=0",
-        f"--network_weights={start}",
-    )
-    before, after = load_file(str(start)), load_file(str(tmp_path / "mychar4_lora.safetensors"))
-    layers = [k for k in before if not k.startswith("bundle_emb.")]
-    assert all(torch.equal(before[k], after[k]) for k in layers)
+    model = load_sd_model(tiny_sd1 / "model.safetensors")
+    continued = settings(tmp_path, "--network_module=networks.lora", f"--network_weights={start}").lora
+    lora = UNetLoRA.for_run(model, continued, 10, torch.device("cpu"), seed=0)
+    saved = load_file(str(start))
+    state = lora.network.kohya_state_dict()
+    assert set(state) == {k for k in saved if not k.startswith("bundle_emb.")}
+    assert all(torch.equal(state[k], saved[k]) for k in state)
+    assert (lora.dim, lora.alpha, lora.conv) == (4, 2.0, (2, 1.0))
 
 
 def test_an_sdxl_pivotal_run_names_layers_the_ldm_way_and_bundles_both_encoders(sdxl_run, tiny_sdxl):
@@ -225,35 +225,38 @@ def test_the_webui_finds_every_sd1_layer_of_a_full_size_model(with_convs):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_diffusers_load_lora_weights_gives_our_unet_output(family, request):
-    """The real library: the file without its bundle, through load_lora_weights, changes the UNet
-    exactly as our generator's adapters do."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # load_lora_weights needs peft
+def test_diffusers_reads_every_layer_onto_the_layer_our_adapters_use(family, request):
+    """The real library's reading (``lora_state_dict`` and ``convert_unet_state_dict_to_peft``,
+    what ``load_lora_weights`` does before peft injects the layers): the file without its bundle
+    passes its every-key-says-lora check (the whole file does not), and each kohya layer lands on
+    the same UNet layer as our adapter, with the same down and up weights, at our alphas."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
 
     root = request.getfixturevalue("tiny_sdxl" if family == "sdxl" else "tiny_sd1")
     path = request.getfixturevalue("sdxl_run" if family == "sdxl" else "sd1_run") / "mychar4_lora.safetensors"
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    pipe = pipeline_class.from_pretrained(str(root / "diffusers"), torch_dtype=torch.float32)
+    pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     ours = load_sd_model(root / "model.safetensors")
-    generator = torch.Generator().manual_seed(0)
-    unet = pipe.unet
-    latents = torch.randn(1, unet.config.in_channels, 8, 8, generator=generator)
-    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
-    extra = {}
-    if family == "sdxl":
-        pooled = torch.randn(1, pipe.text_encoder_2.config.projection_dim, generator=generator)
-        extra = {
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-        }
-    timestep = torch.tensor([500])
-    with torch.no_grad():
-        plain = ours.unet(latents, timestep, context, **extra).sample
-        network_from_file(read_lora_file(path), ours).attach()
-        with_ours = ours.unet(latents, timestep, context, **extra).sample
-        pipe.load_lora_weights(diffusers_loadable(load_file(str(path))))
-        with_theirs = unet(latents, timestep, context, **extra).sample
-    assert (with_ours - plain).abs().max() > 1e-5  # the LoRA changes the output
-    assert (with_ours - with_theirs).abs().max() <= 1e-5
+    network = network_from_file(read_lora_file(path), ours)
+
+    def diffusers_reading(state):
+        return pipeline.lora_state_dict(dict(state), unet_config=ours.unet.config)
+
+    whole, _ = diffusers_reading(load_file(str(path)))
+    assert not all("lora" in key for key in whole)  # load_lora_weights refuses the bundled file
+    converted, alphas = diffusers_reading(diffusers_loadable(load_file(str(path))))
+    assert all("lora" in key for key in converted)
+    unet = {k.removeprefix("unet."): v for k, v in converted.items() if k.startswith("unet.")}
+    peft_keys = convert_unet_state_dict_to_peft(unet)
+    by_layer = {id(layer): name for name, layer in network._layers.items()}
+    downs = [key for key in peft_keys if key.endswith(".lora_A.weight")]
+    assert len(downs) == len(network.adapters) and len(peft_keys) == 2 * len(downs)
+    for key in downs:
+        module_path = key.removesuffix(".lora_A.weight")
+        adapter = network.adapters[by_layer[id(ours.unet.get_submodule(module_path))]]  # the same layer
+        assert torch.equal(peft_keys[key], adapter.lora_down.weight.detach())
+        assert torch.equal(peft_keys[f"{module_path}.lora_B.weight"], adapter.lora_up.weight.detach())
+    assert set(alphas.values()) == {float(a.alpha) for a in network.adapters.values()}
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -310,13 +313,14 @@ def test_a_network_weights_file_of_another_rank_or_with_text_layers_is_refused(s
         )
 
 
-def test_a_state_resumes_only_with_what_it_was_saved_with(sd1_run, data, tiny_sd1, tmp_path):
-    """Before the model loads, in one line: a LoRA state without --network_module."""
+def test_a_state_resumes_only_with_what_it_was_saved_with(sd1_run, tmp_path):
+    """Checked before the model loads (train_textual_inversion.run_seed): a LoRA state without
+    --network_module, and a plain state with it."""
     state = sd1_run / "mychar4-step00000003-state"
-    plain = [a for a in PIVOTAL if not a.startswith(("--network", "--unet_lr"))]
-    result = run_train(
-        *common(data, tmp_path, tiny_sd1 / "model.safetensors"), *plain, f"--resume={state}", check=False
-    )
-    assert "the state was saved with a LoRA; resume with the same --network_module options" in error_line(
-        result
-    )
+    with pytest.raises(UserError, match="saved with a LoRA; resume with the same --network_module options"):
+        check_resume(state, settings(tmp_path).optimizer, with_lora=False)
+    plain = tmp_path / "plain-state"
+    shutil.copytree(state, plain)
+    (plain / "lora.safetensors").unlink()
+    with pytest.raises(UserError, match="saved without a LoRA; resume without --network_module"):
+        check_resume(plain, settings(tmp_path).optimizer, with_lora=True)
