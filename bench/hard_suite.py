@@ -33,7 +33,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,7 +42,7 @@ import numpy as np
 
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, evaluate_edits
-from tools.demo import TRAIN_OPTIONS, WORD, draw_training_pictures
+from tools.demo import WORD, draw_training_pictures, varied_command
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "quality-hard"
@@ -147,24 +146,7 @@ def command(case: Case, method: Method, steps: int, seed: int, data: Path, out: 
     """The demo's command with the case's and the method's options (theirs win), saving at every
     judged step."""
     extra = merged_options(case, method)
-    replaced = {o.split("=", 1)[0] for o in extra} | {
-        "--max_train_steps",
-        "--output_dir",
-        "--train_data_dir",
-        "--seed",
-    }
-    base = [o for o in TRAIN_OPTIONS if o.split("=", 1)[0] not in replaced]
-    return [
-        sys.executable,
-        "train_textual_inversion.py",
-        *base,
-        *extra,
-        f"--max_train_steps={steps}",
-        "--save_every_n_steps=10",
-        f"--seed={seed}",
-        f"--output_dir={out}",
-        f"--train_data_dir={data}",
-    ]
+    return varied_command(extra, steps=steps, save_every=10, seed=seed, data=data, out=out)
 
 
 @dataclass

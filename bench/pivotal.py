@@ -31,7 +31,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, evaluate_edits
-from tools.demo import TRAIN_OPTIONS, WORD
+from tools.demo import WORD, varied_command
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "pivotal"
@@ -97,19 +96,7 @@ def judged_steps(steps: int) -> list[int]:
 
 def command(method: Method, seed: int, data: Path, out: Path, steps: int) -> list[str]:
     """The demo's command, run longer, saving every 20 steps, with the method's options."""
-    replaced = {"--max_train_steps", "--output_dir", "--train_data_dir", "--seed"}
-    base = [o for o in TRAIN_OPTIONS if o.split("=", 1)[0] not in replaced]
-    return [
-        sys.executable,
-        "train_textual_inversion.py",
-        *base,
-        *method.options,
-        f"--max_train_steps={steps}",
-        "--save_every_n_steps=20",
-        f"--seed={seed}",
-        f"--output_dir={out}",
-        f"--train_data_dir={data}",
-    ]
+    return varied_command(list(method.options), steps=steps, save_every=20, seed=seed, data=data, out=out)
 
 
 def run_trial(concept: str, method: Method, seed: int, images: int, pictures: int, steps: int) -> dict:
