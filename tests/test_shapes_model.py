@@ -70,6 +70,9 @@ def test_the_model_converts_to_a_diffusers_folder(tmp_path):
             assert torch.equal(a, b), name
 
 
+LEARNING_STEPS = {"sd1": 50, "sdxl": 100}  # at 50 steps: SD 1.x 94 % concept, SDXL 88 % (2026-12-06)
+
+
 @pytest.mark.parametrize("family", MODELS)
 def test_textual_inversion_learns_the_concept(tmp_path, family):
     """Through the real CLI (the SDXL trainer for the SDXL model) and the concept evaluation."""
@@ -82,7 +85,7 @@ def test_textual_inversion_learns_the_concept(tmp_path, family):
         "--resolution=64",
         "--train_batch_size=8",
         "--learning_rate=5e-3",
-        "--max_train_steps=100",
+        f"--max_train_steps={LEARNING_STEPS[family]}",
         "--save_model_as=safetensors",
         "--caption_extension=.txt",
         "--cache_latents",

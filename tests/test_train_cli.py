@@ -350,21 +350,27 @@ def test_output_config_then_config_file(char_data, tiny_sd1, tmp_path):
         parse_args([f"--config_file={config}"])
 
 
+def learning_rates(stderr: str) -> dict[int, float]:
+    return {int(s): float(lr) for s, lr in re.findall(r"step (\d+): loss [^,]+, lr ([^,\s]+)", stderr)}
+
+
 def test_two_processes_train_in_lock_step_and_resume_exactly(char_data, tiny_sd1, tmp_path):
     """accelerate's launcher starts CPU processes with --multi_gpu plus ACCELERATE_USE_CPU (gloo). A
-    pivotal-tuning LoRA (3x3 convolutions too, vectors stopped after the first step) stays in
-    lock-step beside the word, and two processes resume from a state to the same vectors and LoRA
-    (with a linear LR schedule, whose state resumes too). The SDXL test trains the word alone."""
+    pivotal-tuning LoRA (3x3 convolutions too, vectors stopped after two steps) stays in lock-step
+    beside the word; the learning rate follows one process's course (kohya's single-GPU trajectory:
+    it used to stop at 1/N of it), with cycles and restarts; two processes resume from a state to
+    the same vectors and LoRA. The SDXL test trains the word alone."""
     out = tmp_path / "o"
     prompts = tmp_path / "p.txt"
     prompts.write_text("mychar4 --w 64 --h 64 --s 2 --d 3\n")
     args = [
-        "--max_train_steps=3",
+        "--max_train_steps=4",
         "--token_string=mychar4",
         "--init_word=toy",
         "--save_model_as=safetensors",
         "--learning_rate=1e-2",
-        "--lr_scheduler=linear",
+        "--lr_scheduler=cosine_with_restarts",
+        "--lr_scheduler_num_cycles=2",
         "--console_log_level=DEBUG",
         "--network_module=networks.lora",
         "--network_args",
@@ -378,7 +384,7 @@ def test_two_processes_train_in_lock_step_and_resume_exactly(char_data, tiny_sd1
         "--save_every_n_steps=2",
         "--save_state",
         f"--sample_prompts={prompts}",
-        "--sample_every_n_steps=2",
+        "--sample_every_n_steps=3",
         **launch_two(29517),
     )
     assert "x2 process(es)" in result.stderr and "3 steps each" in result.stderr  # 6 batches split in two
@@ -389,6 +395,9 @@ def test_two_processes_train_in_lock_step_and_resume_exactly(char_data, tiny_sd1
     assert sorted(p for p, _ in sums) == ["0", "1"] and sums[0][1] == sums[1][1]  # lock-step
     lora = dict(re.findall(r"process (\d): final LoRA sum (\S+)", result.stderr))
     assert sorted(lora) == ["0", "1"] and lora["0"] == lora["1"]
+    one = run_train(*common(char_data, tmp_path / "one", tiny_sd1 / "model.safetensors"), *args)
+    assert sorted(learning_rates(one.stderr)) == [1, 2, 3, 4]
+    assert learning_rates(one.stderr) == pytest.approx(learning_rates(result.stderr))
 
     resumed = tmp_path / "resumed"
     state = out / "mychar4-step00000002-state"

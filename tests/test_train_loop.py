@@ -1,20 +1,15 @@
-"""The training loop on accelerate's mechanisms: LR schedule on several processes, gradient
-accumulation across epoch ends, and exact resume from every kind of save point (real CLI runs)."""
+"""The training loop on accelerate's mechanisms: gradient accumulation across epoch ends and exact
+resume from every kind of save point (real CLI runs). Several processes: test_train_cli.py."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import pytest
-from cli_helpers import common, launch_two, picture_folder, run_train
+from cli_helpers import common, picture_folder, run_train
 from safetensors.torch import load_file
 
 data = picture_folder(3)  # an odd number of batches per epoch
-
-
-def learning_rates(stderr: str) -> dict[int, float]:
-    return {int(s): float(lr) for s, lr in re.findall(r"step (\d+): loss [^,]+, lr ([^,\s]+)", stderr)}
 
 
 def final_vectors(folder: Path):
@@ -29,21 +24,6 @@ TRAIN = [
     "--console_log_level=DEBUG",
     "--optimizer_type=AdamW",
 ]
-
-
-@pytest.mark.parametrize("scheduler", ["cosine_with_restarts"])  # warm-up, cycles and restarts
-def test_the_learning_rate_follows_the_same_course_on_one_and_two_processes(
-    scheduler, data, tiny_sd1, tmp_path
-):
-    """kohya's single-GPU trajectory, whatever the number of processes (it used to stop at 1/N of its course)."""
-    args = [*TRAIN, "--max_train_steps=4", f"--lr_scheduler={scheduler}", "--lr_scheduler_num_cycles=2"]
-    model = tiny_sd1 / "model.safetensors"
-    one = learning_rates(run_train(*common(data, tmp_path / "one", model), *args).stderr)
-    port = 29531 if scheduler == "linear" else 29532
-    two = learning_rates(run_train(*common(data, tmp_path / "two", model), *args, **launch_two(port)).stderr)
-    assert sorted(one) == [1, 2, 3, 4] and one == pytest.approx(two)
-    if scheduler == "linear":
-        assert [one[s] for s in (1, 2, 3, 4)] == pytest.approx([7.5e-3, 5e-3, 2.5e-3, 0.0])
 
 
 def test_accumulation_steps_at_each_epoch_end_and_resumes_exactly_from_every_save(data, tiny_sd1, tmp_path):
