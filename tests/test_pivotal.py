@@ -277,6 +277,11 @@ def settings(tmp_path, *extra: str):
             "--network_dim is an option of the LoRA trained beside the word: add --network_module",
         ),
         (["--train_vectors_fraction=0.5"], "--train_vectors_fraction is an option of the LoRA"),
+        (["--network_train_unet_only"], "--network_train_unet_only is an option of the LoRA"),
+        (
+            ["--network_module=networks.lora", "--network_alpha=-1"],
+            "--network_alpha -1.0: must be a finite number",
+        ),
         (["--network_module=lycoris.kohya"], "only networks.lora"),
         (["--network_module=networks.lora", "--network_dim=0"], "--network_dim 0: must be at least 1"),
         (["--network_module=networks.lora", "--unet_lr=-1"], "--unet_lr -1.0: must be a finite number"),
