@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     # the model, the embeddings' words and the LoRA networks
     from library.embeddings.install import install_embeddings
     from library.generation.generator import ImageGenerator
-    from library.generation.run import Run
+    from library.generation.run import AppliedLoRA, Run
     from library.host_memory import keep_freed_memory_in_process
     from library.models.loading import load_model, peek_family
     from library.networks.lora import attach_lora_files, bundled_embeddings, read_lora_file
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(settings.model, dtype)  # cast as it loads; fp32 keeps the file's exact fp16 weights
     bundled = [embedding for lora in loras for embedding in bundled_embeddings(lora)]
     embeddings = install_embeddings(model, inputs.textual_inversion_embeddings, bundled=bundled)
-    attach_lora_files(model, loras, settings.networks.multipliers, settings.networks.show_meta)
+    networks = attach_lora_files(model, loras, settings.networks.multipliers, settings.networks.show_meta)
     for text_encoder in model.text_encoders:
         text_encoder.to(device)  # already in dtype; a cast would widen the half-stored weights
     prepare_modules(model, device_settings, device)
@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory_in_process()
 
     # the run
-    run = Run(generation, generator, model, embeddings)
+    applied = [
+        AppliedLoRA(Path(lora.path).name, network, strength)
+        for lora, network, strength in zip(loras, networks, settings.networks.multipliers)
+    ]
+    run = Run(generation, generator, model, embeddings, loras=applied)
     run.init_images, run.mask_images = init_images, mask_images
     written = run.run(prompt_list, inputs.interactive)
     logger.info("done: %d images in %s", len(written), generation.outdir)

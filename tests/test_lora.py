@@ -15,6 +15,7 @@ from torch import nn
 import gen_img_diffusers as gen_img
 from library.errors import UserError
 from library.generation import args as generation_args
+from library.generation.run import AppliedLoRA, GenerationSettings, Run
 from library.models.loading import load_sd_model
 from library.networks.lora import (
     LoRAAdapter,
@@ -211,6 +212,18 @@ def test_kohyas_lora_speed_options_are_accepted_and_named_in_the_log(monkeypatch
 # --- generation ------------------------------------------------------------------------------
 
 
+def test_a_prompts_strengths_follow_kohyas_rule(caplog):
+    two = Run(
+        GenerationSettings(), None, None, {}, loras=[AppliedLoRA("a", None, 0.7), AppliedLoRA("b", None, 1)]
+    )
+    assert two.lora_strengths(None) == (0.7, 1.0)  # --network_mul
+    assert two.lora_strengths([0.2]) == (0.2, 0.2)  # the last strength repeats
+    assert two.lora_strengths([0.2, -1, 3]) == (0.2, -1.0)
+    assert "--am gives 3 strengths for 2 LoRA file(s)" in caplog.text
+    assert Run(GenerationSettings(), None, None, {}).lora_strengths([0.5]) == ()
+    assert "--am: no LoRA file is applied" in caplog.text
+
+
 def test_the_generator_applies_a_lora_at_its_strength_and_reads_its_bundled_embedding(
     sd1_model, tiny_sd1_safetensors, tmp_path, monkeypatch, caplog
 ):
@@ -231,13 +244,26 @@ def test_the_generator_applies_a_lora_at_its_strength_and_reads_its_bundled_embe
             return np.asarray(image).astype(int)
 
     with_lora = ["--network_module", "networks.lora", "--network_weights", str(lora)]
-    plain = generate("plain", "a cat")
-    at_zero = generate("zero", "a cat", *with_lora, "--network_mul", "0")
+    plain = generate("plain", "a cat --d 5")
     with caplog.at_level(logging.INFO):
-        at_one = generate("one", "a cat", *with_lora, "--network_show_meta")
+        at_one = generate("one", "a cat --d 5", *with_lora, "--network_show_meta")
         glyph = generate("glyph", "a glyph", *with_lora)
-    assert np.array_equal(plain, at_zero)  # strength 0: the adapters add nothing
     assert np.abs(plain - at_one).mean() > 1
+    # --network_mul 0 for the run; a prompt's --am overrides it for that prompt only
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --d 5\na cat --d 5 --am 1\na cat --d 5 --am 0,2\n")
+    out = tmp_path / "am"
+    run = ["--ckpt", str(tiny_sd1_safetensors), "--from_file", str(prompts), "--outdir", str(out)]
+    gen_img.main([*run, "--sequential_file_name", *FAST, *with_lora, "--network_mul", "0"])
+    pngs = sorted(out.glob("*.png"))
+    images = []
+    for png in pngs:
+        with Image.open(png) as image:
+            images.append((np.asarray(image).astype(int), image.text["networks"]))
+    assert np.array_equal(images[0][0], plain) and images[0][1] == "style.safetensors:0"  # adds nothing
+    assert np.array_equal(images[1][0], at_one) and images[1][1] == "style.safetensors:1"
+    assert np.array_equal(images[2][0], plain)  # the first strength is the file's; the extra warns
+    assert "--am gives 2 strengths for 1 LoRA file(s)" in caplog.text
     assert "ss_network_dim: 4" in caplog.text
     assert "layers at strength 1" in caplog.text
     assert "word 'glyph', 2 vector(s)" in caplog.text  # the bundled word is a word of the prompt

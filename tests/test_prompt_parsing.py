@@ -141,6 +141,11 @@ def test_steps_clamped_and_single_seed():
     assert parse_prompt_options("x --d 42").seeds == [42]
 
 
+def test_network_strengths_are_a_signed_list():
+    assert parse_prompt_options("x --am 0.8").network_multipliers == [0.8]
+    assert parse_prompt_options("x --am -0.5, 1,.25").network_multipliers == [-0.5, 1.0, 0.25]
+
+
 def test_negative_scale_none_switches_it_off():
     spec = parse_prompt_options("x --nl none")
     assert spec.negative_scale is None and spec.negative_scale_off
@@ -155,7 +160,7 @@ def test_negative_scale_none_switches_it_off():
         ("x --ss fastest", "--ss: 'fastest' is not a sampler"),
         ("x --zz 3", "unknown prompt option --zz"),
         ("x --t 0.5", "--t (img2img strength) is not supported"),
-        ("x --am 0.8", "--am (network multipliers) is not supported"),
+        ("x --am strong", "--am: 'strong' is not a strength"),
     ],
 )
 def test_bad_or_unknown_options_warn_and_are_ignored(caplog, line, message):

@@ -4,7 +4,7 @@
    into one prompt per variant, ``{2$$a|b|c}`` / ``{1-3$$a|b|c}`` pick several distinct
    variants joined by ``", "`` (or by a custom separator: ``{2$$ and $$a|b|c}``).
 2. **In-prompt options** (kohya): ``a cat --n blurry --w 768 --h 512 --s 30 --d 1,2 --l 7
-   --nl 4 --ss euler_a``: the line is split on ``" --"``.
+   --nl 4 --ss euler_a --am 0.8,0.5``: the line is split on ``" --"``.
 3. **Attention weights** (WebUI / kohya "lpw"), ``library.text.weighting``.
 
 kohya applies them in that order: dynamic variants first (so ``--n {a|b}`` varies too), then
@@ -132,7 +132,6 @@ SAMPLERS = SAMPLER_NAMES
 UNSUPPORTED_OPTIONS = {
     "t": "img2img strength",
     "c": "CLIP guidance prompt",
-    "am": "network multipliers",
     "dsd1": "Deep Shrink",
     "dst1": "Deep Shrink",
     "dsd2": "Deep Shrink",
@@ -153,6 +152,8 @@ UNSUPPORTED_OPTIONS = {
 _UNSIGNED_INT = re.compile(r"\d+")
 _UNSIGNED_FLOAT = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _SEED_LIST = re.compile(r"\d+(?:\s*,\s*\d+)*")
+_SIGNED_FLOAT = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
+_FLOAT_LIST = re.compile(rf"{_SIGNED_FLOAT}(?:\s*,\s*{_SIGNED_FLOAT})*")
 
 
 @dataclass
@@ -196,7 +197,8 @@ class PromptSpec:
     """One prompt line with its in-prompt options; ``None`` means "not given, use the default".
 
     ``negative_scale_off`` is ``--nl none``: switch the negative scale off for this prompt even
-    when ``--negative_scale`` is set on the command line.
+    when ``--negative_scale`` is set on the command line. ``network_multipliers`` is ``--am``:
+    the LoRA files' strengths for this prompt, in ``--network_weights`` order.
     """
 
     prompt: str
@@ -210,6 +212,7 @@ class PromptSpec:
     sampler: str | None = None
     negative_scale_off: bool = False
     sizes: SDXLSizes = field(default_factory=lambda: SDXLSizes())
+    network_multipliers: list[float] | None = None
 
 
 def _ignored_value(key: str, value: str, expected: str) -> None:
@@ -250,6 +253,10 @@ def _apply_option(spec: PromptSpec, key: str, value: str) -> None:
         if value.lower() not in SAMPLERS:
             return _ignored_value(key, value, "a sampler (one of " + ", ".join(SAMPLERS) + ")")
         spec.sampler = value.lower()
+    elif key == "am":
+        if not _FLOAT_LIST.fullmatch(value):
+            return _ignored_value(key, value, "a strength or a comma-separated list of strengths")
+        spec.network_multipliers = [float(strength) for strength in value.split(",")]
     elif key in UNSUPPORTED_OPTIONS:
         logger.warning(
             "prompt option --%s (%s) is not supported here; ignored", key, UNSUPPORTED_OPTIONS[key]

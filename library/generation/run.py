@@ -138,6 +138,16 @@ class Item:
 
 
 @dataclass
+class AppliedLoRA:
+    """A LoRA file on the model: its name (for the PNG metadata), its adapters and its
+    ``--network_mul``, which a prompt's ``--am`` overrides."""
+
+    name: str
+    network: Any
+    strength: float
+
+
+@dataclass
 class BatchSettings:
     """What the images of one batch share; a change starts a new batch (kohya's rule)."""
 
@@ -149,6 +159,7 @@ class BatchSettings:
     strength: float
     sampler: str
     sizes: SDXLSizes = field(default_factory=lambda: SDXLSizes())
+    lora_strengths: tuple[float, ...] = ()
 
 
 @dataclass
@@ -182,11 +193,19 @@ class OutputNamer:
 class Run:
     """Turns prompt lines into batches of images and writes them, following kohya's loop."""
 
-    def __init__(self, settings: GenerationSettings, generator, model, embeddings: dict[str, int]):
+    def __init__(
+        self,
+        settings: GenerationSettings,
+        generator,
+        model,
+        embeddings: dict[str, int],
+        loras: list[AppliedLoRA] | None = None,
+    ):
         self.settings = settings
         self.generator = generator
         self.model = model
         self.embeddings = embeddings
+        self.loras = loras or []
         self.rng = random.Random(self.settings.seed)  # None seeds from the OS
         self.namer = OutputNamer(
             Path(self.settings.outdir),
@@ -294,7 +313,24 @@ class Run:
             strength=DEFAULT_STRENGTH if self.settings.strength is None else self.settings.strength,
             sampler=spec.sampler or self.settings.sampler,
             sizes=spec.sizes.over(self.settings.sizes),
+            lora_strengths=self.lora_strengths(spec.network_multipliers),
         )
+
+    def lora_strengths(self, asked: list[float] | None) -> tuple[float, ...]:
+        """A prompt's ``--am`` strengths, one per LoRA file; the last repeats for the files it
+        does not reach (kohya's rule); without ``--am``, each file's ``--network_mul``."""
+        if asked is None:
+            return tuple(lora.strength for lora in self.loras)
+        if not self.loras:
+            logger.warning("prompt option --am: no LoRA file is applied (--network_weights); ignored")
+            return ()
+        if len(asked) > len(self.loras):
+            logger.warning(
+                "prompt option --am gives %d strengths for %d LoRA file(s); the extra ones are ignored",
+                len(asked),
+                len(self.loras),
+            )
+        return tuple([*asked, *[asked[-1]] * len(self.loras)][: len(self.loras)])
 
     def make_item(self, step: int, spec, settings: BatchSettings, seed: int) -> tuple[Item, BatchSettings]:
         init = mask = None
@@ -321,6 +357,8 @@ class Run:
     def process(self, batch: list[Item], settings: BatchSettings) -> None:
         from library.generation.generator import GenerationRequest
 
+        for lora, strength in zip(self.loras, settings.lora_strengths):
+            lora.network.set_multiplier(strength)
         request = GenerationRequest(
             prompt=[item.prompt for item in batch],
             negative_prompt=[item.negative_prompt for item in batch],
@@ -378,6 +416,10 @@ class Run:
             data["clip-skip"] = str(self.settings.clip_skip)
         if self.settings.max_embeddings_multiples is not None:
             data["max-embeddings-multiples"] = str(self.settings.max_embeddings_multiples)
+        if self.loras:
+            data["networks"] = ", ".join(
+                f"{lora.name}:{strength:g}" for lora, strength in zip(self.loras, settings.lora_strengths)
+            )
         if self.embeddings:
             data["embeddings"] = ", ".join(f"{word}:{n}" for word, n in self.embeddings.items())
         if item.init_image is not None:
