@@ -118,18 +118,18 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
         settings, word, optimizer, scheduler, seed, length, lora=lora.network if lora else None
     )
     run = Run(
-        settings,
-        accelerator,
-        precision,
-        model,
-        text,
-        word,
-        dataset,
-        length,
-        optimizer,
-        scheduler,
-        progress,
-        lora,
+        settings=settings,
+        accelerator=accelerator,
+        precision=precision,
+        model=model,
+        text=text,
+        word=word,
+        dataset=dataset,
+        length=length,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        progress=progress,
+        lora=lora,
     )
     steering = VectorSteering.for_run(
         settings.steering, start_vectors, run.start_norms, word.vocabulary_norms()

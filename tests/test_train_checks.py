@@ -17,7 +17,7 @@ class Run:
         self.saved: list[tuple[str, torch.Tensor, int]] = []
         self.guard = FiniteGuard(
             {"emb_params": self.vectors},
-            lambda label, v, step: self.saved.append((label, v["emb_params"].clone(), step)),
+            lambda label, v, step, lora: self.saved.append((label, v["emb_params"].clone(), step)),
         )
 
     def step(self, step: int, loss: float, new_value: float) -> float:
@@ -57,6 +57,29 @@ def test_a_nan_at_the_first_step_saves_nothing():
     with pytest.raises(UserError, match="with the starting vectors; nothing was saved"):
         run.step(1, float("nan"), 1.0)
     assert run.saved == []
+
+
+def test_a_lora_weight_made_nan_by_a_step_is_named_and_the_good_lora_is_kept():
+    vectors, lora = torch.zeros(2, 4), torch.zeros(3)
+    saved = []
+    guard = FiniteGuard(
+        {"emb_params": vectors},
+        lambda label, v, step, weights: saved.append((step, [w.clone() for w in weights])) or "files",
+        [lora],
+    )
+    for step, value in ((1, 1.0), (2, float("nan"))):
+        guard.before_step({"emb_params": vectors})
+        lora.fill_(value)
+        if step == 2:
+            with pytest.raises(
+                UserError,
+                match=r"the LoRA's weights became nan at step 2 .*LoRA \(step 1\) are saved as files",
+            ):
+                guard.after_step(torch.tensor(0.5), {"emb_params": vectors}, step)
+        else:
+            guard.after_step(torch.tensor(0.5), {"emb_params": vectors}, step)
+    ((step, (weights,)),) = saved
+    assert step == 1 and torch.equal(weights, torch.ones(3))
 
 
 def test_the_final_vectors_are_checked_before_the_final_save():

@@ -270,7 +270,7 @@ def test_resume_ends_with_the_same_vectors_as_an_uninterrupted_run(char_data, ti
     assert (a - b).abs().max().item() <= 1e-6
 
 
-def test_nan_guard_keeps_the_last_good_vectors(char_data, tiny_sd1, tmp_path):
+def test_nan_guard_keeps_the_last_good_vectors_and_lora(char_data, tiny_sd1, tmp_path):
     # a learning rate of 1e38 makes the vectors huge after one step; the next forward pass overflows
     out = tmp_path / "o"
     result = run_train(
@@ -282,12 +282,18 @@ def test_nan_guard_keeps_the_last_good_vectors(char_data, tiny_sd1, tmp_path):
         "--init_word=toy",
         "--optimizer_type=SGDNesterov",
         "--save_model_as=safetensors",
+        "--network_module=networks.lora",
         check=False,
     )
     line = error_line(result)
-    assert "the loss became nan" in line and "learning_rate" in line
-    saved = list(out.glob("mychar4-last-good-step*.safetensors"))
-    assert len(saved) == 1 and torch.isfinite(load_file(str(saved[0]))["emb_params"]).all()
+    assert "the loss became nan" in line and "last good vectors and LoRA" in line and "learning_rate" in line
+    (saved,) = out.glob("mychar4-last-good-step*.safetensors")
+    assert torch.isfinite(load_file(str(saved))["emb_params"]).all()
+    (lora,) = out.glob("mychar4_lora-last-good-step*.safetensors")
+    assert lora.name.endswith(saved.name.removeprefix("mychar4")) and str(lora) in line
+    tensors = load_file(str(lora))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert torch.equal(tensors["bundle_emb.mychar4.emb_params"], load_file(str(saved))["emb_params"])
     assert not (out / "mychar4.safetensors").exists()
 
 

@@ -32,13 +32,24 @@ class RunEvents:
         self.tracker = tracker
         self.saver = RunSaver(run, run.embedding_metadata)
         self.saver.warn_if_final_exists()
-        self.guard = FiniteGuard(run.word.vectors, self._save_last_good)
+        self.guard = FiniteGuard(
+            run.word.vectors, self._save_last_good, run.lora.parameters if run.lora else ()
+        )
         self.samples = SampleSchedule.from_settings(run.settings.sampling, run.word.num_vectors)
         self.validation = make_validation(run, loss, self.saver, tracker.log_validation)
         self.stopped = False  # by early stopping
 
-    def _save_last_good(self, label: str, vectors, step: int):
-        return self.saver.embedding(f"{self.saver.name}-{label}.{self.saver.extension}", vectors, step)
+    def _save_last_good(self, label: str, vectors, step: int, lora_weights: list[torch.Tensor]) -> str:
+        """The last good vectors as ``name-<label>``; in pivotal tuning also the LoRA, its weights put
+        back first (the run stops after this), as ``name_lora-<label>``."""
+        path = self.saver.embedding(f"{self.saver.name}-{label}.{self.saver.extension}", vectors, step)
+        if not lora_weights:
+            return str(path)
+        with torch.no_grad():
+            for weight, good in zip(self.run.lora.parameters, lora_weights):
+                weight.copy_(good)
+        lora_path = self.saver.lora(f"{self.saver.lora_name}-{label}.safetensors", vectors=vectors, step=step)
+        return f"{path} and {lora_path}"
 
     @property
     def finished(self) -> bool:

@@ -298,8 +298,9 @@ class UNetLoRA:
     # -----------------------------------------------------------------------------------------
     # the file
 
-    def metadata(self, run: Run, session: LoRASession) -> dict[str, str]:
-        """kohya's ``ss_*`` keys (those a LoRA loader or a gallery reads) and the SAI model spec."""
+    def metadata(self, run: Run, session: LoRASession, step: int | None = None) -> dict[str, str]:
+        """kohya's ``ss_*`` keys (those a LoRA loader or a gallery reads) and the SAI model spec, for
+        the weights of ``step`` (default: now)."""
         settings, progress = run.settings, run.progress
         v_param = settings.model.v_parameterization
         family = run.model.family
@@ -318,7 +319,7 @@ class UNetLoRA:
             "ss_text_encoder_lr": "0",
             "ss_max_train_steps": str(run.length.max_train_steps),
             "ss_num_epochs": str(run.length.num_epochs),
-            "ss_steps": str(progress.global_step),
+            "ss_steps": str(progress.global_step if step is None else step),
             "ss_epoch": str(progress.epoch + (1 if progress.batches_done_in_epoch else 0)),  # 1-based
             "ss_seed": str(run.seed),
             "ss_resolution": f"({width}, {height})",

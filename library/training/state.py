@@ -257,16 +257,20 @@ class RunSaver:
                 logger.info("saved %s", path)
         return path
 
-    def lora(self, file_name: str, announce: bool = True) -> Path | None:
+    def lora(
+        self, file_name: str, announce: bool = True, vectors: Vectors | None = None, step: int | None = None
+    ) -> Path | None:
         """With ``--network_module``: the LoRA file (always ``.safetensors``: kohya's metadata has no
-        place elsewhere), the word's rows bundled under the embedding's name (the WebUI's rule)."""
+        place elsewhere), the word's rows (now, or ``vectors``) bundled under the embedding's name
+        (the WebUI's rule)."""
         run, path = self.run, self.folder / file_name
         if run.lora is None:
             return None
         if run.accelerator.is_main_process:
-            vectors = {key: value.detach().float().cpu() for key, value in run.word.vectors.items()}
-            tensors = lora_file_tensors(run.lora.network, {self.name: vectors}, self.settings.dtype)
-            save_lora_file(path, tensors, run.lora.metadata(run, self.lora_session))
+            vectors = run.word.vectors if vectors is None else vectors
+            rows = {key: value.detach().float().cpu() for key, value in vectors.items()}
+            tensors = lora_file_tensors(run.lora.network, {self.name: rows}, self.settings.dtype)
+            save_lora_file(path, tensors, run.lora.metadata(run, self.lora_session, step))
             if announce:
                 logger.info("saved %s", path)
         return path
