@@ -4,13 +4,15 @@ One command line (kohya's own options) run through ``sdxl_train_textual_inversio
 when its folder and environment are given, through kohya's script of the same name, on the same
 full-size random SDXL single file (``bench.checkpoint``, 6.9 GB, never committed): 512 px,
 batch 1, cached latents, one vector, fp32 and bf16. Each run's peak resident memory comes from
-the kernel (``bench.trainer_memory``'s small launcher), its seconds per step from the progress
-bar's last rate (tqdm, in both programs), after a warm-up step. The runs alternate (ours, kohya's)
+the kernel (a small launcher, as in ``bench.trainer_memory``), which also samples it over time so
+that the peak of the steps shows apart from the load's; its seconds per step are the wall time
+between the progress bar's first and last step (tqdm, in both programs), after a warm-up step. The runs alternate (ours, kohya's)
 so that both see the same machine; the machine is printed with the table.
 
 kohya needs the tokenizers in its cache layout offline: ``--tokenizer_cache_dir`` is passed to
-both, and our trainer writes kohya's folders there (``openai_clip-vit-large-patch14``,
-``laion_CLIP-ViT-bigG-14-laion2B-39B-b160k``) on its first run.
+both, and the shipped tokenizer is written there first in kohya's folders
+(``openai_clip-vit-large-patch14``, ``laion_CLIP-ViT-bigG-14-laion2B-39B-b160k``), as our trainer
+does on its first run.
 """
 
 from __future__ import annotations
@@ -22,24 +24,38 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.checkpoint import SDXL_CHECKPOINT, ensure_checkpoint
 from bench.machine import describe_machine
 from bench.training import make_dataset, tmp_root
+from library.text.tokenizer import family_tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 3  # the first is warm-up; the rate is tqdm's over the run
+STEPS = 5  # the first is warm-up; the others are timed by the wall clock
 
-# Runs argv[1:], passes its stderr on and prints its peak RSS in bytes; small, so that the child's
-# figure is its own (see bench.trainer_memory).
+# Runs argv[1:] and prints, as JSON: its exit code, its peak RSS from the kernel, its RSS sampled
+# every 0.2 s and its stderr in timestamped pieces. Small, so that the child's figures are its own
+# (see bench.trainer_memory).
 LAUNCHER = """
-import resource, subprocess, sys
-code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
-if code:
-    sys.exit(code)
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+import json, resource, subprocess, sys, threading, time
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+start, samples, pieces = time.time(), [], []
+def sample():
+    while child.poll() is None:
+        try:
+            with open(f"/proc/{child.pid}/status") as status:
+                rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+            samples.append((time.time() - start, rss))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.2)
+threading.Thread(target=sample, daemon=True).start()
+for piece in iter(lambda: child.stderr.read1(65536), b""):
+    pieces.append((time.time() - start, piece.decode(errors="replace")))
+code = child.wait()
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"code": code, "peak": peak, "samples": samples, "pieces": pieces}))
 """
 
 
@@ -68,9 +84,23 @@ def command_line(checkpoint: Path, data: Path, out: Path, tokenizers: Path, prec
     ]
 
 
+def step_times(pieces: list[tuple[float, str]], steps: int) -> dict[int, float]:
+    """When the progress bar of ``steps`` steps first showed each step done (seconds from start).
+
+    Both programs draw the training bar with tqdm (``k/steps [``); the wall clock of the pieces
+    times the steps, not tqdm's smoothed rate, which weighs the warm-up step in.
+    """
+    done: dict[int, float] = {}
+    for seconds, text in pieces:
+        for count, total in re.findall(r"(\d+)/(\d+) \[", text):
+            if int(total) == steps:
+                done.setdefault(int(count), seconds)
+    return done
+
+
 def measure(command: list[str], cwd: Path) -> dict:
-    """Peak RSS (bytes), the last seconds-per-step rate and the wall time of ``command``."""
-    started = time.time()
+    """Peak RSS (bytes, the whole run and the steps after warm-up), seconds per step after the
+    warm-up step, and the wall time of ``command``."""
     result = subprocess.run(
         [sys.executable, "-c", LAUNCHER, *command],
         capture_output=True,
@@ -78,20 +108,25 @@ def measure(command: list[str], cwd: Path) -> dict:
         cwd=cwd,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
-    if result.returncode:
-        return {"error": result.stderr[-2000:]}
-    rates = re.findall(r"(\d+(?:\.\d+)?)s/it", result.stderr)
+    report = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+    stderr = "".join(text for _, text in report.get("pieces", [])) or result.stderr
+    if result.returncode or report.get("code"):
+        return {"error": stderr[-2000:]}
+    done = step_times(report["pieces"], STEPS)
+    if 1 not in done or STEPS not in done:
+        return {"error": "no training progress bar in the output:\n" + stderr[-1000:]}
     return {
-        "peak_rss_bytes": int(result.stdout.strip().splitlines()[-1]),
-        "seconds_per_step": float(rates[-1]) if rates else None,
-        "wall_seconds": time.time() - started,
+        "peak_rss_bytes": report["peak"],
+        "steps_peak_rss_bytes": max(rss for seconds, rss in report["samples"] if seconds >= done[1]),
+        "seconds_per_step": (done[STEPS] - done[1]) / (STEPS - 1),
+        "wall_seconds": report["samples"][-1][0] if report["samples"] else None,
     }
 
 
 def print_row(name: str, figure: dict, kohya: dict) -> None:
-    """One table row; the ratios to kohya's run of the same precision when there is one."""
+    """One table row; the ratios to kohya's run of the same precision and options when there is one."""
     if "error" in figure:
-        print(f"| {name} | failed: {figure['error'].splitlines()[-1]} | | | |", flush=True)
+        print(f"| {name} | failed: {figure['error'].strip().splitlines()[-1]} | | | | |", flush=True)
         return
     ratios = "| | "
     if kohya.get("peak_rss_bytes"):
@@ -100,7 +135,8 @@ def print_row(name: str, figure: dict, kohya: dict) -> None:
             f"| {figure['seconds_per_step'] / kohya['seconds_per_step']:.2f} "
         )
     print(
-        f"| {name} | {figure['peak_rss_bytes'] / 1e9:.2f} GB | {figure['seconds_per_step']:.1f} {ratios}|",
+        f"| {name} | {figure['peak_rss_bytes'] / 1e9:.2f} GB | {figure['steps_peak_rss_bytes'] / 1e9:.2f} GB "
+        f"| {figure['seconds_per_step']:.1f} {ratios}|",
         flush=True,
     )
 
@@ -110,32 +146,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kohya", type=Path, help="kohya's sd-scripts folder (its script runs there)")
     parser.add_argument("--kohya_python", type=Path, help="the python of kohya's environment")
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"])
+    parser.add_argument(
+        "--with_option",
+        action="append",
+        default=[],
+        help="also run both programs with this option (e.g. --with_option=--gradient_checkpointing)",
+    )
+    parser.add_argument("--programs", nargs="+", choices=["ours", "kohya"], default=["ours", "kohya"])
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     checkpoint = ensure_checkpoint(SDXL_CHECKPOINT, family="sdxl")
     work = Path(tempfile.mkdtemp(prefix="sdxl-", dir=tmp_root()))
     data = make_dataset(work / "data", 512, images=2, repeats=1)
+    family_tokenizers("sdxl", tokenizer_cache_dir=work / "tokenizers")  # kohya's cache, written as ours does
     machine = describe_machine()
     cpu = machine["cpu"]
     print(
         f"{machine['date']}  {cpu['model']} ({', '.join(cpu['flags']) or 'no AVX512-BF16/AMX'})  torch {machine['torch']}"
     )
-    print("| run | peak RSS | s/step | RSS / kohya | s/step / kohya |\n|---|---|---|---|---|", flush=True)
+    print(
+        "| run | peak RSS | steps' peak RSS | s/step | RSS / kohya | s/step / kohya |\n|---|---|---|---|---|---|",
+        flush=True,
+    )
     figures: dict = {}
-    ours_program = [sys.executable, str(ROOT / "sdxl_train_textual_inversion.py")]
+    ours = [sys.executable, str(ROOT / "sdxl_train_textual_inversion.py")]
+    kohyas = (
+        [str(args.kohya_python), "sdxl_train_textual_inversion.py"]
+        if args.kohya and args.kohya_python
+        else None
+    )
     for precision in args.precisions:
-        runs = {"ours": (ours_program, ROOT, [])}
-        if precision == "no":  # fp32 frozen weights: speed over memory
-            runs["ours --highvram"] = (ours_program, ROOT, ["--highvram"])
-        if args.kohya and args.kohya_python:
-            runs["kohya"] = ([str(args.kohya_python), "sdxl_train_textual_inversion.py"], args.kohya, [])
-        for name, (program, cwd, extra) in runs.items():
-            out = work / f"{name}-{precision}".replace(" ", "")
-            options = command_line(checkpoint, data, out, work / "tokenizers", precision)
-            figures[f"{name} {precision}"] = measure([*program, *options, *extra], cwd)
-        kohya = figures.get(f"kohya {precision}", {})
-        for name in runs:
-            print_row(f"{name} {precision}", figures[f"{name} {precision}"], kohya if name != "kohya" else {})
+        options_sets = [
+            [],
+            *([["--highvram"]] if precision == "no" else []),
+            *[[o] for o in args.with_option],
+        ]
+        for extra in options_sets:
+            label = " ".join(extra)
+            runs = {f"ours {label}".strip(): (ours, ROOT)} if "ours" in args.programs else {}
+            if kohyas and "kohya" in args.programs and extra != ["--highvram"]:  # kohya has no such option
+                runs[f"kohya {label}".strip()] = (kohyas, args.kohya)
+            for name, (program, cwd) in runs.items():
+                out = work / f"{name}-{precision}".replace(" ", "").replace("-", "_")
+                options = command_line(checkpoint, data, out, work / "tokenizers", precision)
+                figures[f"{name} {precision}"] = measure([*program, *options, *extra], cwd)
+            kohya = figures.get(f"kohya {label} {precision}".replace("  ", " "), {})
+            for name in runs:
+                print_row(
+                    f"{name} {precision}", figures[f"{name} {precision}"], {} if "kohya" in name else kohya
+                )
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "runs": figures}, indent=1))
     return 0
