@@ -69,12 +69,14 @@ LORA_OPTIONS = (
 class Method:
     name: str
     options: tuple[str, ...]
+    regularized: bool = False  # with --reg_data_dir: pictures of the world's shapes (draw_world_pictures)
 
 
 METHODS = (
     Method("TI alone", ()),
     Method("pivotal", LORA_OPTIONS),
     Method("pivotal, vectors for the first half", (*LORA_OPTIONS, "--train_vectors_fraction=0.5")),
+    Method("pivotal, regularized", LORA_OPTIONS, regularized=True),
 )
 CONCEPTS = {"new glyph": shapes.NEW_GLYPH, "heart": shapes.CONCEPT_SHAPE}
 
@@ -90,35 +92,65 @@ def draw_pictures(folder: Path, shape: str, count: int = 16, seed: int = 1) -> N
         (folder / f"{i:02d}.txt").write_text(f"a {colors[i % len(colors)]} {WORD}")
 
 
+def draw_world_pictures(folder: Path, count: int, seed: int = 2) -> None:
+    """``count`` pictures of the shapes the model knows, captioned as the model was trained: the
+    regularization pictures (kohya's ``--reg_data_dir``) that hold the LoRA to the rest of the world."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        scene = shapes.random_scene(rng)
+        shapes.render(scene).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(shapes.caption(scene, rng))
+
+
 def judged_steps(steps: int) -> list[int]:
     return [step for step in JUDGED_STEPS if step <= steps]
 
 
-def command(method: Method, seed: int, data: Path, out: Path, steps: int) -> list[str]:
-    """The demo's command, run longer, saving every 20 steps, with the method's options."""
-    return varied_command(list(method.options), steps=steps, save_every=20, seed=seed, data=data, out=out)
+def command(
+    method: Method, seed: int, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """The demo's command, run longer, saving every 20 steps, with the method's options and
+    ``extra`` (calibration: ``--extra=--unet_lr=5e-4``; the same name replaces the method's)."""
+    replaced = {option.split("=", 1)[0] for option in extra}
+    options = [o for o in method.options if o.split("=", 1)[0] not in replaced]
+    return varied_command([*options, *extra], steps=steps, save_every=20, seed=seed, data=data, out=out)
 
 
-def run_trial(concept: str, method: Method, seed: int, images: int, pictures: int, steps: int) -> dict:
+def run_trial(
+    concept: str,
+    method: Method,
+    seed: int,
+    images: int,
+    pictures: int,
+    steps: int,
+    extra: tuple[str, ...] = (),
+) -> dict:
     """Train once; judge every judged save. Returns {"seconds", "judged": {step: scores}, "lora_bytes"}."""
     from library.embeddings.install import install_embeddings
     from library.models.loading import load_sd_model
     from library.networks.lora import network_from_file, read_lora_file
 
-    tag = re.sub(r"\W+", "-", f"{concept}-{method.name}-{seed}")
+    tag = re.sub(r"\W+", "-", f"{concept}-{method.name}-{seed}-{pictures}-{steps}{''.join(extra)}")
     data = WORK / (re.sub(r"\W+", "-", concept) + f"-{pictures}") / "data"
     if not data.is_dir():
         draw_pictures(data / f"1_{WORD}", CONCEPTS[concept], pictures)
     out = WORK / "runs" / tag
+    if method.regularized:
+        reg = WORK / f"world-{pictures}"
+        if not reg.is_dir():
+            draw_world_pictures(reg / f"1_{shapes.GENERIC_WORD}", pictures)
+        extra = (*extra, f"--reg_data_dir={reg}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.time()
     result = subprocess.run(
-        command(method, seed, data, out, steps), cwd=ROOT, env=env, capture_output=True, text=True
+        command(method, seed, data, out, steps, extra), cwd=ROOT, env=env, capture_output=True, text=True
     )
     if result.returncode != 0:
         raise RuntimeError(f"{tag}: the trainer failed:\n{result.stderr[-3000:]}")
     trial = {"concept": concept, "method": method.name, "seed": seed, "seconds": time.time() - started}
     trial["pictures"] = pictures
+    trial["extra"] = list(extra)
     trial["judged"] = {}
     model = load_sd_model(SHAPES_MODEL)
     for step in judged_steps(steps):
@@ -328,7 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--concepts", nargs="+", choices=list(CONCEPTS), default=list(CONCEPTS))
     parser.add_argument(
-        "--methods", nargs="+", choices=[m.name for m in METHODS], default=[m.name for m in METHODS]
+        "--methods",
+        nargs="+",
+        choices=[m.name for m in METHODS],
+        default=[m.name for m in METHODS if not m.regularized],  # regularized: calibration, docs/quality.md
     )
     parser.add_argument("--images", type=int, default=12, help="pictures per kind per judged save")
     parser.add_argument("--pictures", type=int, default=PICTURES, help="training pictures per concept")
@@ -336,6 +371,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--machine", default="this machine", help="how the report names the machine")
     parser.add_argument(
         "--from-json", type=Path, nargs="*", default=None, help="merge saved trials instead of running"
+    )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="calibration: a trainer option added to every run, replacing the method's of the same name "
+        "(--extra=--unet_lr=5e-4; --extra=--network_args --extra=conv_dim=32 --extra=conv_alpha=32); "
+        "not written to QUALITY.md",
     )
     parser.add_argument("--cost", action="store_true", help="only the time per step and the LoRA sizes")
     args = parser.parse_args(argv)
@@ -358,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         methods = [m for m in METHODS if m.name in args.methods]
         trials = [
-            run_trial(c, m, s, images, args.pictures, args.steps)
+            run_trial(c, m, s, images, args.pictures, args.steps, tuple(args.extra))
             for c in concepts
             for m in methods
             for s in seeds
@@ -373,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     if cost.exists():  # measured apart (--cost), added to the section
         text += "\n" + cost.read_text()
     print(text)
-    if not args.quick:
+    if not args.quick and not args.extra:
         write_section(text)
 
 
