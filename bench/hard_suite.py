@@ -32,7 +32,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -42,7 +41,7 @@ import numpy as np
 
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, evaluate_edits
-from tools.demo import WORD, draw_training_pictures, varied_command
+from tools.demo import WORD, draw_training_pictures, run_offline, varied_command
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "quality-hard"
@@ -171,14 +170,9 @@ def run_trial(case: Case, method: Method, seed: int, plan: SuitePlan) -> Trial:
     out = WORK / "runs" / tag
     steps = case.steps or method.steps
     steps = min(steps, plan.steps_cap or steps)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    started = time.time()
-    result = subprocess.run(
-        command(case, method, steps, seed, data, out), cwd=ROOT, env=env, capture_output=True, text=True
+    trial = Trial(
+        case.name, method.name, seed, run_offline(command(case, method, steps, seed, data, out), tag)
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"{tag}: the trainer failed:\n{result.stderr[-3000:]}")
-    trial = Trial(case.name, method.name, seed, time.time() - started)
     model = load_sd_model(SHAPES_MODEL)  # its own: each save's word is added to the tokenizer
     judged = [s for s in JUDGED_STEPS if s <= steps]
     for step in judged:

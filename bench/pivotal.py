@@ -40,7 +40,7 @@ import torch
 
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, evaluate_edits
-from tools.demo import WORD, varied_command
+from tools.demo import WORD, run_offline, varied_command
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "pivotal"
@@ -141,14 +141,8 @@ def run_trial(
         if not reg.is_dir():
             draw_world_pictures(reg / f"1_{shapes.GENERIC_WORD}", pictures)
         extra = (*extra, f"--reg_data_dir={reg}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    started = time.time()
-    result = subprocess.run(
-        command(method, seed, data, out, steps, extra), cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"{tag}: the trainer failed:\n{result.stderr[-3000:]}")
-    trial = {"concept": concept, "method": method.name, "seed": seed, "seconds": time.time() - started}
+    seconds = run_offline(command(method, seed, data, out, steps, extra), tag)
+    trial = {"concept": concept, "method": method.name, "seed": seed, "seconds": seconds}
     trial["pictures"] = pictures
     trial["extra"] = list(extra)
     trial["judged"] = {}

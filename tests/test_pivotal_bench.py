@@ -3,12 +3,15 @@ pictures, the commands and the summary. Its training runs stay in bench/."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from bench import pivotal
 from tools import shapes
-from tools.demo import WORD
+from tools.demo import WORD, run_offline
 
 
 def test_the_new_glyph_is_judged_only_when_asked_and_never_confused_with_the_world():
@@ -65,3 +68,9 @@ def test_the_summary_finds_the_step_from_which_the_target_holds_to_the_end():
         "| new glyph | pivotal | 50 % (50-50) | 100 % (100-100) | 40 % (40-40) | not reached |"
         in pivotal.markdown([row], "a test machine", 12)
     )
+
+
+def test_a_failing_bench_run_names_itself_with_the_trainers_last_words():
+    assert run_offline([sys.executable, "-c", "pass"], "fine") >= 0
+    with pytest.raises(RuntimeError, match="glyph-1: the trainer failed:\nno such option"):
+        run_offline([sys.executable, "-c", "import sys; sys.exit('no such option')"], "glyph-1")
