@@ -39,7 +39,7 @@ class FiniteGuard:
         self.before = _copy(vectors)  # the vectors the current step's loss was computed with
         self.lora_before = [weight.detach().clone() for weight in self.lora_weights]
         self.good: dict[str, torch.Tensor] | None = None
-        self.good_lora: list[torch.Tensor] = []
+        self.good_lora = [kept.clone() for kept in self.lora_before]  # two buffers, swapped each step
         self.good_step = 0
 
     def before_step(self, vectors: Vectors) -> None:
@@ -60,7 +60,7 @@ class FiniteGuard:
         if not math.isfinite(value):
             self.stop(f"the loss became {value} at step {step}")
         self.good = _copy(self.before)
-        self.good_lora = [kept.clone() for kept in self.lora_before]
+        self.good_lora, self.lora_before = self.lora_before, self.good_lora  # no copy of the LoRA per step
         self.good_step = step - 1
         if not vectors_finite:
             self.stop(
