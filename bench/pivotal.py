@@ -104,7 +104,8 @@ def draw_world_pictures(folder: Path, count: int, seed: int = 2) -> None:
 
 
 def judged_steps(steps: int) -> list[int]:
-    return [step for step in JUDGED_STEPS if step <= steps]
+    """The saves judged in a run of ``steps``: those of ``JUDGED_STEPS`` it reaches, and its last."""
+    return sorted({*(step for step in JUDGED_STEPS if step < steps), steps})
 
 
 def command(

@@ -74,3 +74,9 @@ def test_a_failing_bench_run_names_itself_with_the_trainers_last_words():
     assert run_offline([sys.executable, "-c", "pass"], "fine") >= 0
     with pytest.raises(RuntimeError, match="glyph-1: the trainer failed:\nno such option"):
         run_offline([sys.executable, "-c", "import sys; sys.exit('no such option')"], "glyph-1")
+
+
+def test_every_run_has_its_last_save_judged_even_between_the_judged_steps():
+    assert pivotal.judged_steps(300) == [20, 40, 80, 160, 300]
+    assert pivotal.judged_steps(400) == [20, 40, 80, 160, 300, 400]
+    assert pivotal.judged_steps(30) == [20, 30]
