@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 
 from library.errors import UserError
+from library.models.lean_activations import keep_less_for_backward
 from library.runtime import torch_dtype, usable_precision, use_attention
 from library.training.tracking import TrackerSettings
 
@@ -120,8 +121,10 @@ def freeze_and_move(model, device: torch.device) -> None:
 
 
 def configure_for_training(unet, text_encoders: list, compute: ComputeSettings, device: torch.device):
-    """Attention backend, gradient checkpointing and ``torch.compile`` as the options ask; returns the UNet."""
+    """Attention backend, the lean feed-forward backward, gradient checkpointing and
+    ``torch.compile`` as the options ask; returns the UNet."""
     use_attention([unet], xformers=compute.xformers, flag="--xformers", device=device)
+    keep_less_for_backward(unet)
     if compute.gradient_checkpointing:  # diffusers and transformers only checkpoint in training mode
         unet.enable_gradient_checkpointing()
         unet.train()  # neither model has dropout
