@@ -2,10 +2,10 @@
 
 Why: every transformer block of the UNet ends in ``value * gelu(gate)``, where ``value`` and
 ``gate`` are the two halves of one projection. Autograd keeps the projection (for the product's
-and gelu's gradients) and also ``gelu(gate)``, which is half as large again: on SDXL at 512 px
-these outputs are the largest thing a training step keeps. ``gelu(gate)`` is cheap to compute
-again from the projection, so here the backward recomputes it and the step keeps a third less
-for the feed-forwards. The gradients are the same operations on the same numbers as autograd's
+and gelu's gradients) and also ``gelu(gate)``, half the projection's size: on SDXL at 512 px the
+feed-forwards keep more for the backward than any other kind of layer. ``gelu(gate)`` is cheap
+to compute again from the projection, so here the backward recomputes it and the feed-forwards
+keep a third less. The gradients are the same operations on the same numbers as autograd's
 (``mul``'s and ``gelu_backward``), so they are bit-identical; the forward is unchanged.
 """
 
