@@ -47,6 +47,8 @@ def test_the_pivotal_methods_train_a_lora_beside_the_demos_command(tmp_path):
     assert not any(o.startswith("--network") for o in plain)
     tuned = pivotal.command(by_name["pivotal"], 2, tmp_path / "d", tmp_path / "o", 300, ("--unet_lr=5e-4",))
     assert [o for o in tuned if o.startswith("--unet_lr")] == ["--unet_lr=5e-4"]  # replaces the method's
+    weighted = pivotal.command(by_name["pivotal, min-SNR 5"], 2, tmp_path / "d", tmp_path / "o", 300)
+    assert set(weighted) - set(argv) == {"--min_snr_gamma=5"}
 
 
 def test_the_summary_finds_the_step_from_which_the_target_holds_to_the_end():
