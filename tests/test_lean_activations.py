@@ -53,7 +53,7 @@ def test_geglu_gives_autograds_exact_outputs_and_gradients_and_keeps_a_third_les
     assert kept_lean == projection
 
 
-def test_the_unets_context_gradient_is_unchanged_and_inference_keeps_nothing():
+def test_in_a_unet_the_context_gradient_and_inference_are_unchanged_and_less_is_kept():
     unet = tiny_sdxl_components()[0].requires_grad_(False)
     lean = copy.deepcopy(unet)
     assert keep_less_for_backward(lean) > 0
