@@ -350,7 +350,16 @@ def write_section(text: str) -> None:
     QUALITY_MD.write_text(old[:start] + text + tail)
 
 
-def main(argv: list[str] | None = None) -> None:
+REFERENCE_SETTINGS = ("seeds", "concepts", "methods", "images", "pictures", "steps", "extra", "quick")
+
+
+def is_reference_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """Whether the run is the one QUALITY.md reports (every default); a subset or a calibration
+    run must not replace its section."""
+    return all(getattr(args, name) == parser.get_default(name) for name in REFERENCE_SETTINGS)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="the new glyph only, one seed, 8 pictures per kind"
@@ -376,9 +385,14 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="calibration: a trainer option added to every run, replacing the method's of the same name "
         "(--extra=--unet_lr=5e-4; --extra=--network_args --extra=conv_dim=32 --extra=conv_alpha=32); "
-        "not written to QUALITY.md",
+        "not written to QUALITY.md (nor is a run with other seeds, concepts, methods or sizes)",
     )
     parser.add_argument("--cost", action="store_true", help="only the time per step and the LoRA sizes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.cost:
         text = cost_section(args.machine)
@@ -414,8 +428,10 @@ def main(argv: list[str] | None = None) -> None:
     if cost.exists():  # measured apart (--cost), added to the section
         text += "\n" + cost.read_text()
     print(text)
-    if not args.quick and not args.extra:
+    if args.from_json or is_reference_run(parser, args):
         write_section(text)
+    else:
+        print(f"a partial or calibration run: {QUALITY_MD.relative_to(ROOT)} is left as it is")
 
 
 if __name__ == "__main__":

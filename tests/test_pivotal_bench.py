@@ -82,3 +82,15 @@ def test_every_run_has_its_last_save_judged_even_between_the_judged_steps():
     assert pivotal.judged_steps(300) == [20, 40, 80, 160, 300]
     assert pivotal.judged_steps(400) == [20, 40, 80, 160, 300, 400]
     assert pivotal.judged_steps(30) == [20, 30]
+
+
+def test_only_the_full_default_run_replaces_the_quality_section():
+    parser = pivotal.build_parser()
+    assert pivotal.is_reference_run(parser, parser.parse_args([]))
+    for partial in (
+        ["--concepts", "heart"],
+        ["--methods", "pivotal"],
+        ["--images", "24"],
+        ["--extra=--seed=1"],
+    ):
+        assert not pivotal.is_reference_run(parser, parser.parse_args(partial)), partial
