@@ -26,7 +26,11 @@ import torch
 from tqdm import tqdm
 
 from library.errors import run_cli
-from library.host_memory import hand_back_freed_memory, keep_freed_memory_in_process
+from library.host_memory import (
+    hand_back_freed_memory,
+    hand_back_what_the_step_freed,
+    keep_freed_memory_in_process,
+)
 from library.models.loading import load_model, load_model_vae, load_tokenizers
 from library.text.tokenizer import match_padding
 from library.training.accelerator import (
@@ -143,8 +147,11 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
         events.render_samples(0)
 
     # 5. The loop: an optimizer step every k batches (and at an epoch's end), until the run is finished.
-    if device.type == "cpu":  # the load's temporaries are returned; the steps' activations are then reused
-        keep_freed_memory_in_process()
+    # On a CPU the load's temporaries go back to the kernel, then each step reuses what it frees;
+    # unless --highvram asks for speed, what a step freed goes back too, so that the steps'
+    # slightly different layouts do not add up (library/host_memory.py).
+    heap_tuned = device.type == "cpu" and keep_freed_memory_in_process()
+    hand_back_after_steps = heap_tuned and not settings.model.highvram
     optimizer_train_mode(optimizer)
     with progress_bar(run) as bar:
         while not events.finished:
@@ -176,6 +183,8 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> None:
                 progress.global_step += 1
                 bar.update(1)
                 events.after_step(loss, bar)  # checks, logs, saves, samples, validation
+                if hand_back_after_steps:
+                    hand_back_what_the_step_freed()
                 if events.finished:
                     break
             events.after_epoch()

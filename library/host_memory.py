@@ -5,8 +5,15 @@ fresh ``mmap`` and hands it back to the kernel on ``free``. A Stable Diffusion U
 CPU allocates and frees hundreds of activations of that size, so each step the kernel zeroes and
 faults in the same gigabytes again: on the benchmark machine about 600 thousand page faults and
 1.9 s of kernel time in a 5.6 s step (docs/benchmarks.md). Raising the mmap threshold and never
-trimming the heap lets freed blocks be reused. The resident memory stays near its peak until
-the process ends instead of shrinking between steps.
+trimming the heap on ``free`` lets freed blocks be reused within a step.
+
+Between steps the trainer hands the freed memory back (``hand_back_what_the_step_freed``), when
+there is enough of it to matter. Each step lays its activations out a little differently among
+the blocks that outlive it, so a heap that kept every page would hold the union of all the
+steps' layouts, gigabytes above what any one step has live on a full-size SDXL
+(docs/benchmarks.md). Handed back, the next step faults its pages in once, not at every
+allocation as with glibc's defaults; that costs a few percent of a step, so ``--highvram``
+(speed first) keeps them.
 
 When: after the model has loaded (and latents are cached), never before. Loading frees large
 temporaries (the file's fp16 tensors once cast, converted copies, the VAE after caching); with
@@ -34,9 +41,32 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 # Blocks up to 1 GiB come from the heap (a 512 px batch-4 activation is far below that); the
-# trim threshold is the largest value mallopt's int takes, i.e. never shrink the heap.
+# trim threshold is the largest value mallopt's int takes: a free never shrinks the heap.
 HEAP_BLOCKS_UP_TO = 1 << 30
 NEVER_TRIM = 2**31 - 1
+# Below this much free heap after a step, the steps' layouts cannot add up to much, and on a small
+# model's short steps the trim's walk and the pages faulted in again would cost more than they save.
+STEP_HAND_BACK_FROM = 256 << 20
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33 and later)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def glibc_version() -> str | None:
@@ -66,7 +96,8 @@ def hand_back_freed_memory() -> bool:
 
     glibc only shrinks the heap from its top, so memory freed below a live block stays resident
     until asked for: after a large model part is dropped (the VAE once latents are cached), this
-    makes room for the next part instead of leaving it to grow the process.
+    makes room for the next part instead of leaving it to grow the process; after a training step,
+    it keeps the pages of that step's layout from adding to the next one's.
     """
     if not sys.platform.startswith("linux") or glibc_version() is None:
         return False
@@ -75,6 +106,25 @@ def hand_back_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return True
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes glibc's heaps hold free (resident or not), or None where glibc cannot say."""
+    if not sys.platform.startswith("linux") or glibc_version() is None:
+        return None
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
+def hand_back_what_the_step_freed() -> bool:
+    """After a training step: hand the freed heap back when there is enough of it to matter
+    (``STEP_HAND_BACK_FROM``); True if handed back."""
+    free = free_heap_bytes()
+    return free is not None and free >= STEP_HAND_BACK_FROM and hand_back_freed_memory()
 
 
 def keep_freed_memory_in_process() -> bool:

@@ -66,7 +66,7 @@ def add_model_options(parser: argparse.ArgumentParser, path_option: str, path_he
         "--highvram",
         action="store_true",
         help="memory is plentiful: keep the frozen weights in fp32, not the file's exact fp16 (faster small "
-        "fp32 steps on a CPU, +1.9 GB for SD 1.5)",
+        "fp32 steps on a CPU, +1.9 GB for SD 1.5), and on a CPU keep the memory a step freed for the next",
     )
 
 

@@ -101,3 +101,46 @@ def test_what_loading_freed_goes_back_before_freed_memory_is_kept():
     assert measured["applied"] is True
     freed = 6_000 * 7 / 8 * 64_000  # about 336 MB in holes between live blocks
     assert measured["before"] - measured["after"] > freed * 0.8
+
+
+# Under the kept settings a freed block stays resident (a small live block above it keeps the
+# heap's top from shrinking) until handed back after the step, which the trainer does when the
+# free heap is large enough to matter: a 320 MB block is, a 16 MB one is not.
+BETWEEN_STEPS_PROBE = """
+import json, sys, torch
+from library.host_memory import free_heap_bytes, hand_back_what_the_step_freed, keep_freed_memory_in_process
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+applied = keep_freed_memory_in_process()
+activations = torch.ones(int(sys.argv[1]))
+outliving = torch.ones(16_000)
+del activations
+kept, free = rss(), free_heap_bytes()
+handed_back = hand_back_what_the_step_freed()
+print(json.dumps({"applied": applied, "free": free, "handed_back": handed_back, "kept": kept, "after": rss()}))
+"""
+
+
+def between_steps(floats: int) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    result = subprocess.run(
+        [sys.executable, "-c", BETWEEN_STEPS_PROBE, str(floats)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**clean, "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(glibc_version() is None, reason="glibc only")
+def test_what_a_step_freed_goes_back_between_steps_when_it_matters():
+    large = between_steps(80_000_000)
+    assert large["applied"] is True and large["free"] >= 320_000_000
+    assert large["handed_back"] is True
+    assert large["kept"] - large["after"] > 300_000_000
+    small = between_steps(4_000_000)
+    assert small["applied"] is True and 16_000_000 <= small["free"] < 256 << 20
+    assert small["handed_back"] is False
+    assert small["kept"] - small["after"] < 1_000_000
