@@ -12,7 +12,7 @@ there is enough of it to matter. Each step lays its activations out a little dif
 the blocks that outlive it, so a heap that kept every page would hold the union of all the
 steps' layouts, gigabytes above what any one step has live on a full-size SDXL
 (docs/benchmarks.md). Handed back, the next step faults its pages in once, not at every
-allocation as with glibc's defaults; that costs a few percent of a step, so ``--highvram``
+allocation as with glibc's defaults; that costs up to a tenth of a step, so ``--highvram``
 (speed first) keeps them.
 
 When: after the model has loaded (and latents are cached), never before. Loading frees large
