@@ -31,6 +31,7 @@ variables, ``GLIBC_TUNABLES``) or preloads another allocator keeps their own cho
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -91,6 +92,17 @@ def user_allocator_settings(environ: dict[str, str] | None = None) -> str | None
     return None
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux (opened once: the trainer asks after every step)."""
+    if not sys.platform.startswith("linux") or glibc_version() is None:
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def hand_back_freed_memory() -> bool:
     """Return the freed parts of the heap to the kernel now (glibc ``malloc_trim``); True if done.
 
@@ -99,25 +111,20 @@ def hand_back_freed_memory() -> bool:
     makes room for the next part instead of leaving it to grow the process; after a training step,
     it keeps the pages of that step's layout from adding to the next one's.
     """
-    if not sys.platform.startswith("linux") or glibc_version() is None:
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
         return False
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
+    libc.malloc_trim(0)
     return True
 
 
 def free_heap_bytes() -> int | None:
     """Bytes glibc's heaps hold free (resident or not), or None where glibc cannot say."""
-    if not sys.platform.startswith("linux") or glibc_version() is None:
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):  # glibc before 2.33
         return None
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
-    return int(mallinfo2().fordblks)
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().fordblks)
 
 
 def hand_back_what_the_step_freed() -> bool:
@@ -132,19 +139,16 @@ def keep_freed_memory_in_process() -> bool:
 
     True if the settings were applied.
     """
-    if not sys.platform.startswith("linux") or glibc_version() is None:
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
     own = user_allocator_settings()
     if own is not None:
         logger.debug("allocator left as set by %s", own)
         return False
     hand_back_freed_memory()  # the load's freed temporaries go back to the kernel first
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        applied = libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO) == 1
-        applied = libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1 and applied
-    except (OSError, AttributeError):
-        return False
+    applied = libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO) == 1
+    applied = libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1 and applied
     if applied:
         logger.debug("glibc malloc: blocks up to 1 GiB from the heap, freed memory kept for reuse")
     return applied
