@@ -3,6 +3,7 @@
     python -m bench.pivotal            # both concepts, three methods, 3 training seeds
     python -m bench.pivotal --quick    # the new glyph, one seed
     python -m bench.pivotal --cost     # time per step against TI alone, LoRA sizes at full size
+    python -m bench.pivotal --vae      # what the model's VAE keeps of each concept, by size
 
 Two concepts, each taught from 16 pictures (one colour after another, captioned ``a COLOUR
 myshape``) through the real trainer CLI:
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, evaluate_edits
@@ -51,6 +53,12 @@ CONCEPT_TARGET, COLOR_TARGET = 0.9, 0.8
 JUDGED_STEPS = (20, 40, 80, 160, 300, 500)
 STEPS = 300  # the glyph's concept peaks between 160 and 300 steps and falls by 500 (docs/quality.md)
 PICTURES = 16  # with 8, pivotal tuning overfits the glyph's few pictures (docs/quality.md)
+# The smallest size (half its extent, in pixels) a concept is drawn at for training. The small
+# model's VAE keeps the arrow's head apart from its shaft only from about 14 px: below that,
+# encoding and decoding turns about a third of arrows into a blob the judge calls a circle
+# (``--vae``, docs/quality.md). Pictures that small teach the word a blob; no method could learn
+# from them what the judge asks. The heart survives the VAE at every size the world draws.
+SMALLEST_RADIUS = {shapes.NEW_GLYPH: 14.0}
 # rank 16 on the transformer layers and the 3x3 convolutions: this model's attention sits only at
 # its 8 x 8 level, so a shape it never drew needs the convolutions too (transformer layers alone
 # reached about 60-75 % on one seed in the calibration runs, docs/quality.md)
@@ -85,12 +93,15 @@ CONCEPTS = {"new glyph": shapes.NEW_GLYPH, "heart": shapes.CONCEPT_SHAPE}
 
 
 def draw_pictures(folder: Path, shape: str, count: int = 16, seed: int = 1) -> None:
-    """``count`` pictures of ``shape``, one colour after another, captioned ``a COLOUR WORD``."""
+    """``count`` pictures of ``shape``, one colour after another, captioned ``a COLOUR WORD``, at
+    the sizes the model's VAE keeps (``SMALLEST_RADIUS``)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     colors = list(shapes.COLORS)
     for i in range(count):
         scene = shapes.random_scene(rng, shape=shape, color=colors[i % len(colors)])
+        while scene.radius < SMALLEST_RADIUS.get(shape, 0.0):
+            scene = shapes.random_scene(rng, shape=shape, color=colors[i % len(colors)])
         shapes.render(scene).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(f"a {colors[i % len(colors)]} {WORD}")
 
@@ -104,6 +115,53 @@ def draw_world_pictures(folder: Path, count: int, seed: int = 2) -> None:
         scene = shapes.random_scene(rng)
         shapes.render(scene).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(shapes.caption(scene, rng))
+
+
+def through_the_vae(model, picture: Image.Image) -> Image.Image:
+    """``picture`` encoded and decoded by the model's VAE: what the UNet is taught when it is a
+    training picture, and the best a generated picture can be."""
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.mean
+        decoded = model.vae.decode(latents).sample[0].float()
+    return Image.fromarray(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def vae_keep_rates(
+    model, shape: str, radii: tuple[int, ...], per_radius: int = 48, seed: int = 7
+) -> dict[int, float]:
+    """For each radius r: the share of ``per_radius`` pictures of ``shape`` drawn at r to r + 1 px
+    that the judge still finds after the VAE."""
+    rng = np.random.default_rng(seed)
+    extra = () if shape in shapes.ALL_SHAPES else (shape,)
+    rates = {}
+    for radius in radii:
+        kept = 0
+        for _ in range(per_radius):
+            scene = shapes.random_scene(rng, shape=shape)
+            while not radius <= scene.radius < radius + 1:  # placed for its own size, as in training
+                scene = shapes.random_scene(rng, shape=shape)
+            kept += shapes.judge(through_the_vae(model, shapes.render(scene)), extra).shape == shape
+        rates[radius] = kept / per_radius
+    return rates
+
+
+def vae_section() -> str:
+    """What the VAE keeps of each concept by size: the reason for ``SMALLEST_RADIUS``."""
+    from library.models.loading import load_sd_model
+
+    model = load_sd_model(SHAPES_MODEL)
+    radii = tuple(range(shapes.MIN_RADIUS, 19)) + (shapes.MAX_RADIUS - 1,)
+    lines = [
+        "Pictures the judge still finds after the VAE, by size (half the extent in pixels, 48 per size):",
+        "",
+        "| concept | " + " | ".join(f"{r} px" for r in radii) + " |",
+        "|---|" + "---|" * len(radii),
+    ]
+    for concept, shape in CONCEPTS.items():
+        rates = vae_keep_rates(model, shape, radii)
+        lines.append(f"| {concept} | " + " | ".join(f"{100 * rates[r]:.0f} %" for r in radii) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def judged_steps(steps: int) -> list[int]:
@@ -135,8 +193,10 @@ def run_trial(
     from library.models.loading import load_sd_model
     from library.networks.lora import network_from_file, read_lora_file
 
-    tag = re.sub(r"\W+", "-", f"{concept}-{method.name}-{seed}-{pictures}-{steps}{''.join(extra)}")
-    data = WORK / (re.sub(r"\W+", "-", concept) + f"-{pictures}") / "data"
+    smallest = SMALLEST_RADIUS.get(CONCEPTS[concept], shapes.MIN_RADIUS)
+    drawn = f"{concept}-{pictures}-from-{smallest:g}px"  # the pictures' own folder and the runs'
+    tag = re.sub(r"\W+", "-", f"{drawn}-{method.name}-{seed}-{steps}{''.join(extra)}")
+    data = WORK / re.sub(r"\W+", "-", drawn) / "data"
     if not data.is_dir():
         draw_pictures(data / f"1_{WORD}", CONCEPTS[concept], pictures)
     out = WORK / "runs" / tag
@@ -227,7 +287,13 @@ def markdown(rows: list[dict], machine: str, images: int) -> str:
         + ", LoRA "
         f"`{' '.join(LORA_OPTIONS)}`. Concept / colour / background at the last save (mean over seeds, "
         "min-max in brackets), the step from which concept >= 90 % and colour >= 80 % hold, and the "
-        "wall time of a run (training and its saves, not the judging).",
+        "wall time of a run (training and its saves, not the judging). "
+        + " ".join(
+            f"The {concept}'s pictures are drawn {SMALLEST_RADIUS[shape]:g} px or more in radius (half their extent), "
+            "the sizes the model's VAE keeps (`--vae`)."
+            for concept, shape in CONCEPTS.items()
+            if shape in SMALLEST_RADIUS
+        ),
         "",
         "| concept | method | concept | colour | background | target from step | run (s) | LoRA file |",
         "|---|---|---|---|---|---|---|---|",
@@ -388,12 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
         "not written to QUALITY.md (nor is a run with other seeds, concepts, methods or sizes)",
     )
     parser.add_argument("--cost", action="store_true", help="only the time per step and the LoRA sizes")
+    parser.add_argument("--vae", action="store_true", help="only what the VAE keeps of each concept, by size")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.vae:
+        print(vae_section())
+        return
     if args.cost:
         text = cost_section(args.machine)
         print(text)
