@@ -84,7 +84,7 @@ METHODS = (
     Method("TI alone", ()),
     Method("pivotal", LORA_OPTIONS),
     # kohya's min-SNR loss weighting: more of each step's weight on the noisy timesteps, where a
-    # picture's layout (the glyph's outline) is decided; better or equal on each of six seeds (docs/quality.md)
+    # picture's layout (the glyph's outline) is decided; the best of the weightings on the glyph (docs/quality.md)
     Method("pivotal, min-SNR 5", (*LORA_OPTIONS, "--min_snr_gamma=5")),
     Method("pivotal, vectors for the first half", (*LORA_OPTIONS, "--train_vectors_fraction=0.5")),
     Method("pivotal, regularized", LORA_OPTIONS, regularized=True),
