@@ -55,7 +55,7 @@ STEPS = 300  # the glyph's concept peaks between 160 and 300 steps and falls by 
 PICTURES = 16  # with 8, pivotal tuning overfits the glyph's few pictures (docs/quality.md)
 # The smallest size (half its extent, in pixels) a concept is drawn at for training. The small
 # model's VAE keeps the arrow's head apart from its shaft only from about 14 px: below that,
-# encoding and decoding turns about a third of arrows into a blob the judge calls a circle
+# encoding and decoding turns a fifth to a third of arrows into a blob the judge calls a circle
 # (``--vae``, docs/quality.md). Pictures that small teach the word a blob; no method could learn
 # from them what the judge asks. The heart survives the VAE at every size the world draws.
 SMALLEST_RADIUS = {shapes.NEW_GLYPH: 14.0}
