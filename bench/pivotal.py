@@ -120,11 +120,10 @@ def draw_world_pictures(folder: Path, count: int, seed: int = 2) -> None:
 def through_the_vae(model, picture: Image.Image) -> Image.Image:
     """``picture`` encoded and decoded by the model's VAE: what the UNet is taught when it is a
     training picture, and the best a generated picture can be."""
-    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.mean
-        decoded = model.vae.decode(latents).sample[0].float()
-    return Image.fromarray(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    from tools.build_shapes_model import reconstruct
+
+    pixels = torch.from_numpy(np.asarray(picture.convert("RGB"))).permute(2, 0, 1)[None]
+    return Image.fromarray(reconstruct(model.vae, pixels)[0])
 
 
 def vae_keep_rates(

@@ -98,9 +98,12 @@ def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux") or glibc_version() is None:
         return None
     try:
-        return ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 def hand_back_freed_memory() -> bool:
@@ -123,7 +126,6 @@ def free_heap_bytes() -> int | None:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):  # glibc before 2.33
         return None
-    libc.mallinfo2.restype = _MallInfo2
     return int(libc.mallinfo2().fordblks)
 
 

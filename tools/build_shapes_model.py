@@ -173,7 +173,7 @@ def train_vae(pixels: torch.Tensor, config: BuildConfig, generator: torch.Genera
 def encode_means(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat(
         [
-            vae.encode(to_model_range(pixels[i : i + batch])).latent_dist.mean
+            vae.encode(to_model_range(pixels[i : i + batch]).to(vae.dtype)).latent_dist.mean
             for i in range(0, len(pixels), batch)
         ]
     )
@@ -192,11 +192,16 @@ def rescale_latents(vae: AutoencoderKL, factor: float) -> None:
 
 
 @torch.no_grad()
+def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor) -> np.ndarray:
+    """uint8 ``[count, 3, H, W]`` pictures encoded (the posterior's mean) and decoded by ``vae``,
+    as uint8 ``[count, H, W, 3]``: what the UNet learns of them."""
+    images = vae.decode(encode_means(vae, pixels)).sample.float()
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def reconstruction_accuracy(vae: AutoencoderKL, scenes, pixels: torch.Tensor) -> tuple[float, float]:
     """Shape and colour accuracy of the judge on the VAE's reconstructions."""
-    latents = encode_means(vae, pixels)
-    images = vae.decode(latents).sample
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = reconstruct(vae, pixels)
     verdicts = [shapes.judge(_pil(image)) for image in images]
     shape = np.mean([v.shape == s.shape for v, s in zip(verdicts, scenes)])
     color = np.mean([v.color == s.color for v, s in zip(verdicts, scenes)])
