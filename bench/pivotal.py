@@ -122,7 +122,7 @@ def through_the_vae(model, picture: Image.Image) -> Image.Image:
     training picture, and the best a generated picture can be."""
     from tools.build_shapes_model import reconstruct
 
-    pixels = torch.from_numpy(np.asarray(picture.convert("RGB"))).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)[None]
     return Image.fromarray(reconstruct(model.vae, pixels)[0])
 
 
