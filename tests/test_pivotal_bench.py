@@ -64,6 +64,13 @@ def test_the_pivotal_methods_train_a_lora_beside_the_demos_command(tmp_path):
     assert [o for o in tuned if o.startswith("--unet_lr")] == ["--unet_lr=5e-4"]  # replaces the method's
     weighted = pivotal.command(by_name["pivotal, min-SNR 5"], 2, tmp_path / "d", tmp_path / "o", 300)
     assert set(weighted) - set(argv) == {"--min_snr_gamma=5"}
+    slow = by_name["pivotal, min-SNR 5, LoRA at 5e-4 to 500 steps"]
+    slower = pivotal.command(slow, 2, tmp_path / "d", tmp_path / "o", slow.length(300))
+    assert [o for o in slower if o.startswith(("--unet_lr", "--max_train_steps"))] == [
+        "--unet_lr=5e-4",
+        "--max_train_steps=500",  # the method's own length, whatever the bench's
+    ]
+    assert by_name["pivotal"].length(300) == 300
 
 
 def test_the_summary_finds_the_step_from_which_the_target_holds_to_the_end():
