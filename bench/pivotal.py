@@ -1,6 +1,6 @@
 """Pivotal tuning against Textual Inversion alone, on the small real model.
 
-    python -m bench.pivotal            # both concepts, three methods, 3 training seeds
+    python -m bench.pivotal            # both concepts, every method but the regularized one, 3 seeds
     python -m bench.pivotal --quick    # the new glyph, one seed
     python -m bench.pivotal --cost     # time per step against TI alone, LoRA sizes at full size
     python -m bench.pivotal --vae      # what the model's VAE keeps of each concept, by size
