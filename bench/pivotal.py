@@ -377,37 +377,48 @@ def full_size_lora_megabytes(family: str, rank: int, with_convs: bool) -> float:
     return weights * 2 / 1e6
 
 
-def seconds_per_step(method: Method, data: Path, repeats: int = 2) -> float:
-    """The median over ``repeats`` of (a 60-step run - a 20-step run) / 40: start-up, loading and
-    saving cancel out. Runs no judge."""
-    timings = []
-    for _ in range(repeats):
-        runs = {}
-        for steps in (20, 60):
-            out = WORK / "timing" / re.sub(r"\W+", "-", f"{method.name}-{steps}")
-            command_line = [
-                o for o in command(method, 1, data, out, steps) if not o.startswith("--save_every_n_steps")
-            ]
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-            started = time.perf_counter()
-            subprocess.run(command_line, cwd=ROOT, env=env, check=True, capture_output=True)
-            runs[steps] = time.perf_counter() - started
-        timings.append((runs[60] - runs[20]) / 40)
-    return statistics.median(timings)
+TIMED_STEPS = (20, 120)  # a short and a long run: their difference is the steps alone
+TIMING_REPEATS = 3
+
+
+def seconds_per_step(method: Method, data: Path) -> float:
+    """(a long run - a short run) / their difference in steps (``TIMED_STEPS``): start-up,
+    loading and saving cancel out. Runs no judge."""
+    runs = {}
+    for steps in TIMED_STEPS:
+        out = WORK / "timing" / re.sub(r"\W+", "-", f"{method.name}-{steps}")
+        command_line = [
+            o for o in command(method, 1, data, out, steps) if not o.startswith("--save_every_n_steps")
+        ]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        started = time.perf_counter()
+        subprocess.run(command_line, cwd=ROOT, env=env, check=True, capture_output=True)
+        runs[steps] = time.perf_counter() - started
+    short, long = TIMED_STEPS
+    return (runs[long] - runs[short]) / (long - short)
 
 
 def cost_section(machine: str) -> str:
-    """Time per step on the shapes model (each method in turn, twice) and full-size LoRA sizes."""
+    """Time per step on the shapes model and full-size LoRA sizes. The methods take turns, each
+    repeat timing every method once, so that the machine's drift reaches all of them alike."""
     data = WORK / f"heart-{PICTURES}" / "data"
     if not data.is_dir():
         draw_pictures(data / f"1_{WORD}", shapes.CONCEPT_SHAPE, PICTURES)
-    per_step = {m.name: seconds_per_step(m, data) for m in METHODS}
+    timed = [
+        m for m in METHODS if not m.regularized
+    ]  # its step is pivotal's: the pictures differ, not the work
+    timings = {m.name: [] for m in timed}
+    for _ in range(TIMING_REPEATS):
+        for method in timed:
+            timings[method.name].append(seconds_per_step(method, data))
+    per_step = {name: statistics.median(values) for name, values in timings.items()}
     base = per_step[METHODS[0].name]
     lines = [
         "### Cost",
         "",
         f"Seconds per optimizer step on the shapes model (batch 8 of 64 x 64 pictures, cached latents), "
-        f"on {machine}: (a 60-step run - a 20-step run) / 40, median of 2 repeats, one method after another; past the pivot a step skips the text encoders' backward pass.",
+        f"on {machine}: (a {TIMED_STEPS[1]}-step run - a {TIMED_STEPS[0]}-step run) / {TIMED_STEPS[1] - TIMED_STEPS[0]}, "
+        f"median of {TIMING_REPEATS} repeats in which the methods take turns; past the pivot a step skips the text encoders' backward pass.",
         "",
         "| method | s/step | against TI alone |",
         "|---|---|---|",
