@@ -404,9 +404,8 @@ def cost_section(machine: str) -> str:
     data = WORK / f"heart-{PICTURES}" / "data"
     if not data.is_dir():
         draw_pictures(data / f"1_{WORD}", shapes.CONCEPT_SHAPE, PICTURES)
-    timed = [
-        m for m in METHODS if not m.regularized
-    ]  # its step is pivotal's: the pictures differ, not the work
+    # the regularized method is not timed: its step is pivotal's (the pictures differ, not the work)
+    timed = [m for m in METHODS if not m.regularized]
     timings = {m.name: [] for m in timed}
     for _ in range(TIMING_REPEATS):
         for method in timed:
