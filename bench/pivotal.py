@@ -59,6 +59,13 @@ PICTURES = 16  # with 8, pivotal tuning overfits the glyph's few pictures (docs/
 # (``--vae``, docs/quality.md). Pictures that small teach the word a blob; no method could learn
 # from them what the judge asks. The heart survives the VAE at every size the world draws.
 SMALLEST_RADIUS = {shapes.NEW_GLYPH: 14.0}
+
+
+def smallest_radius(shape: str) -> float:
+    """The smallest size ``shape`` is drawn at for training (``SMALLEST_RADIUS``, else the world's)."""
+    return SMALLEST_RADIUS.get(shape, shapes.MIN_RADIUS)
+
+
 # rank 16 on the transformer layers and the 3x3 convolutions: this model's attention sits only at
 # its 8 x 8 level, so a shape it never drew needs the convolutions too (transformer layers alone
 # reached about 60-75 % on one seed in the calibration runs, docs/quality.md)
@@ -116,11 +123,12 @@ def draw_pictures(folder: Path, shape: str, count: int = 16, seed: int = 1) -> N
     rng = np.random.default_rng(seed)
     colors = list(shapes.COLORS)
     for i in range(count):
-        scene = shapes.random_scene(rng, shape=shape, color=colors[i % len(colors)])
-        while scene.radius < SMALLEST_RADIUS.get(shape, 0.0):
-            scene = shapes.random_scene(rng, shape=shape, color=colors[i % len(colors)])
+        color = colors[i % len(colors)]
+        scene = shapes.random_scene(rng, shape=shape, color=color)
+        while scene.radius < smallest_radius(shape):
+            scene = shapes.random_scene(rng, shape=shape, color=color)
         shapes.render(scene).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(f"a {colors[i % len(colors)]} {WORD}")
+        (folder / f"{i:02d}.txt").write_text(f"a {color} {WORD}")
 
 
 def draw_world_pictures(folder: Path, count: int, seed: int = 2) -> None:
@@ -210,8 +218,7 @@ def run_trial(
     from library.networks.lora import network_from_file, read_lora_file
 
     steps = method.length(steps)
-    smallest = SMALLEST_RADIUS.get(CONCEPTS[concept], shapes.MIN_RADIUS)
-    drawn = f"{concept}-{pictures}-from-{smallest:g}px"  # the pictures' own folder and the runs'
+    drawn = f"{concept}-{pictures}-from-{smallest_radius(CONCEPTS[concept]):g}px"  # the pictures' own folder and the runs'
     tag = re.sub(r"\W+", "-", f"{drawn}-{method.name}-{seed}-{steps}{''.join(extra)}")
     data = WORK / re.sub(r"\W+", "-", drawn) / "data"
     if not data.is_dir():
