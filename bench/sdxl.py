@@ -3,11 +3,10 @@
 One command line (kohya's own options) run through ``sdxl_train_textual_inversion.py`` here and,
 when its folder and environment are given, through kohya's script of the same name, on the same
 full-size random SDXL single file (``bench.checkpoint``, 6.9 GB, never committed): 512 px,
-batch 1, cached latents, one vector, fp32 and bf16. Each run's peak resident memory comes from
-the kernel (a small launcher, as in ``bench.trainer_memory``), which also samples it over time so
-that the peak of the steps shows apart from the load's; its seconds per step are the wall time
-between the progress bar's first and last step (tqdm, in both programs), after a warm-up step. The runs alternate (ours, kohya's)
-so that both see the same machine; the machine is printed with the table.
+batch 1, cached latents, one vector, fp32 and bf16. Each run's peak resident memory, also over the
+steps alone, and its seconds per step after a warm-up step come from outside the process
+(``bench.launch``). The runs alternate (ours, kohya's) so that both see the same machine; the
+machine is printed with the table.
 
 kohya needs the tokenizers in its cache layout offline: ``--tokenizer_cache_dir`` is passed to
 both, and the shipped tokenizer is written there first in kohya's folders
@@ -19,44 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.checkpoint import SDXL_CHECKPOINT, ensure_checkpoint
+from bench.launch import measure
 from bench.machine import describe_machine
 from bench.training import make_dataset, tmp_root
 from library.text.tokenizer import family_tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5  # the first is warm-up; the others are timed by the wall clock
-
-# Runs argv[1:] and prints, as JSON: its exit code, its peak RSS from the kernel, its RSS sampled
-# every 0.2 s and its stderr in timestamped pieces. Small, so that the child's figures are its own
-# (see bench.trainer_memory).
-LAUNCHER = """
-import json, resource, subprocess, sys, threading, time
-child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-start, samples, pieces = time.time(), [], []
-def sample():
-    while child.poll() is None:
-        try:
-            with open(f"/proc/{child.pid}/status") as status:
-                rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-            samples.append((time.time() - start, rss))
-        except (OSError, StopIteration):
-            pass
-        time.sleep(0.2)
-threading.Thread(target=sample, daemon=True).start()
-for piece in iter(lambda: child.stderr.read1(65536), b""):
-    pieces.append((time.time() - start, piece.decode(errors="replace")))
-code = child.wait()
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"code": code, "peak": peak, "samples": samples, "pieces": pieces}))
-"""
 
 
 def command_line(checkpoint: Path, data: Path, out: Path, tokenizers: Path, precision: str) -> list[str]:
@@ -82,45 +55,6 @@ def command_line(checkpoint: Path, data: Path, out: Path, tokenizers: Path, prec
         f"--tokenizer_cache_dir={tokenizers}",
         "--sdpa",
     ]
-
-
-def step_times(pieces: list[tuple[float, str]], steps: int) -> dict[int, float]:
-    """When the progress bar of ``steps`` steps first showed each step done (seconds from start).
-
-    Both programs draw the training bar with tqdm (``k/steps [``); the wall clock of the pieces
-    times the steps, not tqdm's smoothed rate, which weighs the warm-up step in.
-    """
-    done: dict[int, float] = {}
-    for seconds, text in pieces:
-        for count, total in re.findall(r"(\d+)/(\d+) \[", text):
-            if int(total) == steps:
-                done.setdefault(int(count), seconds)
-    return done
-
-
-def measure(command: list[str], cwd: Path) -> dict:
-    """Peak RSS (bytes, the whole run and the steps after warm-up), seconds per step after the
-    warm-up step, and the wall time of ``command``."""
-    result = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, *command],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-    )
-    report = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
-    stderr = "".join(text for _, text in report.get("pieces", [])) or result.stderr
-    if result.returncode or report.get("code"):
-        return {"error": stderr[-2000:]}
-    done = step_times(report["pieces"], STEPS)
-    if 1 not in done or STEPS not in done:
-        return {"error": "no training progress bar in the output:\n" + stderr[-1000:]}
-    return {
-        "peak_rss_bytes": report["peak"],
-        "steps_peak_rss_bytes": max(rss for seconds, rss in report["samples"] if seconds >= done[1]),
-        "seconds_per_step": (done[STEPS] - done[1]) / (STEPS - 1),
-        "wall_seconds": report["samples"][-1][0] if report["samples"] else None,
-    }
 
 
 def print_row(name: str, figure: dict, kohya: dict) -> None:
@@ -189,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, (program, cwd) in runs.items():
                 out = work / f"{name}-{precision}".replace(" ", "").replace("-", "_")
                 options = command_line(checkpoint, data, out, work / "tokenizers", precision)
-                figures[f"{name} {precision}"] = measure([*program, *options, *extra], cwd)
+                figures[f"{name} {precision}"] = measure([*program, *options, *extra], cwd, STEPS)
             kohya = figures.get(f"kohya {label} {precision}".replace("  ", " "), {})
             for name in runs:
                 print_row(
