@@ -28,11 +28,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import statistics
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.launch import measure
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, evaluate_edits
 from tools.demo import WORD, run_offline, varied_command
@@ -384,25 +382,21 @@ def full_size_lora_megabytes(family: str, rank: int, with_convs: bool) -> float:
     return weights * 2 / 1e6
 
 
-TIMED_STEPS = (20, 120)  # a short and a long run: their difference is the steps alone
-TIMING_REPEATS = 3
+TIMED_STEPS, WARMUP_STEPS = 120, 20  # the steps of a timing run, and its first steps left out
+TIMING_REPEATS = 5  # a method's runs spread by about ±10 % here: the range is printed with the median
 
 
 def seconds_per_step(method: Method, data: Path) -> float:
-    """(a long run - a short run) / their difference in steps (``TIMED_STEPS``): start-up,
-    loading and saving cancel out. Runs no judge."""
-    runs = {}
-    for steps in TIMED_STEPS:
-        out = WORK / "timing" / re.sub(r"\W+", "-", f"{method.name}-{steps}")
-        command_line = [
-            o for o in command(method, 1, data, out, steps) if not o.startswith("--save_every_n_steps")
-        ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        started = time.perf_counter()
-        subprocess.run(command_line, cwd=ROOT, env=env, check=True, capture_output=True)
-        runs[steps] = time.perf_counter() - started
-    short, long = TIMED_STEPS
-    return (runs[long] - runs[short]) / (long - short)
+    """A run's seconds per step past its warm-up, by the wall clock of its progress bar
+    (``bench.launch``): start-up, loading and the final save are left out. Runs no judge."""
+    out = WORK / "timing" / re.sub(r"\W+", "-", method.name)
+    command_line = [
+        o for o in command(method, 1, data, out, TIMED_STEPS) if not o.startswith("--save_every_n_steps")
+    ]
+    figures = measure(command_line, ROOT, TIMED_STEPS, warmup=WARMUP_STEPS)
+    if "error" in figures:
+        raise RuntimeError(f"{method.name}: the timing run failed:\n{figures['error']}")
+    return figures["seconds_per_step"]
 
 
 def cost_section(machine: str) -> str:
@@ -423,13 +417,18 @@ def cost_section(machine: str) -> str:
         "### Cost",
         "",
         f"Seconds per optimizer step on the shapes model (batch 8 of 64 x 64 pictures, cached latents), "
-        f"on {machine}: (a {TIMED_STEPS[1]}-step run - a {TIMED_STEPS[0]}-step run) / {TIMED_STEPS[1] - TIMED_STEPS[0]}, "
-        f"median of {TIMING_REPEATS} repeats in which the methods take turns; past the pivot a step skips the text encoders' backward pass.",
+        f"on {machine}: steps {WARMUP_STEPS}-{TIMED_STEPS} of a {TIMED_STEPS}-step run, timed by its progress bar, "
+        f"median and range of {TIMING_REPEATS} repeats in which the methods take turns; past the pivot "
+        f"(step {TIMED_STEPS // 2}) a step skips the text encoders' backward pass. Two methods whose ranges "
+        "overlap are not told apart by this timing.",
         "",
-        "| method | s/step | against TI alone |",
-        "|---|---|---|",
+        "| method | s/step | range | against TI alone |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {value:.3f} | {value / base:.2f}x |" for name, value in per_step.items()]
+    lines += [
+        f"| {name} | {value:.3f} | {min(timings[name]):.3f}-{max(timings[name]):.3f} | {value / base:.2f}x |"
+        for name, value in per_step.items()
+    ]
     lines += [
         "",
         "A LoRA file's size (fp16, `--save_precision fp16`; fp32 doubles it) on the real architectures,",
