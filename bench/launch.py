@@ -54,10 +54,15 @@ def step_times(pieces: list[tuple[float, str]], steps: int) -> dict[int, float]:
     return done
 
 
+def warm_count(done: dict[int, float], warmup: int) -> int | None:
+    """The first count the bar showed at or past ``warmup``: where the timed steps begin."""
+    return min((count for count in done if count >= warmup), default=None)
+
+
 def seconds_per_step(done: dict[int, float], steps: int, warmup: int) -> float | None:
     """Seconds per step from the first count at or past ``warmup`` to the last step; None when the
     bar did not show both."""
-    first = min((count for count in done if count >= warmup), default=None)
+    first = warm_count(done, warmup)
     if first is None or steps not in done or first == steps:
         return None
     return (done[steps] - done[first]) / (steps - first)
@@ -82,7 +87,7 @@ def measure(command: list[str], cwd: Path, steps: int, warmup: int = 1) -> dict:
     per_step = seconds_per_step(done, steps, warmup)
     if per_step is None:
         return {"error": "no training progress bar in the output:\n" + stderr[-1000:]}
-    warm = done[min(count for count in done if count >= warmup)]
+    warm = done[warm_count(done, warmup)]
     return {
         "peak_rss_bytes": report["peak"],
         "steps_peak_rss_bytes": max(

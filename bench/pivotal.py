@@ -40,7 +40,7 @@ from PIL import Image
 from bench.launch import measure
 from tools import shapes
 from tools.concept_eval import SHAPES_MODEL, evaluate_edits
-from tools.demo import WORD, run_offline, varied_command
+from tools.demo import WORD, replacing, run_offline, varied_command
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "pivotal"
@@ -76,12 +76,6 @@ LORA_OPTIONS = (
     "conv_alpha=16",
     "--unet_lr=1e-3",
 )
-
-
-def replacing(options: tuple[str, ...], changes: tuple[str, ...]) -> tuple[str, ...]:
-    """``options`` with ``changes`` added, each replacing the option of the same name."""
-    changed = {option.split("=", 1)[0] for option in changes}
-    return (*(o for o in options if o.split("=", 1)[0] not in changed), *changes)
 
 
 @dataclass(frozen=True)
@@ -216,7 +210,8 @@ def run_trial(
     from library.networks.lora import network_from_file, read_lora_file
 
     steps = method.length(steps)
-    drawn = f"{concept}-{pictures}-from-{smallest_radius(CONCEPTS[concept]):g}px"  # the pictures' own folder and the runs'
+    # the pictures' own folder, and the start of the runs' folder names
+    drawn = f"{concept}-{pictures}-from-{smallest_radius(CONCEPTS[concept]):g}px"
     tag = re.sub(r"\W+", "-", f"{drawn}-{method.name}-{seed}-{steps}{''.join(extra)}")
     data = WORK / re.sub(r"\W+", "-", drawn) / "data"
     if not data.is_dir():

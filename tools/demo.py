@@ -67,30 +67,27 @@ class Demo:
 TRAIN_OPTIONS = Demo(sdxl=False).train_options()  # the SD 1.x demo's command (bench/quality.py varies it)
 
 
+def replacing(options: tuple[str, ...], changes: tuple[str, ...]) -> tuple[str, ...]:
+    """``options`` with ``changes`` added, each replacing the option of the same name (the part
+    before ``=``), so that a command line never carries two of one option."""
+    changed = {option.split("=", 1)[0] for option in changes}
+    return (*(o for o in options if o.split("=", 1)[0] not in changed), *changes)
+
+
 def varied_command(
     extra: list[str], *, steps: int, save_every: int, seed: int, data: Path, out: Path
 ) -> list[str]:
     """The SD 1.x demo's training command (python and arguments) with ``extra`` options replacing
     the demo's of the same name, run for ``steps`` and saving every ``save_every`` steps: what the
     quality benches vary."""
-    replaced = {o.split("=", 1)[0] for o in extra} | {
-        "--max_train_steps",
-        "--output_dir",
-        "--train_data_dir",
-        "--seed",
-    }
-    base = [o for o in TRAIN_OPTIONS if o.split("=", 1)[0] not in replaced]
-    return [
-        sys.executable,
-        "train_textual_inversion.py",
-        *base,
-        *extra,
+    run = (
         f"--max_train_steps={steps}",
         f"--save_every_n_steps={save_every}",
         f"--seed={seed}",
         f"--output_dir={out}",
         f"--train_data_dir={data}",
-    ]
+    )
+    return [sys.executable, "train_textual_inversion.py", *replacing(tuple(TRAIN_OPTIONS), (*extra, *run))]
 
 
 def run_offline(command: list[str], tag: str) -> float:
