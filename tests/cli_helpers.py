@@ -1,15 +1,23 @@
-"""Running the real CLIs in tests: the trainer as a subprocess, pictures to train on, the common
-options of a tiny-model run, and the one error line a refused run prints."""
+"""Running the real CLIs in tests: the trainer's command line (in this process, or in its own
+where the process matters), pictures to train on, the common options of a tiny-model run, and the
+one error line a refused run prints."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import logging
 import os
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,21 +32,79 @@ def run_train(
     launcher: list[str] | None = None,
     env: dict | None = None,
     sdxl: bool = False,
+    own_process: bool = False,
 ) -> subprocess.CompletedProcess:
-    """The trainer CLI (``sdxl``: the SDXL trainer) in its own process (one thread, offline); fails
-    the test on a non-zero exit unless ``check`` is False."""
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        **(env or {}),
-    }
-    cmd = (launcher or [sys.executable]) + [TRAIN_SDXL if sdxl else TRAIN, *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    """The trainer CLI (``sdxl``: the SDXL trainer) on ``args``; fails the test on a non-zero exit
+    unless ``check`` is False.
+
+    It runs in this process, as ``python train_textual_inversion.py`` would run it (the same entry
+    point, exit code, stdout and stderr), because a new process spends most of a tiny run importing
+    torch and diffusers. A ``launcher``, an ``env`` or ``own_process`` gives the run a process of
+    its own (one thread, offline): for several processes, environment variables, or what the
+    process id decides (whose leftovers are a live writer's).
+    """
+    if launcher is None and env is None and not own_process:
+        result = _run_here(list(args), sdxl)
+    else:
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        }
+        cmd = (launcher or [sys.executable]) + [TRAIN_SDXL if sdxl else TRAIN, *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def _run_here(argv: list[str], sdxl: bool) -> subprocess.CompletedProcess:
+    """``run_train`` in this process: the script's entry point with stdout and stderr captured, and
+    what a run leaves in the process (logging, accelerate's state, warning filters) put back."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_textual_inversion
+    from library.errors import run_cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    cwd = os.getcwd()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+        _warn_as_a_new_process_would()
+        os.chdir(ROOT)
+        try:
+            run_cli(lambda: train_textual_inversion.main(argv, sdxl=sdxl))
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        except BaseException:  # what Python prints for an uncaught exception, and its exit code
+            traceback.print_exc()
+            code = 1
+        finally:
+            os.chdir(cwd)
+            root.handlers[:], root.level = handlers, level
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            torch._dynamo.reset()  # what --torch_compile compiled
+            gc.collect()
+    return subprocess.CompletedProcess(
+        [TRAIN_SDXL if sdxl else TRAIN, *argv], code, stdout.getvalue(), stderr.getvalue()
+    )
+
+
+def _warn_as_a_new_process_would() -> None:
+    """Python's own warning filters, each warning shown once, on (the captured) stderr: pytest's
+    filters would record warnings instead, and a warning seen by an earlier run would not repeat."""
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line)
+    )
 
 
 TWO_PROCESSES = [
