@@ -32,18 +32,16 @@ def run_train(
     launcher: list[str] | None = None,
     env: dict | None = None,
     sdxl: bool = False,
-    own_process: bool = False,
 ) -> subprocess.CompletedProcess:
     """The trainer CLI (``sdxl``: the SDXL trainer) on ``args``; fails the test on a non-zero exit
     unless ``check`` is False.
 
     It runs in this process, as ``python train_textual_inversion.py`` would run it (the same entry
     point, exit code, stdout and stderr), because a new process spends most of a tiny run importing
-    torch and diffusers. A ``launcher``, an ``env`` or ``own_process`` gives the run a process of
-    its own (one thread, offline): for several processes, environment variables, or what the
-    process id decides (whose leftovers are a live writer's).
+    torch and diffusers. A ``launcher`` or an ``env`` gives the run a process of its own (one
+    thread, offline): for several processes, or environment variables the run reads.
     """
-    if launcher is None and env is None and not own_process:
+    if launcher is None and env is None:
         result = _run_here(list(args), sdxl)
     else:
         env = {
