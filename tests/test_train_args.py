@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from library.errors import UserError
-from library.training.args import build_parser, parse_args, refuse_unsupported
+from library.training.args import (
+    NO_EFFECT_OPTIONS,
+    REFUSED_OPTIONS,
+    RunSettings,
+    build_parser,
+    parse_args,
+    refuse_unsupported,
+)
 
 OPTIONS_TABLE = Path(__file__).resolve().parent / "data" / "kohya-ti-options.tsv"
 
@@ -104,3 +111,47 @@ def test_the_lowram_hint_is_accepted_and_logged(caplog):
     with caplog.at_level(logging.INFO):
         refuse_unsupported(parse_args(["--lowram", "--highvram"]))
     assert "--lowram has no effect" in caplog.text and "--highvram" not in caplog.text
+
+
+def _given(action) -> list[str]:
+    """A command line giving ``action`` a value other than its default."""
+    flag = action.option_strings[0]
+    if action.nargs == 0:
+        return [flag]
+    if action.choices:
+        return [f"{flag}={next(c for c in action.choices if c != action.default)}"]
+    return [f"{flag}={7 if action.type in (int, float) else 'x'}"]
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_OPTIONS))
+def test_every_refused_option_is_one_line_naming_it(name):
+    action = next(a for a in build_parser()._actions if a.dest == name)
+    with pytest.raises(UserError, match=f"--{name}"):
+        refuse_unsupported(parse_args(_given(action)))
+
+
+@pytest.mark.parametrize("name", sorted(NO_EFFECT_OPTIONS))
+def test_every_option_without_effect_says_so(name, caplog):
+    import logging
+
+    action = next(a for a in build_parser()._actions if a.dest == name)
+    with caplog.at_level(logging.INFO):
+        refuse_unsupported(parse_args(_given(action)))
+    assert f"--{name} has no effect here: {NO_EFFECT_OPTIONS[name]}" in caplog.text
+
+
+def test_no_option_is_accepted_and_dropped():
+    """Every option of both trainers reaches a settings object, is refused, or is logged as having
+    no effect; the rest are read while the command line is parsed. An option added to the parser
+    and to none of these would be accepted and silently ignored."""
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    parts = typing.get_type_hints(RunSettings).values()
+    read = {f.name for part in parts if is_dataclass(part) for f in fields(part) if f.init}
+    read_while_parsing = {"help", "config_file", "output_config"}
+    read_under_another_name = {"pretrained_model_name_or_path"}  # ModelSettings.path
+    logged_by_the_sdxl_trainer = {"disable_mmap_load_safetensors"}  # it always reads without a map
+    options = {a.dest for a in build_parser(sdxl=True)._actions}
+    dropped = options - read - set(REFUSED_OPTIONS) - set(NO_EFFECT_OPTIONS)
+    assert dropped == read_while_parsing | read_under_another_name | logged_by_the_sdxl_trainer

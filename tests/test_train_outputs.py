@@ -127,6 +127,64 @@ def test_step_saves_and_states_rotate_as_kohya(data, tiny_sd1, tmp_path):
     ]
 
 
+def test_epoch_saves_and_states_rotate_as_kohya(data, tiny_sd1, tmp_path):
+    """Two pictures, batch 1: two steps an epoch. --save_last_n_epochs counts saves and
+    --save_last_n_epochs_state keeps its own count; the last epoch's save is the final file."""
+    out = tmp_path / "o"
+    run_train(
+        *common(data, out, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--output_name=foo",
+        "--max_train_epochs=4",
+        "--save_every_n_epochs=1",
+        "--save_last_n_epochs=2",
+        "--save_state",
+        "--save_last_n_epochs_state=1",
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "foo-000002.pt",
+        "foo-000003-state",
+        "foo-000003.pt",
+        "foo-state",
+        "foo.pt",
+    ]
+
+
+def test_an_epoch_ratio_a_state_at_the_end_and_step_states_kept_apart(data, tiny_sd1, tmp_path):
+    """--save_n_epoch_ratio=2 over 4 epochs saves every second epoch; --save_state_on_train_end
+    writes only the final state; --save_last_n_steps_state keeps fewer states than files."""
+    ratio = tmp_path / "ratio"
+    run_train(
+        *common(data, ratio, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--output_name=foo",
+        "--max_train_epochs=4",
+        "--save_n_epoch_ratio=2",
+        "--save_state_on_train_end",
+    )
+    assert sorted(p.name for p in ratio.iterdir()) == ["foo-000002.pt", "foo-state", "foo.pt"]
+    steps = tmp_path / "steps"
+    run_train(
+        *common(data, steps, tiny_sd1 / "model.safetensors"),
+        "--token_string=mychar4",
+        "--output_name=foo",
+        "--max_train_steps=3",
+        "--save_every_n_steps=1",
+        "--save_last_n_steps=2",
+        "--save_state",
+        "--save_last_n_steps_state=1",
+    )
+    assert sorted(p.name for p in steps.iterdir()) == [
+        "foo-state",
+        "foo-step00000001.pt",
+        "foo-step00000002-state",
+        "foo-step00000002.pt",
+        "foo-step00000003-state",
+        "foo-step00000003.pt",
+        "foo.pt",
+    ]
+
+
 def test_logs_go_to_a_folder_per_run_with_kohyas_tags(data, tiny_sd1, tmp_path):
     """Each run logs into its own folder with kohya's tags; like kohya, no hparams run is written
     unless --log_config asks for the config, which then holds no secret."""
@@ -162,7 +220,15 @@ def test_logs_go_to_a_folder_per_run_with_kohyas_tags(data, tiny_sd1, tmp_path):
     assert secret.encode() not in logged and str(tiny_sd1).encode() not in logged  # no secret, no path
 
 
-def test_metadata_records_the_timestep_range(data, tiny_sd1, tmp_path):
+def test_metadata_records_every_metadata_option_and_the_timestep_range(data, tiny_sd1, tmp_path):
+    """Each of kohya's --metadata_* options becomes modelspec.<name>; the thumbnail is embedded."""
+    from PIL import Image
+
+    from library.training.state import METADATA_OPTIONS
+
+    thumbnail = tmp_path / "thumb.png"
+    Image.new("RGB", (2, 2), "red").save(thumbnail)
+    given = {name: f"my {name}" for name in METADATA_OPTIONS if name != "thumbnail"}
     out = tmp_path / "o"
     run_train(
         *common(data, out, tiny_sd1 / "model.safetensors"),
@@ -171,9 +237,14 @@ def test_metadata_records_the_timestep_range(data, tiny_sd1, tmp_path):
         "--max_train_steps=1",
         "--min_timestep=100",
         "--save_model_as=safetensors",
+        *[f"--metadata_{name}={value}" for name, value in given.items()],
+        f"--metadata_thumbnail={thumbnail}",
     )
     with safe_open(str(out / "mychar4.safetensors"), "pt") as f:
-        assert f.metadata()["modelspec.timestep_range"] == "100,1000"
+        metadata = f.metadata()
+    assert metadata["modelspec.timestep_range"] == "100,1000"
+    assert {name: metadata.get(f"modelspec.{name}") for name in given} == given
+    assert metadata["modelspec.thumbnail"].startswith("data:image/png;base64,")
 
 
 def readme_commands() -> list[list[str]]:

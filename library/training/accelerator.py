@@ -34,7 +34,6 @@ class ComputeSettings:
     gradient_checkpointing: bool = False
     xformers: bool = False
     sdpa: bool = False
-    mem_eff_attn: bool = False
     torch_compile: bool = False
     dynamo_backend: str = "inductor"
     ddp_timeout: int | None = None

@@ -462,19 +462,22 @@ REFUSED_OPTIONS = {  # name: why (each option's default is its declaration's)
         HUB,
     ),
 }
-NO_EFFECT_OPTIONS = ("lowram", "ddp_gradient_as_bucket_view", "ddp_static_graph")
+NOTHING_TO_PLACE = (
+    "only the new embedding rows are trained and synchronised, so there is no large model to place or "
+    "to wrap in DDP"
+)
+NO_EFFECT_OPTIONS = {  # name: why it has nothing to act on here (logged, not refused: kohya setups pass them)
+    **dict.fromkeys(("lowram", "ddp_gradient_as_bucket_view", "ddp_static_graph"), NOTHING_TO_PLACE),
+    "mem_eff_attn": "attention runs through PyTorch's SDPA, which is memory-efficient already",
+}
 
 
 def refuse_unsupported(args: argparse.Namespace, sdxl: bool = False) -> None:
     """One clear line for each kohya option this trainer cannot honour; info for no-op hints."""
     refuse_options(args, build_parser(sdxl), REFUSED_OPTIONS)
-    for name in NO_EFFECT_OPTIONS:
+    for name, why in NO_EFFECT_OPTIONS.items():
         if getattr(args, name):
-            logger.info(
-                "--%s has no effect here: only the new embedding rows are trained and synchronised, "
-                "so there is no large model to place or to wrap in DDP",
-                name,
-            )
+            logger.info("--%s has no effect here: %s", name, why)
     if sdxl:
         if args.v2 or args.v_parameterization:
             raise UserError(
