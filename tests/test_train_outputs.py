@@ -187,12 +187,16 @@ def test_an_epoch_ratio_a_state_at_the_end_and_step_states_kept_apart(data, tiny
 
 def test_logs_go_to_a_folder_per_run_with_kohyas_tags(data, tiny_sd1, tmp_path):
     """Each run logs into its own folder with kohya's tags; like kohya, no hparams run is written
-    unless --log_config asks for the config, which then holds no secret."""
+    unless --log_config asks for the config, which then holds no secret. --log_tracker_name names
+    the tracker's folder, and --log_tracker_config gives TensorBoard's writer its arguments."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = tmp_path / "logs"
     secret = "sekrit-4711"
-    for extra in ([], ["--log_config", f"--wandb_api_key={secret}"]):
+    trackers = tmp_path / "trackers.toml"
+    trackers.write_text('[tensorboard]\nfilename_suffix = ".mine"\n')
+    named = ["--log_tracker_name=mine", f"--log_tracker_config={trackers}"]
+    for extra in ([], ["--log_config", f"--wandb_api_key={secret}", *named]):
         run_train(
             *common(data, tmp_path / "o", tiny_sd1 / "model.safetensors"),
             "--token_string=mychar4",
@@ -208,7 +212,7 @@ def test_logs_go_to_a_folder_per_run_with_kohyas_tags(data, tiny_sd1, tmp_path):
     assert all(re.fullmatch(r"run_\d{14}", run.name) for run in runs)
     plain = [p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file()]
     assert len(plain) == 1 and plain[0].parent == Path("textual_inversion")  # no hparams run
-    events = sorted((runs[-1] / "textual_inversion").glob("events.out.tfevents.*"))
+    events = sorted((runs[-1] / "mine").glob("events.out.tfevents.*.mine"))
     assert events
     accumulator = EventAccumulator(str(events[-1]))
     accumulator.Reload()

@@ -518,6 +518,7 @@ def check_settings(settings: RunSettings) -> None:
             f"bundle_emb.{name}.*, which the WebUI cuts at the first dot; use a name without dots"
         )
     check_output_name(saving.output_name)
+    settings.tracking.init_kwargs()  # a missing or broken --log_tracker_config, before the model
     if saving.resume and not Path(saving.resume).is_dir():
         raise UserError(
             f"--resume {saving.resume}: no such folder; pass a state folder written by --save_state "

@@ -36,6 +36,14 @@ class TrackerSettings:
             return ["tensorboard", "wandb"] if self.log_with == "all" else [self.log_with]
         return ["tensorboard"] if self.logging_dir else None
 
+    def init_kwargs(self) -> dict[str, dict]:
+        """Each tracker's init arguments: ``--log_tracker_config`` (a table per tracker, as kohya),
+        with ``--wandb_run_name`` as W&B's run name."""
+        options = read_tracker_config(self.log_tracker_config) if self.log_tracker_config else {}
+        if self.wandb_run_name:
+            options.setdefault("wandb", {})["name"] = self.wandb_run_name
+        return options
+
 
 # kohya leaves these out of a logged config too: they name folders on the user's machine
 PATH_OPTIONS = frozenset(
@@ -81,15 +89,10 @@ class TrainLogger:
         self.epoch_loss = 0.0
         self.epoch_steps = 0
         if self.enabled:
-            tracker_options = {}
-            if settings.log_tracker_config:
-                tracker_options = _read_tracker_config(settings.log_tracker_config)
-            if settings.wandb_run_name:
-                tracker_options.setdefault("wandb", {})["name"] = settings.wandb_run_name
             accelerator.init_trackers(
                 settings.log_tracker_name or "textual_inversion",
                 config=config,
-                init_kwargs=tracker_options,
+                init_kwargs=settings.init_kwargs(),
             )
 
     @classmethod
@@ -148,12 +151,20 @@ class TrainLogger:
         self.epoch_loss, self.epoch_steps = 0.0, 0
 
 
-def _read_tracker_config(path: str) -> dict:
-    """``--log_tracker_config``: a TOML (or JSON) file of per-tracker init arguments, as kohya."""
+def read_tracker_config(path: str) -> dict[str, dict]:
+    """``--log_tracker_config``: a TOML (or JSON) file of init arguments, one table per tracker
+    (``[tensorboard]``, ``[wandb]``), as kohya reads it."""
     try:
         text = open(path, encoding="utf-8").read()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--log_tracker_config {path}: cannot read ({exc})") from exc
-    if path.endswith(".json"):
-        return json.loads(text)
-    return tomllib.loads(text)
+    try:
+        options = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"--log_tracker_config {path}: cannot parse ({exc})") from exc
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise UserError(
+            f"--log_tracker_config {path}: expected one table of init arguments per tracker, "
+            "e.g. [tensorboard] or [wandb]"
+        )
+    return options
