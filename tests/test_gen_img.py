@@ -649,6 +649,26 @@ def test_unimplemented_options_at_their_defaults_are_accepted():
     gen_img.refuse_unsupported(gen_img.setup_parser().parse_args([]))  # every one at its default
 
 
+def test_no_generator_option_is_accepted_and_dropped():
+    """Every option reaches the generator's settings or is refused; the rest are named here with
+    where they are read. An option added to the parser and to none of these would be ignored."""
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    from library.generation.args import GeneratorSettings
+
+    parts = typing.get_type_hints(GeneratorSettings).values()
+    read = {f.name for part in parts if is_dataclass(part) for f in fields(part) if f.init}
+    read_by_network_settings = {
+        f"network_{n}" for n in ("module", "weights", "mul", "show_meta", "merge", "pre_calc")
+    }
+    read_under_another_name = {"ckpt", "sdxl"}  # ModelSettings.path, ModelSettings.expect_sdxl
+    nothing_to_do = {"help", "no_preview"}  # images are never previewed
+    options = {a.dest for a in gen_img.setup_parser()._actions}
+    dropped = options - read - set(gen_img.UNSUPPORTED_OPTIONS)
+    assert dropped == read_by_network_settings | read_under_another_name | nothing_to_do
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
