@@ -52,9 +52,11 @@ def run_subprocess(*argv: str, stdin: str | None = None) -> subprocess.Completed
 
 
 @pytest.fixture
-def run_main(monkeypatch):
-    """``main(argv)`` in this process, leaving pytest's logging set-up alone."""
+def run_main(monkeypatch, tmp_path_factory):
+    """``main(argv)`` in this process, leaving pytest's logging set-up alone; in a folder of its own,
+    so that the default ``--outdir`` (``outputs``) is not made in the repository."""
     monkeypatch.setattr(generation_args, "setup_console_logging", lambda settings: None)
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     return lambda *argv: gen_img.main([str(a) for a in argv])
 
 
