@@ -31,6 +31,26 @@ def test_tokenizer_cache_dir_is_written_in_kohya_layout_and_reused(tmp_path):
     assert (cached / "vocab.json").is_file() and (cached / "merges.txt").is_file()
     again = load_tokenizer(v2=False, tokenizer_cache_dir=tmp_path)
     assert again("a photo of a cat").input_ids == tokenizer("a photo of a cat").input_ids
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cached.name]  # no temporary left beside it
+
+
+def test_a_tokenizer_cache_dir_that_cannot_be_a_folder_is_one_line(tiny_sd1_safetensors, tmp_path):
+    """Checked when the tokenizer is read, before the model (it was a NotADirectoryError traceback)."""
+    from cli_helpers import common, error_line, make_images, run_train
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    make_images(tmp_path / "data" / "1_mychar4 toy", 1, caption="a photo of mychar4")
+    result = run_train(
+        *common(tmp_path / "data", tmp_path / "o", tiny_sd1_safetensors),
+        "--token_string=mychar4",
+        f"--tokenizer_cache_dir={a_file}",
+        check=False,
+    )
+    assert (
+        error_line(result)
+        == f"error: --tokenizer_cache_dir {a_file}: this is a file, not a folder; give a folder path"
+    )
 
 
 def test_diffusers_folder_tokenizer_wins(tiny_sd1_dir, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from library.errors import UserError
+from library.files import ensure_writable_folder, write_folder_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,20 @@ def shipped_tokenizer(v2: bool) -> CLIPTokenizer:
 def _has_tokenizer(folder: Path) -> bool:
     """A saved tokenizer: ``tokenizer.json`` (transformers 5) or ``vocab.json`` + ``merges.txt``."""
     return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+
+
+def _write_cache(tokenizer: CLIPTokenizer, cache_dir: Path, cached: Path) -> None:
+    """The shipped tokenizer into kohya's cache layout, whole or not at all (a run killed half-way
+    must not leave a folder that the next run cannot read)."""
+    ensure_writable_folder(cache_dir, "--tokenizer_cache_dir")
+
+    def write(folder: Path) -> None:
+        tokenizer.save_pretrained(str(folder))
+        for name in ("vocab.json", "merges.txt"):  # kohya's scripts (transformers 4) read these
+            shutil.copyfile(SHIPPED_VOCAB_DIR / name, folder / name)
+
+    write_folder_atomically(cached, write)
+    logger.info("saved the tokenizer to --tokenizer_cache_dir %s", cached)
 
 
 def _from_folder(folder: Path) -> CLIPTokenizer:
@@ -88,11 +103,7 @@ def load_tokenizer(
             tokenizer = _from_folder(cached)
         else:
             tokenizer = shipped_tokenizer(v2)
-            cached.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(str(cached))
-            for name in ("vocab.json", "merges.txt"):  # kohya's scripts (transformers 4) read these
-                shutil.copyfile(SHIPPED_VOCAB_DIR / name, cached / name)
-            logger.info("saved the tokenizer to --tokenizer_cache_dir %s", cached)
+            _write_cache(tokenizer, Path(tokenizer_cache_dir), cached)
     else:
         tokenizer = shipped_tokenizer(v2)
     tokenizer.model_max_length = MODEL_MAX_LENGTH
