@@ -10,6 +10,7 @@ reported before those slow imports.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,6 +158,17 @@ def use_attention(modules: list, *, xformers: bool, flag: str, device: torch.dev
 
 # ---------------------------------------------------------------------------------------------
 # options that cannot work here
+
+
+def refuse_non_finite(namespace: Any, parser: Any) -> None:
+    """One line for the first number option given as ``nan`` or ``inf`` (Python's float() reads
+    both): none of them means anything infinite, and a NaN would only show steps later, as a NaN
+    loss or black images blamed on something else."""
+    for action in parser._actions:
+        values = getattr(namespace, action.dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{action.dest} {value}: must be a finite number")
 
 
 def refuse_options(namespace: Any, parser: Any, reasons: dict[str, str]) -> None:

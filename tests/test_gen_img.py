@@ -643,6 +643,13 @@ def test_every_unimplemented_option_is_refused_with_one_line(name, run_main):
         run_main("--ckpt", "unused", "--prompt", "x", *_non_default(name, default))
 
 
+@pytest.mark.parametrize("name", sorted(a.dest for a in gen_img.setup_parser()._actions if a.type is float))
+def test_a_number_option_given_nan_or_inf_is_one_line_naming_it(name, run_main):
+    for value in ("nan", "inf"):
+        with pytest.raises(UserError, match=rf"^--{name}"):
+            run_main("--ckpt", "unused", "--prompt", "x", f"--{name}", value)
+
+
 def test_unimplemented_options_at_their_defaults_are_accepted():
     args = gen_img.setup_parser().parse_args(
         ["--network_module", "--ckpt", "x"]

@@ -155,3 +155,27 @@ def test_no_option_is_accepted_and_dropped():
     options = {a.dest for a in build_parser(sdxl=True)._actions}
     dropped = options - read - set(REFUSED_OPTIONS) - set(NO_EFFECT_OPTIONS)
     assert dropped == read_while_parsing | read_under_another_name | logged_by_the_sdxl_trainer
+
+
+def _number_options(parser) -> list[str]:
+    from library.training.optimizers import int_or_float
+
+    return sorted(a.dest for a in parser._actions if a.type in (float, int_or_float))
+
+
+@pytest.mark.parametrize("name", _number_options(build_parser(sdxl=True)))
+def test_a_number_option_given_nan_or_inf_is_one_line_naming_it(name, tmp_path):
+    """float() reads "nan" and "inf"; none of these options means either (a NaN noise offset used to
+    end in a NaN loss blamed on the learning rate)."""
+    from cli_helpers import common, run_train
+
+    for value in ("nan", "inf"):
+        result = run_train(
+            *common(tmp_path, tmp_path / "o", tmp_path / "never-read.safetensors"),
+            "--token_string=mychar4",
+            f"--{name}={value}",
+            check=False,
+        )
+        last = result.stderr.strip().splitlines()[-1]  # ours, or argparse's for a type it refuses itself
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "error: " in last and f"--{name}" in last, last

@@ -21,7 +21,7 @@ from library.errors import UserError
 from library.files import tomllib
 from library.generation.samplers import SAMPLER_NAMES, check_steps
 from library.options import default_of, settings_from
-from library.runtime import refuse_options, setup_console_logging
+from library.runtime import refuse_non_finite, refuse_options, setup_console_logging
 from library.shared_options import (
     ConsoleSettings,
     ModelSettings,
@@ -684,4 +684,5 @@ def settings_from_command_line(argv: list[str] | None = None, sdxl: bool = False
     refuse_unsupported(args, sdxl)
     settings = run_settings(args, sdxl)
     check_settings(settings)
+    refuse_non_finite(args, build_parser(sdxl))
     return settings
