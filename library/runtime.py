@@ -160,15 +160,21 @@ def use_attention(modules: list, *, xformers: bool, flag: str, device: torch.dev
 # options that cannot work here
 
 
-def refuse_non_finite(namespace: Any, parser: Any) -> None:
+INT64_MAX = 2**63 - 1  # torch's and numpy's counters and seeds
+
+
+def refuse_impossible_numbers(namespace: Any, parser: Any) -> None:
     """One line for the first number option given as ``nan`` or ``inf`` (Python's float() reads
-    both): none of them means anything infinite, and a NaN would only show steps later, as a NaN
-    loss or black images blamed on something else."""
+    both) or as a whole number beyond 64 bits: none of them means anything infinite, a NaN would only
+    show steps later (as a NaN loss or black images blamed on something else), and a huge count
+    ends in an overflow deep inside torch."""
     for action in parser._actions:
         values = getattr(namespace, action.dest, None)
         for value in values if isinstance(values, list) else [values]:
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{action.dest} {value}: must be a finite number")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+                raise UserError(f"--{action.dest} {value}: too large")
 
 
 def refuse_options(namespace: Any, parser: Any, reasons: dict[str, str]) -> None:

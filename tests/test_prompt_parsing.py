@@ -155,6 +155,8 @@ def test_negative_scale_none_switches_it_off():
     ("line", "message"),
     [
         ("x --w wide", "--w: 'wide' is not a whole number"),
+        ("x --h 0", "--h: '0' is not a whole number of pixels above 0"),
+        ("x --l nan", "--l: 'nan' is not a number"),
         ("x --d 1,,2", "--d: '1,,2' is not a seed"),
         ("x --l high", "--l: 'high' is not a number"),
         ("x --ss fastest", "--ss: 'fastest' is not a sampler"),

@@ -179,3 +179,26 @@ def test_a_number_option_given_nan_or_inf_is_one_line_naming_it(name, tmp_path):
         last = result.stderr.strip().splitlines()[-1]  # ours, or argparse's for a type it refuses itself
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert "error: " in last and f"--{name}" in last, last
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--seed=-1", "--seed -1: must be between 0 and 4294967295"),
+        (f"--seed={2**32}", "must be between 0 and"),
+        ("--keep_tokens=-1", "--keep_tokens -1: must be 0 or more"),
+        ("--max_train_steps=10000000000000000000000", "--max_train_steps 10000000000000000000000: too large"),
+    ],
+)
+def test_counts_and_seeds_beyond_what_the_run_can_use_are_one_line(option, message, tmp_path):
+    """A negative seed and a count beyond 64 bits ended in tracebacks from deep inside torch; a dataset
+    TOML already refused keep_tokens = -1, the command line took it."""
+    from cli_helpers import common, error_line, run_train
+
+    result = run_train(
+        *common(tmp_path, tmp_path / "o", tmp_path / "never-read.safetensors"),
+        "--token_string=mychar4",
+        option,
+        check=False,
+    )
+    assert message in error_line(result)

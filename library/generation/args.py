@@ -20,7 +20,7 @@ from library.errors import UserError
 from library.generation.run import GenerationSettings
 from library.generation.samplers import SAMPLER_NAMES, check_steps
 from library.options import default_of, settings_from
-from library.runtime import refuse_non_finite, refuse_options, setup_console_logging
+from library.runtime import refuse_impossible_numbers, refuse_options, setup_console_logging
 from library.shared_options import (
     ConsoleSettings,
     ModelSettings,
@@ -314,7 +314,7 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
 def check_options(args: argparse.Namespace) -> None:
     """Catch mistakes before the model is loaded, each with the flag named."""
     refuse_unsupported(args)
-    refuse_non_finite(args, setup_parser())
+    refuse_impossible_numbers(args, setup_parser())
     if not args.ckpt:
         raise UserError("--ckpt is required: the .safetensors/.ckpt checkpoint or diffusers folder to use")
     for name in ("images_per_prompt", "n_iter", "batch_size", "steps", "highres_fix_steps"):

@@ -229,8 +229,8 @@ def _apply_option(spec: PromptSpec, key: str, value: str) -> None:
             return _ignored_value(key, value, "a whole number of pixels")
         setattr(spec.sizes, SDXL_SIZE_OPTIONS[key], int(value))
     elif key in ("w", "h"):
-        if not _UNSIGNED_INT.fullmatch(value):
-            return _ignored_value(key, value, "a whole number of pixels")
+        if not _UNSIGNED_INT.fullmatch(value) or int(value) == 0:  # 0 would mean "the default size"
+            return _ignored_value(key, value, "a whole number of pixels above 0")
         setattr(spec, "width" if key == "w" else "height", int(value))
     elif key == "s":
         if not _UNSIGNED_INT.fullmatch(value):

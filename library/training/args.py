@@ -21,7 +21,7 @@ from library.errors import UserError
 from library.files import tomllib
 from library.generation.samplers import SAMPLER_NAMES, check_steps
 from library.options import default_of, settings_from
-from library.runtime import refuse_non_finite, refuse_options, setup_console_logging
+from library.runtime import refuse_impossible_numbers, refuse_options, setup_console_logging
 from library.shared_options import (
     ConsoleSettings,
     ModelSettings,
@@ -597,6 +597,12 @@ def _check_counts(settings: RunSettings) -> None:
         raise UserError("--max_train_steps must be at least 1")
     if loop.clip_skip is not None and loop.clip_skip < 1:
         raise UserError("--clip_skip must be 1 or more (1 = the last layer)")
+    if loop.seed is not None and not 0 <= loop.seed < 2**32:
+        raise UserError(
+            f"--seed {loop.seed}: must be between 0 and {2**32 - 1} (the range numpy's seeding takes)"
+        )
+    if data.keep_tokens < 0:
+        raise UserError(f"--keep_tokens {data.keep_tokens}: must be 0 or more (0 keeps no token in place)")
     if data.max_data_loader_n_workers < 0:
         raise UserError(f"--max_data_loader_n_workers {data.max_data_loader_n_workers}: must be 0 or more")
 
@@ -684,5 +690,5 @@ def settings_from_command_line(argv: list[str] | None = None, sdxl: bool = False
     refuse_unsupported(args, sdxl)
     settings = run_settings(args, sdxl)
     check_settings(settings)
-    refuse_non_finite(args, build_parser(sdxl))
+    refuse_impossible_numbers(args, build_parser(sdxl))
     return settings
