@@ -103,6 +103,19 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], object]) -> No
         raise
 
 
+def read_text_file(path: str | Path, flag: str) -> str:
+    """A text file a user named with ``flag``, as UTF-8 (a Windows editor's byte-order mark dropped);
+    a missing, unreadable or non-UTF-8 file is one line naming both."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{flag} {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot read ({exc.strerror or exc})") from None
+
+
 def ensure_writable_folder(folder: Path, flag: str) -> None:
     """Create ``folder`` if needed and prove it writable with a probe file, before any model loads,
     so that a wrong path costs seconds rather than a finished run."""

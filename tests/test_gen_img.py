@@ -704,6 +704,20 @@ def test_user_mistakes_are_one_line_errors(argv, message, run_main, tmp_path, mo
         run_main(*argv)
 
 
+def test_a_prompt_file_is_read_as_utf8_text_or_named_in_one_line(tmp_path, run_main):
+    """A Windows editor's byte-order mark is not part of the first prompt; a file in another
+    encoding names itself (it was a UnicodeDecodeError traceback)."""
+    from library.generation.run import read_prompt_file
+
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes("\ufeffa caf\u00e9 --w 64\n# a comment\nsecond\n".encode())
+    assert read_prompt_file(str(marked)) == ["a caf\u00e9 --w 64", "second"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("a caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"^--from_file .*latin.txt: not UTF-8 text .*save it as UTF-8$"):
+        run_main("--ckpt", "m", "--from_file", latin)  # before the model is looked for
+
+
 def test_source_image_without_a_prompt_needs_one(tmp_path, run_main):
     Image.new("RGB", (64, 64)).save(tmp_path / "plain.png")
     with pytest.raises(UserError, match="plain.png: no prompt given and the image has no 'prompt'"):

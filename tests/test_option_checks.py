@@ -81,6 +81,13 @@ def test_a_missing_sample_prompt_file_is_found_before_the_model(tmp_path):
         check(tmp_path, f"--sample_prompts={tmp_path / 'prompts.txt'}", "--sample_every_n_steps=5")
 
 
+def test_a_sample_prompt_file_that_is_not_utf8_is_named_before_the_model(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a caf\u00e9 --w 64\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"--sample_prompts .*prompts.txt: not UTF-8 text .*save it as UTF-8"):
+        check(tmp_path, f"--sample_prompts={prompts}", "--sample_every_n_steps=5")
+
+
 def test_good_options_pass(tmp_path):
     check(tmp_path, "--init_word=cute toy", "--output_name=mychar4_v2", "--max_train_epochs=3")
 

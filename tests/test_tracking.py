@@ -50,7 +50,7 @@ def test_the_tracker_config_and_the_wandb_run_name_reach_the_trackers(tmp_path, 
         ("broken.toml", "[tensorboard\n", "cannot parse"),
         ("broken.json", "{", "cannot parse"),
         ("flat.toml", 'filename_suffix = ".mine"\n', "expected one table of init arguments per tracker"),
-        ("latin1.toml", b"[tensorboard]\ncomment = '\xe9'\n", "cannot read"),
+        ("latin1.toml", b"[tensorboard]\ncomment = '\xe9'\n", "not UTF-8 text"),
     ],
 )
 def test_a_tracker_config_that_cannot_serve_is_one_line_before_the_model(tmp_path, name, text, message):

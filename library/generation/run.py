@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
-from library.files import save_image
+from library.files import read_text_file, save_image
 from library.generation.prompts import SDXLSizes
 from library.generation.samplers import DEFAULT_SCALE, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED
 from library.images import IMAGE_EXTENSIONS, has_image_extension, open_image, png_text
@@ -106,10 +106,7 @@ def prompt_from_metadata(image) -> str:
 
 
 def read_prompt_file(path: str) -> list[str]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise UserError(f"--from_file {path}: cannot read ({exc.strerror or exc})") from exc
+    lines = read_text_file(path, "--from_file").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 

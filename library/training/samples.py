@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from library.errors import UserError
-from library.files import save_image, tomllib
+from library.files import read_text_file, save_image, tomllib
 from library.generation.prompts import PromptSpec, parse_prompt_options
 from library.text.tokenizer import CHUNK_TOKENS
 
@@ -54,7 +54,7 @@ def read_sample_prompts(path: str | Path) -> list[PromptSpec]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--sample_prompts {path}: not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "--sample_prompts")
     if path.suffix.lower() == ".txt":
         lines = [line.strip() for line in text.splitlines()]
         return [parse_prompt_options(line) for line in lines if line and not line.startswith("#")]

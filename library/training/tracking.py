@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
-from library.files import tomllib
+from library.files import read_text_file, tomllib
 from library.shared_options import without_secrets
 
 
@@ -154,10 +154,7 @@ class TrainLogger:
 def read_tracker_config(path: str) -> dict[str, dict]:
     """``--log_tracker_config``: a TOML (or JSON) file of init arguments, one table per tracker
     (``[tensorboard]``, ``[wandb]``), as kohya reads it."""
-    try:
-        text = open(path, encoding="utf-8").read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--log_tracker_config {path}: cannot read ({exc})") from exc
+    text = read_text_file(path, "--log_tracker_config")
     try:
         options = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
