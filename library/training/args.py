@@ -599,7 +599,7 @@ def _check_counts(settings: RunSettings) -> None:
         raise UserError("--clip_skip must be 1 or more (1 = the last layer)")
     if loop.seed is not None and not 0 <= loop.seed < 2**32:
         raise UserError(
-            f"--seed {loop.seed}: must be between 0 and {2**32 - 1} (the range numpy's seeding takes)"
+            f"--seed {loop.seed}: must be between 0 and {2**32 - 1} (a 32-bit seed, as kohya's seeding takes)"
         )
     if data.keep_tokens < 0:
         raise UserError(f"--keep_tokens {data.keep_tokens}: must be 0 or more (0 keeps no token in place)")

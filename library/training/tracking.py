@@ -39,7 +39,7 @@ class TrackerSettings:
     def init_kwargs(self) -> dict[str, dict]:
         """Each tracker's init arguments: ``--log_tracker_config`` (a table per tracker, as kohya),
         with ``--wandb_run_name`` as W&B's run name."""
-        options = read_tracker_config(self.log_tracker_config) if self.log_tracker_config else {}
+        options = _read_tracker_config(self.log_tracker_config) if self.log_tracker_config else {}
         if self.wandb_run_name:
             options.setdefault("wandb", {})["name"] = self.wandb_run_name
         return options
@@ -151,7 +151,7 @@ class TrainLogger:
         self.epoch_loss, self.epoch_steps = 0.0, 0
 
 
-def read_tracker_config(path: str) -> dict[str, dict]:
+def _read_tracker_config(path: str) -> dict[str, dict]:
     """``--log_tracker_config``: a TOML (or JSON) file of init arguments, one table per tracker
     (``[tensorboard]``, ``[wandb]``), as kohya reads it."""
     text = read_text_file(path, "--log_tracker_config")
