@@ -86,7 +86,7 @@ def test_resolution_is_width_height(value, expected):
     assert parse_resolution(value) == expected
 
 
-@pytest.mark.parametrize("value", ["abc", "1,2,3", "0", "-5"])
+@pytest.mark.parametrize("value", ["abc", "1,2,3", "0", "-5", "100000", "512,10240"])
 def test_bad_resolution_is_a_user_error_naming_the_flag(value):
     with pytest.raises(UserError, match="--resolution"):
         parse_resolution(value)

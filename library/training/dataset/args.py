@@ -337,6 +337,11 @@ def _add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# A typo's size (10240 for 1024): larger pictures exhaust memory while they are read and encoded,
+# and the kernel then ends the run without a word.
+MAX_RESOLUTION = 8192
+
+
 def parse_resolution(value: Any, where: str = "--resolution") -> tuple[int, int] | None:
     """``"512"`` -> (512, 512); ``"448,640"`` -> (448, 640) as (width, height); None stays None."""
     if value is None:
@@ -356,6 +361,11 @@ def parse_resolution(value: Any, where: str = "--resolution") -> tuple[int, int]
         parts = parts * 2
     if len(parts) != 2 or not all(isinstance(p, int) and p > 0 for p in parts):
         raise UserError(f"{where}: {value!r} is not 'size' or 'width,height' with positive whole numbers")
+    if max(parts) > MAX_RESOLUTION:
+        raise UserError(
+            f"{where}: {value!r} is more than {MAX_RESOLUTION} pixels a side; models are trained at 512 to "
+            "2048, and a picture this large needs tens of GB before the model sees it"
+        )
     return int(parts[0]), int(parts[1])
 
 
