@@ -15,6 +15,11 @@ from library.errors import UserError
 
 BASE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
+# The largest side a run trains or generates at. Models are trained at 512 to 2048; a typo's size
+# (10240 for 1024) exhausts memory while the picture is read or the latents are made, and the kernel
+# then ends the run without a word.
+MAX_RESOLUTION = 8192
+
 
 def _optional_extensions() -> tuple[str, ...]:
     """AVIF and JPEG XL only when a Pillow plugin can decode them."""

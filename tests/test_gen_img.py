@@ -685,6 +685,7 @@ def test_no_generator_option_is_accepted_and_dropped():
         (["--ckpt", "m"], "no prompt: give --prompt, --from_file or --interactive"),
         (["--ckpt", "m", "--prompt", "x", "--max_embeddings_multiples", "4"], "--max_embeddings_multiples 4"),
         (["--ckpt", "m", "--prompt", "x", "--W", "100"], "--W 100: the image size must be a multiple of 8"),
+        (["--ckpt", "m", "--prompt", "x", "--H", "10240"], "--H 10240: more than 8192 pixels"),
         (["--ckpt", "m", "--prompt", "x", "--strength", "1.5"], "--strength 1.5: must be between 0 and 1"),
         (["--ckpt", "m", "--prompt", "x", "--mask_path", "m.png"], "--mask_path needs --image_path"),
         (["--ckpt", "m", "--prompt", "x", "--clip_skip", "0"], "--clip_skip 0"),

@@ -155,7 +155,8 @@ def test_negative_scale_none_switches_it_off():
     ("line", "message"),
     [
         ("x --w wide", "--w: 'wide' is not a whole number"),
-        ("x --h 0", "--h: '0' is not a whole number of pixels above 0"),
+        ("x --h 0", "--h: '0' is not a whole number of pixels from 1 to 8192"),
+        ("x --w 10240", "--w: '10240' is not a whole number of pixels from 1 to 8192"),
         ("x --l nan", "--l: 'nan' is not a number"),
         ("x --d 1,,2", "--d: '1,,2' is not a seed"),
         ("x --l high", "--l: 'high' is not a number"),

@@ -19,6 +19,7 @@ from pathlib import Path
 from library.errors import UserError
 from library.generation.run import GenerationSettings
 from library.generation.samplers import SAMPLER_NAMES, check_steps
+from library.images import MAX_RESOLUTION
 from library.options import default_of, settings_from
 from library.runtime import refuse_impossible_numbers, refuse_options, setup_console_logging
 from library.shared_options import (
@@ -324,6 +325,10 @@ def check_options(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"--{name} {value}: the image size must be a multiple of 8 (e.g. 512)")
+        if value is not None and value > MAX_RESOLUTION:
+            raise UserError(
+                f"--{name} {value}: more than {MAX_RESOLUTION} pixels; models draw at 512 to 2048"
+            )
     for name in ("strength", "highres_fix_strength"):
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from library.generation.samplers import SAMPLER_NAMES
+from library.images import MAX_RESOLUTION
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +230,8 @@ def _apply_option(spec: PromptSpec, key: str, value: str) -> None:
             return _ignored_value(key, value, "a whole number of pixels")
         setattr(spec.sizes, SDXL_SIZE_OPTIONS[key], int(value))
     elif key in ("w", "h"):
-        if not _UNSIGNED_INT.fullmatch(value) or int(value) == 0:  # 0 would mean "the default size"
-            return _ignored_value(key, value, "a whole number of pixels above 0")
+        if not _UNSIGNED_INT.fullmatch(value) or not 0 < int(value) <= MAX_RESOLUTION:  # 0: the default
+            return _ignored_value(key, value, f"a whole number of pixels from 1 to {MAX_RESOLUTION}")
         setattr(spec, "width" if key == "w" else "height", int(value))
     elif key == "s":
         if not _UNSIGNED_INT.fullmatch(value):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
+from library.images import MAX_RESOLUTION
 from library.options import default_of
 
 RESIZE_INTERPOLATIONS = ["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"]
@@ -335,11 +336,6 @@ def _add_loader_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep DataLoader workers alive between epochs",
     )
-
-
-# A typo's size (10240 for 1024): larger pictures exhaust memory while they are read and encoded,
-# and the kernel then ends the run without a word.
-MAX_RESOLUTION = 8192
 
 
 def parse_resolution(value: Any, where: str = "--resolution") -> tuple[int, int] | None:
