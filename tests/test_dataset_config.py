@@ -168,6 +168,16 @@ def test_invalid_toml_names_the_file(tmp_path):
         load_user_config(path)
 
 
+def test_a_config_in_another_encoding_names_the_file_and_a_bom_is_dropped(tmp_path):
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("[general]\nclass_tokens = 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"--dataset_config .*latin.toml: not UTF-8 text"):
+        load_user_config(latin)
+    marked = tmp_path / "marked.toml"
+    marked.write_bytes("\ufeff[general]\nflip_aug = true\n".encode())
+    assert load_user_config(marked).general.flip_aug is True
+
+
 def test_windows_path_in_double_quotes_gets_a_hint(tmp_path):
     path = _write(tmp_path, '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "C:\\hoge"\n')
     with pytest.raises(UserError, match="single quotes"):

@@ -68,6 +68,9 @@ def test_broken_toml_is_one_line(tmp_path):
     (tmp_path / "bad.toml").write_text("seed = = 3\n")
     with pytest.raises(UserError, match="not valid TOML"):
         parse_args([f"--config_file={tmp_path / 'bad.toml'}"])
+    (tmp_path / "latin.toml").write_bytes("output_name = 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"--config_file .*latin.toml: not UTF-8 text"):
+        parse_args([f"--config_file={tmp_path / 'latin.toml'}"])
 
 
 def test_output_config_refuses_to_overwrite(tmp_path):

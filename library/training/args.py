@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.errors import UserError
-from library.files import tomllib
+from library.files import read_text_file, tomllib
 from library.generation.samplers import SAMPLER_NAMES, check_steps
 from library.options import default_of, settings_from
 from library.runtime import refuse_impossible_numbers, refuse_options, setup_console_logging
@@ -397,9 +397,10 @@ def parse_args(argv: list[str] | None = None, sdxl: bool = False) -> argparse.Na
         path = _config_path(args.config_file)
         if not path.is_file():
             raise UserError(f"--config_file {path}: not found")
+        text = read_text_file(path, "--config_file")
         try:
-            values = _flatten(tomllib.loads(path.read_text(encoding="utf-8")), path)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            values = _flatten(tomllib.loads(text), path)
+        except tomllib.TOMLDecodeError as exc:
             raise UserError(f"--config_file {path}: not valid TOML ({exc})") from exc
         known = vars(parser.parse_args([]))
         unknown = sorted(set(values) - set(known))

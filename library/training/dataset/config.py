@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from library.errors import UserError
-from library.files import tomllib
+from library.files import read_text_file, tomllib
 from library.options import default_of
 from library.training.dataset.args import (
     RESIZE_INTERPOLATIONS,
@@ -175,10 +175,7 @@ def load_user_config(path: str | Path) -> UserConfig:
     if not path.is_file():
         raise UserError(f"--dataset_config: file {path} not found")
     suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # Windows editors may add a byte-order mark
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--dataset_config {path}: cannot read the file ({exc})") from None
+    text = read_text_file(path, "--dataset_config")
     if suffix == ".toml":
         try:
             raw = tomllib.loads(text)
