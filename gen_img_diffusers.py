@@ -122,7 +122,9 @@ def choose_device_and_dtype(wanted_precision: str):
     from library.runtime import torch_dtype, usable_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = usable_precision(wanted_precision, f"--{wanted_precision}", on_gpu=device.type == "cuda")
+    precision = usable_precision(
+        wanted_precision, f"--{wanted_precision}", on_gpu=device.type == "cuda", bf16_flag="--bf16"
+    )
     return device, torch_dtype(precision)
 
 

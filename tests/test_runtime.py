@@ -84,6 +84,30 @@ def test_bf16_is_kept_and_warned_about_only_where_emulated(cpu, caplog, cpuinfo,
     assert ("emulated and much slower than float32" in caplog.text) == warned
 
 
+@pytest.mark.parametrize("cpuinfo, hinted", [(X86_AVX512_ONLY, False), (X86_SAPPHIRE_RAPIDS, True)])
+def test_fp32_runs_as_asked_and_names_bf16_only_where_native(cpu, caplog, cpuinfo, hinted):
+    cpu(cpuinfo)
+    with caplog.at_level(logging.INFO):
+        assert resolve_mixed_precision("no") == "no"
+    assert ("--mixed_precision bf16 runs several times faster than float32" in caplog.text) == hinted
+
+
+def test_the_generator_names_its_own_bf16_flag(cpu, caplog):
+    from gen_img_diffusers import choose_device_and_dtype
+
+    cpu(X86_SAPPHIRE_RAPIDS)
+    with caplog.at_level(logging.INFO):
+        assert choose_device_and_dtype("no") == (torch.device("cpu"), torch.float32)
+    assert "--bf16 runs several times faster than float32" in caplog.text
+
+
+def test_fp32_on_a_gpu_is_not_hinted_at(cpu, caplog):
+    cpu(X86_SAPPHIRE_RAPIDS)
+    with caplog.at_level(logging.INFO):
+        assert runtime.usable_precision("no", "--no", on_gpu=True, bf16_flag="--bf16") == "no"
+    assert "faster" not in caplog.text
+
+
 def test_full_half_precision_needs_the_matching_mixed_precision():
     with pytest.raises(UserError, match="--full_fp16 needs --mixed_precision fp16"):
         resolve_mixed_precision("no", full_fp16=True)

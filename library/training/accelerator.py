@@ -65,7 +65,9 @@ def resolve_mixed_precision(mixed_precision: str, full_fp16: bool = False, full_
         if mixed_precision != wanted:
             raise UserError(f"{flag} needs --mixed_precision {wanted}")
         logger.info("%s: the frozen models run in %s; the trained vectors stay fp32", flag, wanted)
-    return usable_precision(mixed_precision, f"--mixed_precision {mixed_precision}")
+    return usable_precision(
+        mixed_precision, f"--mixed_precision {mixed_precision}", bf16_flag="--mixed_precision bf16"
+    )
 
 
 def make_accelerator(
