@@ -8,15 +8,28 @@ inside torch.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
 
 class UserError(Exception):
     """A problem with the user's input, explained in one line."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose own mistakes (an unknown option, a value of the wrong type or not
+    among the choices) read like every other: one ``error:`` line, exit code 2.
+
+    argparse prints the whole usage before its line, for the trainer about 170 lines of option
+    names above the one that matters; here the line says where the list is instead.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
 
 
 def one_line(exc: UserError) -> str:

@@ -215,6 +215,14 @@ def test_embedding_of_the_wrong_dimension_exits_2_with_one_line_naming_both(
     assert pngs(tmp_path) == []
 
 
+def test_a_mistake_argparse_finds_is_one_line_without_the_usage(tmp_path):
+    result = run_subprocess("--ckpt", "x", "--prompt", "x", "--W", "wide", "--outdir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: argument --W: invalid int value: 'wide' (gen_img_diffusers.py --help lists the options)"
+    )
+
+
 def test_unsupported_option_exits_2_with_one_line(tmp_path, tiny_sd1_safetensors):
     result = run_subprocess(
         "--ckpt",

@@ -25,6 +25,26 @@ def _actions():
     return {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings}
 
 
+@pytest.mark.parametrize("sdxl", [False, True])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--learning_rate=abc"], "argument --learning_rate: invalid float value: 'abc'"),
+        (["--mixed_precision=fp64"], "argument --mixed_precision: invalid choice: 'fp64'"),
+        (["--resolution=512", "--no_such_option"], "unrecognized arguments: --no_such_option"),
+    ],
+)
+def test_a_mistake_argparse_finds_is_one_line_without_the_usage(argv, named, sdxl, capsys):
+    """argparse's own errors come as our one line, not after the ~170 lines of the usage."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv, sdxl=sdxl)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    program = "sdxl_train_textual_inversion.py" if sdxl else "train_textual_inversion.py"
+    assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), lines
+    assert lines[0].endswith(f"({program} --help lists the options)"), lines
+
+
 def test_every_kohya_option_exists_with_kohyas_default_and_choices():
     actions = _actions()
     with OPTIONS_TABLE.open() as f:

@@ -20,7 +20,6 @@ do), or the line says ``trained in ? s``.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 
 from library.embeddings.install import install_embeddings
-from library.errors import run_cli
+from library.errors import OneLineParser, run_cli
 from library.generation.generator import GenerationRequest, ImageGenerator
 from library.models.loading import load_sd_model
 from tools import shapes
@@ -256,7 +255,7 @@ def evaluate_edits(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Judge an embedding trained on the small shapes model.")
+    parser = OneLineParser(description="Judge an embedding trained on the small shapes model.")
     parser.add_argument("--embedding", required=True, help="an embedding file of any layout")
     parser.add_argument("--word", help="the word to type for it (default: the file name without extension)")
     parser.add_argument("--init_word", default=shapes.GENERIC_WORD, help="the baseline word (default: shape)")

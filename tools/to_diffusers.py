@@ -8,16 +8,15 @@ diffusers 0.32) as well as in this project's (``library.models.diffusers_folder`
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from library.errors import run_cli
+from library.errors import OneLineParser, run_cli
 from library.models.diffusers_folder import save_diffusers_folder
 from library.models.loading import load_sd_model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a .safetensors/.ckpt checkpoint (or a diffusers folder)")
     parser.add_argument("folder", type=Path, help="the diffusers folder to write")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from library.errors import UserError
+from library.errors import OneLineParser, UserError
 from library.generation.run import GenerationSettings
 from library.generation.samplers import SAMPLER_NAMES, check_steps
 from library.images import MAX_RESOLUTION
@@ -37,7 +37,7 @@ SAMPLER_CHOICES = list(SAMPLER_NAMES)
 
 def setup_parser() -> argparse.ArgumentParser:
     """kohya's options, names, types, defaults and choices unchanged."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Generate images with Stable Diffusion 1.x/2.x and SDXL (kohya gen_img_diffusers.py and "
         "gen_img.py compatible)"
     )

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from library.errors import UserError
+from library.errors import OneLineParser, UserError
 from library.files import read_text_file, tomllib
 from library.generation.samplers import SAMPLER_NAMES, check_steps
 from library.options import default_of, settings_from
@@ -346,7 +346,7 @@ def _logging_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     """The trainer's options; ``sdxl``: those of ``sdxl_train_textual_inversion.py`` (kohya adds one)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sdxl_train_textual_inversion.py" if sdxl else "train_textual_inversion.py",
         description=f"Train a Textual Inversion embedding for {'SDXL' if sdxl else 'Stable Diffusion 1.x/2.x'} "
         "(kohya-compatible).",
