@@ -24,7 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose own mistakes (an unknown option, a value of the wrong type or not
     among the choices) read like every other: one ``error:`` line, exit code 2.
 
-    argparse prints the whole usage before its line, for the trainer about 170 lines of option
+    argparse prints the whole usage before its line, for the trainer well over a hundred lines of option
     names above the one that matters; here the line says where the list is instead.
     """
 

@@ -35,7 +35,7 @@ def _actions():
     ],
 )
 def test_a_mistake_argparse_finds_is_one_line_without_the_usage(argv, named, sdxl, capsys):
-    """argparse's own errors come as our one line, not after the ~170 lines of the usage."""
+    """argparse's own errors come as our one line, not after the whole usage."""
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv, sdxl=sdxl)
     assert exit_info.value.code == 2
