@@ -7,6 +7,8 @@ Fixed seeds everywhere, so the numbers are the same on every run of the same mac
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,16 @@ def assert_readable_by_transformers_4(folder, text_encoder) -> None:
     names = {k.removeprefix("text_model.") for k in text_encoder.state_dict()} - {"embeddings.position_ids"}
     assert {f"text_model.{name}" for name in names} <= set(saved)
     assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "tokenizer" / "merges.txt").is_file()
+
+
+@pytest.mark.parametrize("tool", ["tools.to_diffusers", "tools.concept_eval"])
+def test_a_tool_s_option_mistake_is_one_line_naming_how_it_is_run(tool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(tool).main(["--no_such_option"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert lines[0].endswith(f"(python -m {tool} --help lists the options)"), lines
 
 
 def test_the_model_converts_to_a_diffusers_folder(tmp_path):

@@ -255,7 +255,10 @@ def evaluate_edits(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description="Judge an embedding trained on the small shapes model.")
+    parser = OneLineParser(
+        prog="python -m tools.concept_eval",
+        description="Judge an embedding trained on the small shapes model.",
+    )
     parser.add_argument("--embedding", required=True, help="an embedding file of any layout")
     parser.add_argument("--word", help="the word to type for it (default: the file name without extension)")
     parser.add_argument("--init_word", default=shapes.GENERIC_WORD, help="the baseline word (default: shape)")

@@ -16,7 +16,7 @@ from library.models.loading import load_sd_model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m tools.to_diffusers", description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a .safetensors/.ckpt checkpoint (or a diffusers folder)")
     parser.add_argument("folder", type=Path, help="the diffusers folder to write")
     args = parser.parse_args(argv)
