@@ -13,10 +13,16 @@ The program, top to bottom: options → prompts and source images → model, emb
 
 from __future__ import annotations
 
+from library.allocator import restart_under_installed_allocator
+from library.errors import run_cli
+
+if __name__ == "__main__":  # first: a restart under tcmalloc would repeat every import below
+    run_cli(restart_under_installed_allocator)
+
 import logging
 from pathlib import Path
 
-from library.errors import UserError, run_cli
+from library.errors import UserError
 from library.generation.args import (
     UNSUPPORTED_OPTIONS,
     refuse_unsupported,

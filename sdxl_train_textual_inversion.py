@@ -12,8 +12,13 @@ Run with ``accelerate launch sdxl_train_textual_inversion.py ...`` or plain ``py
 
 from __future__ import annotations
 
-import train_textual_inversion
+from library.allocator import restart_under_installed_allocator
 from library.errors import run_cli
+
+if __name__ == "__main__":  # first: a restart under tcmalloc would repeat every import below
+    run_cli(restart_under_installed_allocator)
+
+import train_textual_inversion
 
 
 def main(argv: list[str] | None = None) -> None:

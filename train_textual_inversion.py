@@ -19,13 +19,18 @@ Run with ``accelerate launch train_textual_inversion.py ...`` or plain ``python`
 
 from __future__ import annotations
 
+from library.allocator import restart_under_installed_allocator
+from library.errors import run_cli
+
+if __name__ == "__main__":  # first: a restart under tcmalloc would repeat every import below
+    run_cli(restart_under_installed_allocator)
+
 import logging
 import random
 
 import torch
 from tqdm import tqdm
 
-from library.errors import run_cli
 from library.host_memory import (
     hand_back_freed_memory,
     hand_back_what_the_step_freed,

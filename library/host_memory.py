@@ -1,5 +1,8 @@
 """Keep freed host memory inside the process when the model runs on the CPU (Linux, glibc).
 
+Where tcmalloc or jemalloc is installed, the programs run under it instead (``library.allocator``)
+and none of this applies: what follows makes the best of glibc's malloc where it is the only one.
+
 Why: glibc serves every allocation above its mmap threshold (at most 32 MB, by default) with a
 fresh ``mmap`` and hands it back to the kernel on ``free``. A Stable Diffusion UNet step on the
 CPU allocates and frees hundreds of activations of that size, so each step the kernel zeroes and
@@ -48,6 +51,10 @@ NEVER_TRIM = 2**31 - 1
 # Below this much free heap after a step, the steps' layouts cannot add up to much, and on a small
 # model's short steps the trim's walk and the pages faulted in again would cost more than they save.
 STEP_HAND_BACK_FROM = 256 << 20
+# The variable that picks the allocator (``library.allocator``), and the one that tells a process
+# restarted under tcmalloc or jemalloc what it runs under.
+ALLOCATOR_CHOICE = "TI_ALLOCATOR"
+PRELOADED_ALLOCATOR = "TI_ALLOCATOR_PRELOADED"
 
 
 class _MallInfo2(ctypes.Structure):
@@ -144,10 +151,21 @@ def keep_freed_memory_in_process() -> bool:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
+    preloaded = os.environ.get(PRELOADED_ALLOCATOR)
+    if preloaded:
+        logger.info(
+            "memory allocator: %s, preloaded at start (%s=glibc keeps glibc's)", preloaded, ALLOCATOR_CHOICE
+        )
+        return False
     own = user_allocator_settings()
     if own is not None:
         logger.debug("allocator left as set by %s", own)
         return False
+    if os.environ.get(ALLOCATOR_CHOICE) != "glibc":
+        logger.info(
+            "memory allocator: glibc's; with tcmalloc installed (Debian/Ubuntu: apt install "
+            "libtcmalloc-minimal4) CPU runs take less memory and time (docs/training.md, Precision, memory, speed)"
+        )
     hand_back_freed_memory()  # the load's freed temporaries go back to the kernel first
     applied = libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO) == 1
     applied = libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1 and applied

@@ -17,6 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tiny models: one thread is much faster than two fighting over small kernels (and CI has 2 cores)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the CLIs run as processes of their own keep glibc's malloc, whatever this machine has installed:
+# a restart under tcmalloc repeats a run's imports (tests that restart say so)
+os.environ.setdefault("TI_ALLOCATOR", "glibc")
 torch.set_num_threads(1)
 
 

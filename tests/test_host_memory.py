@@ -1,4 +1,5 @@
-"""Freed host memory is kept for reuse on CPU runs (glibc), unless the user tunes malloc."""
+"""Freed host memory is kept for reuse on CPU runs (glibc), unless the user tunes malloc; CPU runs
+restart under tcmalloc or jemalloc where installed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from library.allocator import allocator_to_preload
+from library.errors import UserError
 from library.host_memory import glibc_version, user_allocator_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,3 +147,60 @@ def test_what_a_step_freed_goes_back_between_steps_when_it_matters():
     assert small["applied"] is True and 16_000_000 <= small["free"] < 256 << 20
     assert small["handed_back"] is False
     assert small["kept"] - small["after"] < 1_000_000
+
+
+def found_only(*names: str):
+    """A stand-in for the dynamic loader's search that knows only these libraries."""
+    return lambda library: f"lib{library}.so.4" if library in names else None
+
+
+def test_tcmalloc_first_then_jemalloc_when_installed():
+    assert allocator_to_preload({}, found_only("tcmalloc_minimal", "jemalloc")) == "libtcmalloc_minimal.so.4"
+    assert allocator_to_preload({}, found_only("tcmalloc")) == "libtcmalloc.so.4"  # gperftools' full build
+    assert allocator_to_preload({}, found_only("jemalloc")) == "libjemalloc.so.4"
+    assert allocator_to_preload({}, found_only()) is None  # glibc's, tuned by library.host_memory
+    assert (
+        allocator_to_preload({"TI_ALLOCATOR": "jemalloc"}, found_only("tcmalloc", "jemalloc"))
+        == "libjemalloc.so.4"
+    )
+
+
+def test_no_restart_when_asked_or_when_the_user_chose_the_allocator():
+    installed = found_only("tcmalloc_minimal", "jemalloc")
+    assert allocator_to_preload({"TI_ALLOCATOR": "glibc"}, installed) is None
+    assert allocator_to_preload({"TI_ALLOCATOR_PRELOADED": "libtcmalloc_minimal.so.4"}, installed) is None
+    assert allocator_to_preload({"LD_PRELOAD": "/opt/libmimalloc.so"}, installed) is None
+    assert allocator_to_preload({"MALLOC_ARENA_MAX": "2"}, installed) is None
+    assert allocator_to_preload({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, installed) is None
+    assert allocator_to_preload({"TI_ALLOCATOR": "tcmalloc", "MALLOC_ARENA_MAX": "2"}, installed) is None
+
+
+def test_an_allocator_that_cannot_be_had_is_one_line(tmp_path):
+    with pytest.raises(
+        UserError,
+        match=r"TI_ALLOCATOR=tcmalloc: tcmalloc is not installed .*apt install libtcmalloc-minimal4",
+    ):
+        allocator_to_preload({"TI_ALLOCATOR": "tcmalloc"}, found_only("jemalloc"))
+    with pytest.raises(UserError, match="TI_ALLOCATOR=mimalloc: not an allocator this program knows"):
+        allocator_to_preload({"TI_ALLOCATOR": "mimalloc"}, found_only("tcmalloc_minimal"))
+    with pytest.raises(UserError, match="not an allocator"):
+        allocator_to_preload({"TI_ALLOCATOR": str(tmp_path / "missing.so")}, found_only())
+    library = tmp_path / "libcustom.so"
+    library.write_bytes(b"")
+    assert allocator_to_preload({"TI_ALLOCATOR": str(library)}, found_only()) == str(library)
+
+
+def test_a_wrong_allocator_choice_stops_the_cli_at_once():
+    """Checked first of all, before the trainer's imports: one line, exit code 2."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sdxl_train_textual_inversion.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TI_ALLOCATOR": "tc-malloc"},
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: TI_ALLOCATOR=tc-malloc: not an allocator this program knows; use tcmalloc, jemalloc, "
+        "glibc or the path of an allocator's shared library"
+    ]

@@ -262,7 +262,8 @@ def readme_commands() -> list[list[str]]:
 def test_the_readme_example_chain_runs_as_written(tiny_sd1, tmp_path):
     """The README's two commands, with its paths pointed at a tiny model and folder, fewer steps and a
     smaller size: the file the trainer writes is the one the generator is told to load, and its
-    word works in the prompt."""
+    word works in the prompt. Both run as a user's would on Linux, restarted under a preloaded library
+    (``TI_ALLOCATOR``; the C math library stands in for tcmalloc, which a test machine may lack)."""
     train, generate = readme_commands()
     assert train[:2] == ["accelerate", "launch"] and generate[:2] == ["python", "gen_img_diffusers.py"]
     work = tmp_path / "work"
@@ -274,6 +275,9 @@ def test_the_readme_example_chain_runs_as_written(tiny_sd1, tmp_path):
     train = [faster.get(arg, arg) for arg in train]
     train = [sys.executable, "-m", "accelerate.commands.launch", *train[2:]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    preloaded = loaded_library_path("libm.so")
+    if preloaded is not None:
+        env["TI_ALLOCATOR"] = preloaded
     script = str(ROOT / "train_textual_inversion.py")
     train = [script if arg == "train_textual_inversion.py" else arg for arg in train]
     result = subprocess.run(
@@ -285,6 +289,7 @@ def test_the_readme_example_chain_runs_as_written(tiny_sd1, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    trained = result
     generate = [
         sys.executable,
         str(ROOT / "gen_img_diffusers.py"),
@@ -296,3 +301,15 @@ def test_the_readme_example_chain_runs_as_written(tiny_sd1, tmp_path):
     result = subprocess.run(generate, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "word 'mychar4'" in result.stderr and len(list((work / "out").glob("*.png"))) == 1
+    if preloaded is not None:
+        assert f"memory allocator: {preloaded}, preloaded at start" in trained.stderr
+        assert f"memory allocator: {preloaded}, preloaded at start" in result.stderr
+
+
+def loaded_library_path(name: str) -> str | None:
+    """Where the library ``name`` this process has loaded lies (Linux), or None."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return None
+    paths = [line.split()[-1] for line in maps.read_text().splitlines() if "/" in line]
+    return next((path for path in paths if Path(path).name.startswith(name)), None)
