@@ -59,10 +59,24 @@ def describe_machine() -> dict:
         "cuda": None,
         "memory_gb": _memory_gb(),
         "load_average_at_start": load_average(),
+        "cli_allocator": "glibc",
     }
     if torch.cuda.is_available():
         info["cuda"] = {"device": torch.cuda.get_device_name(0), "version": torch.version.cuda}
+    else:
+        info["cli_allocator"] = _cli_allocator()
     return info
+
+
+def _cli_allocator() -> str:
+    """What the trainer and the generator started from here allocate with (``library.allocator``)."""
+    from library.allocator import allocator_to_preload
+    from library.errors import UserError
+
+    try:
+        return allocator_to_preload(os.environ) or "glibc"
+    except UserError as error:
+        return f"unusable: {error}"
 
 
 def _cpu_capability() -> str | None:
