@@ -4,13 +4,13 @@ Why: glibc's malloc lays each step's activations out a little differently among 
 outlive the step, so its heap grows to the union of those layouts unless the trainer hands the
 freed memory back after every step, and then the next step faults the same pages in again
 (``library.host_memory``). tcmalloc and jemalloc keep blocks of one size together and return
-memory gradually, so neither cost arises: on a full-size SDXL in fp32 a step took 1.7 GB less at
-its peak and was faster (docs/benchmarks.md). PyTorch's own CPU launcher
+memory gradually, so neither cost arises: a full-size SDXL step under either took less memory
+at its peak and less time (docs/benchmarks.md). PyTorch's own CPU launcher
 (``torch.backends.xeon.run_cpu``) and the WebUI's launch script preload them for the same reason.
 
 An allocator must be in place before the process allocates anything, so the entry scripts call
 ``restart_under_installed_allocator`` first, before their heavy imports: it starts the same
-command again with the library in ``LD_PRELOAD`` (``os.execv``: the same process id, so launchers
+command again with the library in ``LD_PRELOAD`` (``os.execve``: the same process id, so launchers
 and signals are unaffected). It does nothing on a machine with a CUDA device (host memory matters
 little there, and GPU runs stay as they were), outside glibc Linux, when the user preloads an
 allocator or sets glibc's malloc knobs, or with ``TI_ALLOCATOR=glibc``. ``TI_ALLOCATOR=tcmalloc``,
