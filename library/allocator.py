@@ -66,7 +66,11 @@ def allocator_to_preload(
                 f"or set {CHOICE}=glibc"
             )
         return found
-    if "/" in choice and Path(choice).is_file():
+    if "/" in choice:
+        if not Path(choice).is_file():
+            raise UserError(
+                f"{CHOICE}={choice}: no such file; give an allocator's shared library, or unset it"
+            )
         return choice
     raise UserError(
         f"{CHOICE}={choice}: not an allocator this program knows; use tcmalloc, jemalloc, glibc "
