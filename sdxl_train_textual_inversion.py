@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from library.allocator import restart_under_installed_allocator
 from library.errors import run_cli
+from library.training.args import check_command_line
 
-if __name__ == "__main__":  # first: a restart under tcmalloc would repeat every import below
+if __name__ == "__main__":  # first: the slow imports below wait for options that make sense,
+    run_cli(lambda: check_command_line(sdxl=True))  # and a restart under tcmalloc would repeat them
     run_cli(restart_under_installed_allocator)
 
 import train_textual_inversion

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,11 +50,18 @@ def setup_console_logging(settings: ConsoleSettings) -> None:
     for noisy in ("httpx", "urllib3", "PIL", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # diffusers/transformers chatter (dtype casts, weight loading bars) says nothing users can act on
-    import diffusers
-    import transformers
+    for library in ("diffusers", "transformers"):
+        _errors_only(library)
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+
+def _errors_only(library: str) -> None:
+    """Let ``library`` (diffusers, transformers) log errors only, without importing it (seconds):
+    one already imported is told now; one imported later reads its verbosity variable then."""
+    module = sys.modules.get(library)
+    if module is not None:
+        module.utils.logging.set_verbosity_error()
+    else:
+        os.environ[f"{library.upper()}_VERBOSITY"] = "error"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,9 +191,9 @@ def test_an_allocator_that_cannot_be_had_is_one_line(tmp_path):
 
 
 def test_a_wrong_allocator_choice_stops_the_cli_at_once():
-    """Checked first of all, before the trainer's imports: one line, exit code 2."""
+    """Checked first of all (before even --help), before the generator's imports: one line, exit code 2."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "sdxl_train_textual_inversion.py"), "--help"],
+        [sys.executable, str(ROOT / "gen_img_diffusers.py"), "--help"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,36 @@ def test_a_mistake_argparse_finds_is_one_line_without_the_usage(argv, named, sdx
     program = "sdxl_train_textual_inversion.py" if sdxl else "train_textual_inversion.py"
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), lines
     assert lines[0].endswith(f"({program} --help lists the options)"), lines
+
+
+@pytest.mark.parametrize(
+    "script, argv, named",
+    [
+        (
+            "train_textual_inversion.py",
+            ["--learning_rate=abc"],
+            "argument --learning_rate: invalid float value",
+        ),
+        (
+            "sdxl_train_textual_inversion.py",
+            ["--token_string=t", "--train_data_dir=pictures", "--output_dir=out"],
+            "--pretrained_model_name_or_path is required",
+        ),
+    ],
+)
+def test_a_mistaken_option_is_answered_before_the_libraries_of_a_run_are_imported(script, argv, named):
+    """The real script: one error line, and diffusers, transformers and accelerate (seconds to
+    import) were never imported, whether argparse or our checks find the mistake."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", script, *argv], capture_output=True, text=True, cwd=root
+    )
+    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 2 and len(said) == 1 and said[0].startswith(f"error: {named}"), said
+    imported = {line.rsplit("|", 1)[-1].strip() for line in imports}
+    assert "torch" in imported  # the import log is read right
+    assert not imported & {"diffusers", "transformers", "accelerate"}
 
 
 def test_every_kohya_option_exists_with_kohyas_default_and_choices():

@@ -12,12 +12,15 @@ keep a third less. The gradients are the same operations on the same numbers as 
 from __future__ import annotations
 
 import types
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.activations import GEGLU
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:
+    from diffusers.models.activations import GEGLU
 
 
 class _GatedGelu(torch.autograd.Function):
@@ -49,6 +52,8 @@ def _lean_forward(self: GEGLU, hidden_states: torch.Tensor, *args, **kwargs) -> 
 
 def keep_less_for_backward(model: nn.Module) -> int:
     """Give every diffusers ``GEGLU`` of ``model`` the lean backward; returns how many."""
+    from diffusers.models.activations import GEGLU  # imported here: option parsing imports this module
+
     count = 0
     for module in model.modules():
         if type(module) is GEGLU:

@@ -34,7 +34,6 @@ from torch import nn
 from library.embeddings.formats import LoadedEmbedding, bundled_embedding
 from library.errors import UserError
 from library.files import write_atomically
-from library.models.ldm_export import unet_key_to_ldm
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +55,9 @@ OTHER_NETWORKS = {
 
 def layer_names(model) -> dict[str, nn.Module]:
     """Every linear and convolution layer of the model's UNet and text encoders, by kohya LoRA name."""
+    # imported here: it imports diffusers, and option parsing imports this module
+    from library.models.ldm_export import unet_key_to_ldm
+
     names = {}
     for path, module in model.unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-
-from transformers import CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from library.errors import UserError
 from library.files import ensure_writable_folder, write_folder_atomically
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ SDXL_SECOND_CACHE_NAME = "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"
 
 def shipped_tokenizer(v2: bool) -> CLIPTokenizer:
     """The CLIP tokenizer built from the vocabulary in the repo; SD2 pads with ``!``."""
+    from transformers import CLIPTokenizer  # imported here: option parsing imports this module
+
     extra = {"pad_token": "!"} if v2 else {}
     return CLIPTokenizer(
         vocab=str(SHIPPED_VOCAB_DIR / "vocab.json"),
@@ -60,6 +64,8 @@ def _write_cache(tokenizer: CLIPTokenizer, cache_dir: Path, cached: Path) -> Non
 
 
 def _from_folder(folder: Path) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer  # imported here: option parsing imports this module
+
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # a broken folder must not end in a transformers traceback

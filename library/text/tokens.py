@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import re
 
-from transformers import AddedToken
-
 
 def placeholder_names(token_string: str, num_vectors: int) -> list[str]:
     """``["mychar", "mychar1", ..., "mychar{N-1}"]`` for an embedding of ``num_vectors`` rows."""
@@ -51,6 +49,8 @@ def taken_names(tokenizer, names: list[str]) -> list[str]:
 
 def add_word_tokens(tokenizer, names: list[str]) -> list[int] | None:
     """Add ``names`` as whole-word tokens; their ids, or ``None`` if the tokenizer merged any of them."""
+    from transformers import AddedToken  # imported here: option parsing imports this module
+
     added = tokenizer.add_tokens([AddedToken(name, single_word=True) for name in names])
     if added != len(names):
         return None

@@ -11,14 +11,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
 
 from library.errors import UserError
 from library.models.lean_activations import keep_less_for_backward
 from library.runtime import torch_dtype, usable_precision, use_attention
 from library.training.tracking import TrackerSettings
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ def make_accelerator(
 ) -> Accelerator:
     """One ``Accelerator``: mixed precision, trackers, and accelerate's gradient accumulation (its
     ``accumulate`` context decides when an optimizer step is due, an epoch's end included)."""
+    # imported here: option parsing imports this module
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
     handlers = []
     if compute.ddp_timeout:
         handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=compute.ddp_timeout)))

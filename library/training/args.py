@@ -683,6 +683,18 @@ def run_settings(args: argparse.Namespace, sdxl: bool = False) -> RunSettings:
     )
 
 
+def check_command_line(sdxl: bool = False) -> None:
+    """``settings_from_command_line``'s checks of this process's command line, saying nothing but
+    a mistake: the entry scripts call it before they import the libraries a run needs (seconds),
+    so that a mistaken option is answered at once; the run then reads the options again and logs
+    what they call for, once."""
+    logging.disable(logging.CRITICAL)
+    try:
+        settings_from_command_line(None, sdxl)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def settings_from_command_line(argv: list[str] | None = None, sdxl: bool = False) -> RunSettings:
     """The command line (and ``--config_file``) as settings, checked; console logging is set up first,
     so that what the checks say reaches the user's log. ``sdxl``: the SDXL trainer's command line."""
