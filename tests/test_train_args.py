@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from library.training.args import (
     REFUSED_OPTIONS,
     RunSettings,
     build_parser,
+    check_command_line,
     parse_args,
     refuse_unsupported,
 )
@@ -75,6 +77,21 @@ def test_a_mistaken_option_is_answered_before_the_libraries_of_a_run_are_importe
     imported = {line.rsplit("|", 1)[-1].strip() for line in imports}
     assert "torch" in imported  # the import log is read right
     assert not imported & {"diffusers", "transformers", "accelerate"}
+
+
+def test_the_silent_first_check_leaves_logging_as_it_found_it(tmp_path, monkeypatch):
+    """The run sets logging up itself afterwards: no handler (nor open log file) of the check is left."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    log_file = tmp_path / "console.log"
+    monkeypatch.setattr(
+        sys, "argv", ["train_textual_inversion.py", f"--console_log_file={log_file}", "--token_string=t"]
+    )
+    with pytest.raises(UserError, match="--pretrained_model_name_or_path is required"):
+        check_command_line()
+    assert root.handlers == handlers and root.level == level
+    assert logging.root.manager.disable == logging.NOTSET
+    assert log_file.read_text() == ""  # the check said nothing into it
 
 
 def test_every_kohya_option_exists_with_kohyas_default_and_choices():

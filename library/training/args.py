@@ -687,12 +687,18 @@ def check_command_line(sdxl: bool = False) -> None:
     """``settings_from_command_line``'s checks of this process's command line, saying nothing but
     a mistake: the entry scripts call it before they import the libraries a run needs (seconds),
     so that a mistaken option is answered at once; the run then reads the options again and logs
-    what they call for, once."""
+    what they call for, once. Logging is left as it was found (a ``--console_log_file`` closed)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     logging.disable(logging.CRITICAL)
     try:
         settings_from_command_line(None, sdxl)
     finally:
         logging.disable(logging.NOTSET)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
 
 
 def settings_from_command_line(argv: list[str] | None = None, sdxl: bool = False) -> RunSettings:
