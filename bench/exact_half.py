@@ -18,7 +18,6 @@ one process within 24 GB with every UNet weight also in fp32.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,9 +27,9 @@ import torch
 from torch import nn
 
 from bench.checkpoint import SDXL_CHECKPOINT, ensure_checkpoint
-from bench.machine import describe_machine
+from bench.machine import describe_machine, preloaded_allocator
 from library.allocator import restart_under_installed_allocator
-from library.host_memory import PRELOADED_ALLOCATOR, keep_freed_memory_in_process
+from library.host_memory import keep_freed_memory_in_process
 from library.models.exact_half_weights import HalfStoredConv2d, HalfStoredLinear
 from library.models.loading import load_sd_model
 from library.training.new_word import splice_new_vectors
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     print(
         f"{machine['date']}  {machine['cpu']['model']}  torch {machine['torch']}  allocator "
-        f"{os.environ.get(PRELOADED_ALLOCATOR) or os.environ.get('LD_PRELOAD') or 'glibc'}  {args.family} {size} px, batch {args.batch}"
+        f"{preloaded_allocator()}  {args.family} {size} px, batch {args.batch}"
     )
     model = load_sd_model(checkpoint, with_vae=False, exact_half_storage=True)
     keep_freed_memory_in_process()  # as the trainer does on a CPU once the model is loaded

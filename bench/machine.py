@@ -68,6 +68,12 @@ def describe_machine() -> dict:
     return info
 
 
+def preloaded_allocator() -> str:
+    """What this process (and a program it starts) allocates with: what ``LD_PRELOAD`` names, which
+    a restart under tcmalloc sets too, else glibc's malloc."""
+    return os.environ.get("LD_PRELOAD") or "glibc"
+
+
 def _cli_allocator() -> str:
     """What the trainer and the generator started from here allocate with (``library.allocator``)."""
     from library.allocator import allocator_to_preload

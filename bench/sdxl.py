@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.checkpoint import SDXL_CHECKPOINT, ensure_checkpoint
 from bench.launch import measure
-from bench.machine import describe_machine
+from bench.machine import describe_machine, preloaded_allocator
 from bench.training import make_dataset, tmp_root
 from library.text.tokenizer import family_tokenizers
 
@@ -56,11 +55,6 @@ def command_line(checkpoint: Path, data: Path, out: Path, tokenizers: Path, prec
         f"--tokenizer_cache_dir={tokenizers}",
         "--sdpa",
     ]
-
-
-def kohya_allocator() -> str:
-    """kohya's script runs under what this environment preloads, glibc's malloc by default."""
-    return os.environ.get("LD_PRELOAD") or "glibc"
 
 
 def print_row(name: str, figure: dict, kohya: dict) -> None:
@@ -103,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = machine["cpu"]
     print(
         f"{machine['date']}  {cpu['model']} ({', '.join(cpu['flags']) or 'no AVX512-BF16/AMX'})  torch {machine['torch']}"
-        f"  ours allocate with {machine['cli_allocator']}, kohya with {kohya_allocator()}"
+        f"  ours allocate with {machine['cli_allocator']}, kohya with {preloaded_allocator()}"
     )
     print(
         "| run | peak RSS | steps' peak RSS | s/step | RSS / kohya | s/step / kohya |\n|---|---|---|---|---|---|",
