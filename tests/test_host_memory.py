@@ -204,3 +204,48 @@ def test_a_wrong_allocator_choice_stops_the_cli_at_once():
         "error: TI_ALLOCATOR=tc-malloc: not an allocator this program knows; use tcmalloc, jemalloc, "
         "glibc or the path of an allocator's shared library"
     ]
+
+
+ALLOCATOR_LOG_PROBE = """
+import logging
+from library.host_memory import keep_freed_memory_in_process
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+keep_freed_memory_in_process()
+"""
+
+
+@pytest.mark.skipif(glibc_version() is None, reason="glibc only")
+@pytest.mark.parametrize(
+    "env, said",
+    [
+        (
+            {},
+            "memory allocator: glibc's; with tcmalloc installed (Debian/Ubuntu: apt install libtcmalloc-minimal4)",
+        ),
+        ({"TI_ALLOCATOR": "glibc"}, None),  # asked for: no tip
+        (
+            {"TI_ALLOCATOR_PRELOADED": "libtcmalloc_minimal.so.4"},
+            "memory allocator: libtcmalloc_minimal.so.4, ",
+        ),
+    ],
+)
+def test_the_log_says_which_allocator_a_cpu_run_uses(env, said):
+    """Under glibc's malloc the log tells how to get tcmalloc, unless glibc was asked for."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "TI_ALLOCATOR")) and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_LOG_PROBE],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**clean, **env},
+        check=True,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.startswith("memory allocator")]
+    if said is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(said), lines
