@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_images = [resized(image, size) for image in mask_images] if mask_images else None
 
     # the model, the embeddings' words and the LoRA networks
-    from library.embeddings.install import install_embeddings
+    from library.embeddings.install import embedding_words, install_embeddings
     from library.generation.generator import ImageGenerator
     from library.generation.run import AppliedLoRA, Run
     from library.host_memory import keep_freed_memory_in_process
@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = choose_device_and_dtype(device_settings.wanted_precision)
     # a file that is no LoRA shows before the model loads
     loras = [read_lora_file(path) for path in settings.networks.weights]
-    model = load_model(settings.model, dtype)  # cast as it loads; fp32 keeps the file's exact fp16 weights
     bundled = [embedding for lora in loras for embedding in bundled_embeddings(lora)]
+    if not inputs.interactive:  # else the prompts are yet to come
+        warn_about_unused_words(embedding_words(inputs.textual_inversion_embeddings, bundled), prompt_list)
+    model = load_model(settings.model, dtype)  # cast as it loads; fp32 keeps the file's exact fp16 weights
     embeddings = install_embeddings(model, inputs.textual_inversion_embeddings, bundled=bundled)
     networks = attach_lora_files(model, loras, settings.networks.multipliers, settings.networks.show_meta)
     for text_encoder in model.text_encoders:
@@ -119,6 +121,18 @@ def prompts_of(inputs) -> list[str]:
         logger.info("read %d prompts from %s", len(prompts), inputs.from_file)
         return prompts
     return [inputs.prompt] if inputs.prompt is not None else []
+
+
+def warn_about_unused_words(words: list[str], prompts: list[str]) -> None:
+    """An embedding whose word no prompt contains changes no image, and nothing else would say so."""
+    from library.text.tokens import words_in_no_text
+
+    for word in words_in_no_text(words, prompts):
+        logger.warning(
+            "the embedding word '%s' is in none of the prompts, so it changes no image; an embedding file's "
+            "word is its file name: type that, or rename the file to the word you type",
+            word,
+        )
 
 
 def choose_device_and_dtype(wanted_precision: str):

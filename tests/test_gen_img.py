@@ -162,6 +162,7 @@ def test_txt2img_from_file_then_stdin_with_an_embedding_writes_reproducible_pngs
     assert text_of(names["8"])["steps"] == "3"
     assert text_of(names["4"])["prompt"] == "a dog"
     assert f"saved {names['4']} (seed 4)" in log.read_text().splitlines()  # plain lines, into the file
+    assert "in none of the prompts" not in log.read_text()  # --interactive: the prompts were yet to come
 
     run_main(*common, *with_embedding, "--outdir", tmp_path / "b")  # same settings, another process
     again = {DEFAULT_NAME.fullmatch(p.name).group(3): p for p in pngs(tmp_path / "b")}
@@ -170,6 +171,22 @@ def test_txt2img_from_file_then_stdin_with_an_embedding_writes_reproducible_pngs
     run_main(*common, "--outdir", tmp_path / "c")  # the word is now plain text
     without = {DEFAULT_NAME.fullmatch(p.name).group(3): p for p in pngs(tmp_path / "c")}
     assert without["7"].read_bytes() != names["7"].read_bytes()
+
+
+def test_an_embedding_whose_word_no_prompt_contains_is_named_before_the_model_loads(
+    tmp_path, run_main, embeddings_sd1, caplog
+):
+    """The word is the file's name; a prompt with the word in its negative part uses it too."""
+    files = [embeddings_sd1[layout] for layout in ("kohya", "webui", "diffusers")]
+    argv = ["--ckpt", tmp_path / "missing.safetensors", "--prompt", "a (Kohyaword:1.2) --n webuiword, blurry"]
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="missing.safetensors"):
+        run_main(*argv, *FAST, "--outdir", tmp_path, "--textual_inversion_embeddings", *files)
+    messages = [record.getMessage() for record in caplog.records]
+    unused = [message for message in messages if "in none of the prompts" in message]
+    assert unused == [
+        "the embedding word 'diffusersword' is in none of the prompts, so it changes no image; an embedding "
+        "file's word is its file name: type that, or rename the file to the word you type"
+    ]
 
 
 def test_interactive_reads_prompts_from_standard_input_until_end_of_input(

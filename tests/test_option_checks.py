@@ -6,6 +6,8 @@ case in test_bad_input.py proves the wiring)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from library.errors import UserError
@@ -90,6 +92,31 @@ def test_a_sample_prompt_file_that_is_not_utf8_is_named_before_the_model(tmp_pat
 
 def test_good_options_pass(tmp_path):
     check(tmp_path, "--init_word=cute toy", "--output_name=mychar4_v2", "--max_train_epochs=3")
+
+
+def test_a_file_named_otherwise_than_the_word_says_which_word_prompts_need(tmp_path, caplog):
+    """The clients take the word from the file name; kohya's own example names them differently."""
+    with caplog.at_level(logging.WARNING):
+        check(tmp_path, "--output_name=mychar4_v2")
+    assert "--output_name mychar4_v2: " in caplog.text and "need 'mychar4_v2', not 'mychar4'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check(tmp_path, "--output_name=MyChar4")  # the tokenizer ignores case
+        check(tmp_path)  # named after the token string
+    assert "--output_name" not in caplog.text
+
+
+def test_sample_prompts_without_the_word_are_named_before_the_model(tmp_path, caplog):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog --w 64\na mychar4s --n mychar4\n")  # a longer word, a negative: not the word
+    with caplog.at_level(logging.WARNING):
+        check(tmp_path, f"--sample_prompts={prompts}", "--sample_every_n_steps=5")
+    assert "prompts.txt: no prompt contains the token string 'mychar4'" in caplog.text
+    caplog.clear()
+    prompts.write_text("a dog --w 64\na (MyChar4:1.2) --n blurry\n")
+    with caplog.at_level(logging.WARNING):
+        check(tmp_path, f"--sample_prompts={prompts}", "--sample_every_n_steps=5")
+    assert "no prompt contains" not in caplog.text
 
 
 def _state_saved_with(folder, **recorded) -> str:

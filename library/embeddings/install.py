@@ -95,9 +95,15 @@ def _write_rows(model, loaded: list[tuple[list[int], dict[str, torch.Tensor]]], 
                 table[token_ids] = rows[key].to(device=table.device, dtype=table.dtype)
 
 
+def embedding_words(paths: list, bundled: list[tuple[str, LoadedEmbedding]] = ()) -> list[str]:
+    """The words ``install_embeddings(model, paths, bundled=bundled)`` will add: each file's stem
+    (the rule of kohya, the WebUI and ComfyUI), then each bundled embedding's word."""
+    return [Path(path).stem for path in paths] + [embedding.word for _, embedding in bundled]
+
+
 def _without_repeats(paths: list, words: list[str] | None) -> tuple[list, list[str]]:
     """The paths (and their words: the file stems unless given) with a file named twice kept once."""
-    words = words or [Path(path).stem for path in paths]
+    words = words or embedding_words(paths)
     kept: dict[Path, tuple] = {}
     for path, word in zip(paths, words):
         key = Path(path).resolve()

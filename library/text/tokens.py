@@ -14,6 +14,7 @@ tokenizer compares: ``Dog`` is taken because ``dog`` is a word.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 
 def placeholder_names(token_string: str, num_vectors: int) -> list[str]:
@@ -31,6 +32,13 @@ def _word_pattern(word: str) -> re.Pattern[str]:
 def contains_word(text: str, word: str) -> bool:
     """True when ``word`` occurs in ``text`` as a whole word."""
     return _word_pattern(word).search(text) is not None
+
+
+def words_in_no_text(words: Iterable[str], texts: Iterable[str]) -> list[str]:
+    """The ``words`` that occur in none of ``texts``: a word no prompt or caption contains is never
+    used, and nothing else says so (the most common reason an embedding "does nothing")."""
+    texts = list(texts)
+    return [word for word in words if not any(contains_word(text, word) for text in texts)]
 
 
 def expand_placeholder(text: str, token_string: str, num_vectors: int) -> str:

@@ -30,6 +30,7 @@ from library.shared_options import (
     add_model_options,
     without_secrets,
 )
+from library.text.tokens import words_in_no_text
 from library.training.accelerator import ComputeSettings
 from library.training.dataset import add_dataset_arguments
 from library.training.dataset.args import DataOptions
@@ -519,6 +520,7 @@ def check_settings(settings: RunSettings) -> None:
             f"bundle_emb.{name}.*, which the WebUI cuts at the first dot; use a name without dots"
         )
     check_output_name(saving.output_name)
+    _warn_if_file_word_differs(name, word.token_string)
     settings.tracking.init_kwargs()  # a missing or broken --log_tracker_config, before the model
     if saving.resume and not Path(saving.resume).is_dir():
         raise UserError(
@@ -526,7 +528,15 @@ def check_settings(settings: RunSettings) -> None:
             "(name-state, name-step00000100-state, ...)"
         )
     if settings.sampling.sample_prompts:  # a missing or broken file, before the model
-        for spec in read_sample_prompts(settings.sampling.sample_prompts):
+        specs = read_sample_prompts(settings.sampling.sample_prompts)
+        if words_in_no_text([word.token_string], [spec.prompt for spec in specs]):
+            logger.warning(
+                "--sample_prompts %s: no prompt contains the token string '%s', so the samples cannot show "
+                "what it learns",
+                settings.sampling.sample_prompts,
+                word.token_string,
+            )
+        for spec in specs:
             sampler, steps = (
                 spec.sampler or settings.sampling.sample_sampler,
                 spec.steps or SAMPLE_DEFAULTS["steps"],
@@ -542,6 +552,20 @@ def check_settings(settings: RunSettings) -> None:
         )
     settings.noise.warn_about_unused(model.v_parameterization)
     settings.loss.warn_about_unused()
+
+
+def _warn_if_file_word_differs(file_stem: str, token_string: str) -> None:
+    """The WebUI, ComfyUI and the generators read an embedding's word from its file name, so a
+    file named otherwise than the token string is typed by its name, not by the word it learned."""
+    if file_stem.lower() != token_string.lower():
+        logger.warning(
+            "--output_name %s: the WebUI, ComfyUI and gen_img_diffusers.py take an embedding's word from its "
+            "file name, so prompts there need '%s', not '%s'; leave --output_name out to type '%s' everywhere",
+            file_stem,
+            file_stem,
+            token_string,
+            token_string,
+        )
 
 
 def _check_word(word: WordSettings) -> None:
