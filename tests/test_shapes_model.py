@@ -17,7 +17,13 @@ from cli_helpers import run_train
 from library.models.diffusers_folder import save_diffusers_folder
 from library.models.loading import load_sd_model
 from tools import shapes
-from tools.concept_eval import SHAPES_MODEL, SHAPES_SDXL_MODEL, base_model_accuracy, evaluate_embedding
+from tools.concept_eval import (
+    SHAPES_MODEL,
+    SHAPES_SDXL_MODEL,
+    ConceptReport,
+    base_model_accuracy,
+    evaluate_embedding,
+)
 from tools.demo import WORD, draw_training_pictures
 
 
@@ -56,6 +62,12 @@ def assert_readable_by_transformers_4(folder, text_encoder) -> None:
     names = {k.removeprefix("text_model.") for k in text_encoder.state_dict()} - {"embeddings.position_ids"}
     assert {f"text_model.{name}" for name in names} <= set(saved)
     assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "tokenizer" / "merges.txt").is_file()
+
+
+def test_the_evaluation_line_never_rounds_a_share_up_to_a_target():
+    """43 of 48 pictures is 89.6 %: a whole-number line read "90%" against a 90 % target."""
+    line = ConceptReport(concept=43 / 48, init_word=7 / 48, color=1.0).line(16.4)
+    assert line == "concept 89.6% (init word 14.6%), color 100.0%, trained in 16 s"
 
 
 @pytest.mark.parametrize("tool", ["tools.to_diffusers", "tools.concept_eval"])

@@ -7,7 +7,7 @@
    generic word ``shape`` (which draws any of the seven shapes);
 3. renders a grid, ``demo_output/grid.png``: one row per prompt (the init word, the learned word,
    the learned word in two colours), one column per seed;
-4. judges the embedding with ``tools/concept_eval.py`` and prints its line.
+4. judges the embedding with ``tools/concept_eval.py`` on 144 + 144 pictures and prints its line.
 
 Everything goes to ``demo_output/`` (git-ignored). Run ``python -m tools.demo``; with ``--sdxl``
 (``make demo-sdxl``) the same demo runs on the SDXL-layout model with
