@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.host_memory import keep_freed_memory_in_process
     from library.models.loading import load_model, peek_family
     from library.networks.lora import attach_lora_files, bundled_embeddings, read_lora_file
+    from library.runtime import vae_dtype
     from library.text.sdxl_conditioning import refuse_clip_skip
 
     path = Path(settings.model.path)
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     bundled = [embedding for lora in loras for embedding in bundled_embeddings(lora)]
     if not inputs.interactive:  # else the prompts are yet to come
         warn_about_unused_words(embedding_words(inputs.textual_inversion_embeddings, bundled), prompt_list)
-    model = load_model(settings.model, dtype)  # cast as it loads; fp32 keeps the file's exact fp16 weights
+    # cast as it loads (fp32 keeps the file's exact fp16 weights); the VAE in fp32 with --no_half_vae
+    vae_in = vae_dtype(dtype, device_settings.no_half_vae)
+    model = load_model(settings.model, dtype, vae_in)
     embeddings = install_embeddings(model, inputs.textual_inversion_embeddings, bundled=bundled)
     networks = attach_lora_files(model, loras, settings.networks.multipliers, settings.networks.show_meta)
     for text_encoder in model.text_encoders:
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         max_embeddings_multiples=generation.max_embeddings_multiples,
         device=device,
         dtype=dtype,
+        vae_dtype=vae_in,
         placeholder_vectors=embeddings,
         vae_batch_size=device_settings.vae_batch(generation.batch_size),
         progress_bar=True,

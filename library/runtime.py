@@ -75,6 +75,14 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def vae_dtype(weight_dtype: torch.dtype, no_half_vae: bool) -> torch.dtype:
+    """The VAE's dtype: the models' own, or fp32 with ``--no_half_vae`` (SDXL's VAE overflows to NaN,
+    black images, in fp16; kohya's trainers and SDXL generators take the option)."""
+    import torch
+
+    return torch.float32 if no_half_vae else weight_dtype
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes bf16 in hardware (AVX512-BF16, AMX, or Arm's BF16), so bf16 beats fp32.
 

@@ -586,6 +586,67 @@ def test_speed_and_memory_options_run_with_clear_fallbacks(tmp_path, run_main, t
     assert "--v_parameterization without --v2" in caplog.text
 
 
+def test_no_half_vae_keeps_the_sdxl_vae_in_fp32_under_bf16(tmp_path, run_main, tiny_sdxl, monkeypatch):
+    """kohya's SDXL generators take --no_half_vae: SDXL's VAE overflows in fp16. The UNet stays in
+    bf16; the latents reach the fp32 VAE in the pipelines and in our own batched decoding."""
+    from library.models import loading
+
+    loaded = []
+    load_model = loading.load_model
+    monkeypatch.setattr(
+        loading, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1]
+    )
+    common = ["--ckpt", tiny_sdxl / "model.safetensors", "--prompt", "a toy", *FAST, "--bf16"]
+    run_main(*common, "--outdir", tmp_path / "half", "--images_per_prompt", "1")
+    run_main(
+        *common,
+        "--no_half_vae",
+        "--images_per_prompt",
+        "2",
+        "--batch_size",
+        "2",
+        "--vae_batch_size",
+        "1",
+        "--outdir",
+        tmp_path / "fp32",
+    )
+    half, full = loaded
+    assert (half.unet.dtype, half.vae.dtype) == (torch.bfloat16, torch.bfloat16)
+    assert (full.unet.dtype, full.vae.dtype) == (torch.bfloat16, torch.float32)
+    source = pngs(tmp_path / "fp32")
+    assert len(source) == 2
+    for kind, mask in (("img2img", []), ("inpaint", ["--mask_path", source[1]])):
+        run_main(*common, "--no_half_vae", "--image_path", source[0], *mask, "--outdir", tmp_path / kind)
+        assert len(pngs(tmp_path / kind)) == 1
+        assert loaded[-1].vae.dtype == torch.float32  # diffusers' SDXL pipelines did not cast it back
+
+
+def test_a_vae_kept_in_fp32_is_handed_back_as_it_was(tiny_sdxl):
+    """The generator lets diffusers' pipelines use an fp32 VAE beside a bf16 UNet, then undoes it."""
+    from library.generation.generator import GenerationRequest, ImageGenerator
+
+    model = load_sd_model(tiny_sdxl / "model.safetensors")
+    upcast = model.vae.config.force_upcast
+    generator = ImageGenerator(model, dtype=torch.bfloat16, vae_dtype=torch.float32)
+    picture = generator.generate(GenerationRequest("a toy", width=64, height=64, steps=2, seeds=1))[0]
+    assert (model.unet.dtype, model.vae.dtype, model.vae.config.force_upcast) == (
+        torch.bfloat16,
+        torch.float32,
+        False,
+    )
+    again = generator.generate(
+        GenerationRequest("a toy", init_image=picture, strength=0.5, width=64, height=64, steps=2, seeds=1)
+    )
+    assert again[0].size == (64, 64) and model.vae.dtype == torch.float32
+    generator.close()
+    assert "encode" not in vars(model.vae) and "decode" not in vars(model.vae)
+    assert (model.unet.dtype, model.vae.dtype, model.vae.config.force_upcast) == (
+        torch.float32,
+        torch.float32,
+        upcast,
+    )
+
+
 def test_fp32_generation_keeps_an_fp16_files_weights_in_half_and_draws_the_same_pixels(
     tmp_path, run_main, tiny_sd1, caplog, monkeypatch
 ):

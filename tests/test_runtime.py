@@ -113,3 +113,17 @@ def test_full_half_precision_needs_the_matching_mixed_precision():
         resolve_mixed_precision("no", full_fp16=True)
     with pytest.raises(UserError, match="exclude each other"):
         resolve_mixed_precision("fp16", full_fp16=True, full_bf16=True)
+
+
+def test_no_half_vae_keeps_the_vae_in_fp32_in_the_trainer_and_the_generator(monkeypatch):
+    """One rule for both programs: the VAE follows the models' dtype unless --no_half_vae."""
+    from library.generation.args import settings_from_command_line
+    from library.training.accelerator import ComputeSettings, resolve_precision
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    trained = resolve_precision(ComputeSettings(mixed_precision="bf16", no_half_vae=True))
+    assert (trained.weight_dtype, trained.vae_dtype) == (torch.bfloat16, torch.float32)
+    assert resolve_precision(ComputeSettings(mixed_precision="bf16")).vae_dtype == torch.bfloat16
+    device = settings_from_command_line(["--ckpt=m", "--prompt=a", "--bf16", "--no_half_vae"]).device
+    assert runtime.vae_dtype(torch.bfloat16, device.no_half_vae) == torch.float32
+    assert runtime.vae_dtype(torch.float16, False) == torch.float16

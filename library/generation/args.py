@@ -127,6 +127,11 @@ def setup_parser() -> argparse.ArgumentParser:
         default=None,
         help="decode the VAE in tiles to save memory (diffusers' VAE tiling)",
     )
+    add(
+        "--no_half_vae",
+        action="store_true",
+        help="keep the VAE in fp32 with --fp16/--bf16 (kohya's SDXL generators: SDXL's VAE overflows in fp16)",
+    )
     add("--steps", type=int, default=setting_default("steps"), help="sampling steps")
     add(
         "--sampler",
@@ -247,6 +252,9 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--control_net_preps", type=str, default=None, nargs="*", help="not supported yet")
     add("--control_net_weights", type=float, default=None, nargs="*", help="not supported yet")
     add("--control_net_ratios", type=float, default=None, nargs="*", help="not supported yet")
+    add("--control_net_lllite_models", type=str, default=None, nargs="*", help="not supported yet")
+    add("--control_net_multipliers", type=float, default=None, nargs="*", help="not supported yet")
+    add("--clip_vision_strength", type=float, default=None, help="not supported yet")
     add("--ds_depth_1", type=int, default=None, help="not supported yet")
     add("--ds_timesteps_1", type=int, default=650, help="not supported yet")
     add("--ds_depth_2", type=int, default=None, help="not supported yet")
@@ -286,6 +294,9 @@ UNSUPPORTED_OPTIONS: dict[str, tuple[str, str]] = {  # name: (what it is, what t
     "control_net_preps": _CONTROL_NET,
     "control_net_weights": _CONTROL_NET,
     "control_net_ratios": _CONTROL_NET,
+    "control_net_lllite_models": ("ControlNet-LLLite", ""),
+    "control_net_multipliers": _CONTROL_NET,
+    "clip_vision_strength": ("CLIP Vision conditioning of SDXL img2img", ""),
     "ds_depth_1": _DEEP_SHRINK,
     "ds_timesteps_1": _DEEP_SHRINK,
     "ds_depth_2": _DEEP_SHRINK,
@@ -417,6 +428,7 @@ class DeviceSettings:
     opt_channels_last: bool = False
     vae_batch_size: float | None = None
     vae_slices: int | None = None
+    no_half_vae: bool = False
 
     @property
     def wanted_precision(self) -> str:

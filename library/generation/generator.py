@@ -271,13 +271,47 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | No
         module.to(device=device, dtype=dtype)
 
 
+class _VAEInOwnDtype:
+    """A VAE kept in another dtype than the UNet (fp32 with ``--no_half_vae``), for diffusers' pipelines.
+
+    The pipelines hand the VAE images and latents in the UNet's dtype and use the latents it encodes
+    as they come, and the SDXL ones cast a VAE that asks for upcasting (``force_upcast``) back to
+    the UNet's dtype after encoding. So, while installed, the VAE's ``encode``/``decode`` take their
+    input in its own dtype and ``encode`` returns latents in the caller's dtype, and the VAE does not
+    ask to be upcast (it already is). ``remove()`` undoes both.
+    """
+
+    def __init__(self, vae) -> None:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        self.vae, self.force_upcast = vae, vae.config.get("force_upcast", False)
+        encode, decode = vae.encode, vae.decode
+
+        def encode_in_own_dtype(x: torch.Tensor, return_dict: bool = True):
+            moments = encode(x.to(vae.dtype)).latent_dist.parameters.to(x.dtype)
+            posterior = DiagonalGaussianDistribution(moments)
+            return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+        def decode_in_own_dtype(z: torch.Tensor, *args, **kwargs):
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+        vae.encode, vae.decode = encode_in_own_dtype, decode_in_own_dtype
+        vae.register_to_config(force_upcast=False)
+
+    def remove(self) -> None:
+        del self.vae.encode, self.vae.decode  # the class's methods again
+        self.vae.register_to_config(force_upcast=self.force_upcast)
+
+
 class ImageGenerator:
     """Generate images from a Stable Diffusion model's modules with kohya's prompt semantics.
 
     ``model`` is a ``library.models.loading.SDModel``; ``tokenizers`` override the model's (the
     trainer's have the placeholder tokens). Prompts become the UNet's conditioning through the
     model family's ``TextConditioner``. ``device``/``dtype``, when given, move the UNet and VAE
-    there in place (``close()`` moves them back); the text encoders are only moved, never cast,
+    there in place (the VAE to ``vae_dtype`` instead when given: ``--no_half_vae``; ``close()``
+    moves them back); the text encoders are only moved, never cast,
     because they may be the ones being trained. ``placeholder_vectors``
     maps an embedding's word to its vector count so that prompts say ``word`` and the tokenizer
     sees ``word word1 ... wordN-1``.
@@ -295,6 +329,7 @@ class ImageGenerator:
         max_embeddings_multiples: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
         placeholder_vectors: dict[str, int] | None = None,
         vae_batch_size: int | None = None,
         progress_bar: bool = False,
@@ -316,7 +351,8 @@ class ImageGenerator:
         self.placeholder_vectors = {w: n for w, n in (placeholder_vectors or {}).items() if n > 1}
         self.vae_batch_size = vae_batch_size
         self._restore: list[tuple[torch.nn.Module, torch.device, torch.dtype | None]] = []
-        self._place_modules(device, dtype)
+        self._place_modules(device, dtype, dtype if vae_dtype is None else vae_dtype)
+        self._vae_bridge = _VAEInOwnDtype(self.vae) if self.vae.dtype != self.unet.dtype else None
 
         self.sdxl = model.family.name == "sdxl"
         self.txt2img, self.img2img, self.inpaint = make_pipelines(
@@ -330,17 +366,26 @@ class ImageGenerator:
 
     # -- module placement ----------------------------------------------------------------------
 
-    def _place_modules(self, device, dtype) -> None:
-        for module, cast in ((self.unet, True), (self.vae, True), *((e, False) for e in self.text.encoders)):
+    def _place_modules(self, device, dtype, vae_dtype) -> None:
+        """The UNet in ``dtype``, the VAE in ``vae_dtype`` (fp32 with ``--no_half_vae``), the text
+        encoders as they are (half-stored weights must not be widened); all on ``device``."""
+        for module, cast_to in (
+            (self.unet, dtype),
+            (self.vae, vae_dtype),
+            *((e, None) for e in self.text.encoders),
+        ):
             old_device, old_dtype = module.device, module.dtype
             new_device = torch.device(device) if device is not None else old_device
-            new_dtype = dtype if (cast and dtype is not None) else old_dtype
+            new_dtype = cast_to if cast_to is not None else old_dtype
             if new_device != old_device or new_dtype != old_dtype:
                 self._restore.append((module, old_device, old_dtype))
                 _move(module, new_device, new_dtype if new_dtype != old_dtype else None)
 
     def close(self) -> None:
         """Move the modules back to the device and dtype they had before this generator."""
+        if self._vae_bridge is not None:
+            self._vae_bridge.remove()
+            self._vae_bridge = None
         for module, device, dtype in reversed(self._restore):
             _move(module, device, dtype if dtype != module.dtype else None)
         self._restore.clear()

@@ -17,7 +17,7 @@ import torch
 
 from library.errors import UserError
 from library.models.lean_activations import keep_less_for_backward
-from library.runtime import torch_dtype, usable_precision, use_attention
+from library.runtime import torch_dtype, usable_precision, use_attention, vae_dtype
 from library.training.tracking import TrackerSettings
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def resolve_precision(compute: ComputeSettings) -> Precision:
     """``--mixed_precision``, with ``--full_fp16/--full_bf16`` folded in and the CPU rule applied."""
     mixed_precision = resolve_mixed_precision(compute.mixed_precision, compute.full_fp16, compute.full_bf16)
     weight_dtype = torch_dtype(mixed_precision)
-    return Precision(mixed_precision, weight_dtype, torch.float32 if compute.no_half_vae else weight_dtype)
+    return Precision(mixed_precision, weight_dtype, vae_dtype(weight_dtype, compute.no_half_vae))
 
 
 def resolve_mixed_precision(mixed_precision: str, full_fp16: bool = False, full_bf16: bool = False) -> str:

@@ -143,6 +143,7 @@ def sample_images(run: Run, schedule: SampleSchedule, *, epoch: int | None) -> l
             max_embeddings_multiples=None if max_token_length is None else max_token_length // CHUNK_TOKENS,
             device=accelerator.device,
             dtype=run.precision.weight_dtype,
+            vae_dtype=run.precision.vae_dtype,
             placeholder_vectors={run.settings.word.token_string: schedule.num_vectors},
         )
         with torch.no_grad(), accelerator.autocast():
