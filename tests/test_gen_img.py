@@ -621,6 +621,20 @@ def test_no_half_vae_keeps_the_sdxl_vae_in_fp32_under_bf16(tmp_path, run_main, t
         assert loaded[-1].vae.dtype == torch.float32  # diffusers' SDXL pipelines did not cast it back
 
 
+def test_batched_decoding_upcasts_an_fp16_sdxl_vae_as_diffusers_pipelines_do(tiny_sdxl):
+    """--vae_batch_size decodes outside diffusers' pipeline, which would decode SDXL's fp16 VAE in
+    fp32 (it overflows in fp16); the batched decoding does the same and leaves the VAE in fp16."""
+    from library.generation.generator import GenerationRequest, ImageGenerator
+
+    model = load_sd_model(tiny_sdxl / "model.safetensors")
+    generator = ImageGenerator(model, dtype=torch.float16, vae_batch_size=1)
+    decoded_in = []
+    model.vae.decoder.register_forward_pre_hook(lambda module, args: decoded_in.append(args[0].dtype))
+    images = generator.generate(GenerationRequest("a toy", width=64, height=64, steps=2, seeds=[1, 2]))
+    assert len(images) == 2 and decoded_in == [torch.float32, torch.float32]
+    assert model.vae.dtype == torch.float16
+
+
 def test_a_vae_kept_in_fp32_is_handed_back_as_it_was(tiny_sdxl):
     """The generator lets diffusers' pipelines use an fp32 VAE beside a bf16 UNet, then undoes it."""
     from library.generation.generator import GenerationRequest, ImageGenerator

@@ -522,14 +522,25 @@ class ImageGenerator:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, pipe=None) -> list[Image.Image]:
-        """Decode in slices of ``vae_batch_size`` images (kohya's ``--vae_batch_size``)."""
+        """Decode in slices of ``vae_batch_size`` images (kohya's ``--vae_batch_size``).
+
+        An fp16 SDXL VAE that asks for upcasting (``force_upcast``) decodes in fp32 here, as
+        diffusers' SDXL pipelines decode it: in fp16 it overflows to black pictures.
+        """
         pipe = pipe or self.txt2img
         step = max(1, int(self.vae_batch_size or latents.shape[0]))
+        upcast = self.sdxl and self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+        if upcast:
+            self.vae.to(torch.float32)
         images: list[Image.Image] = []
-        for start in range(0, latents.shape[0], step):
-            part = latents[start : start + step].to(self.vae.dtype) / self.vae.config.scaling_factor
-            decoded = self.vae.decode(part, return_dict=False)[0]
-            images += pipe.image_processor.postprocess(decoded, output_type="pil")
+        try:
+            for start in range(0, latents.shape[0], step):
+                part = latents[start : start + step].to(self.vae.dtype) / self.vae.config.scaling_factor
+                decoded = self.vae.decode(part, return_dict=False)[0]
+                images += pipe.image_processor.postprocess(decoded, output_type="pil")
+        finally:
+            if upcast:
+                self.vae.to(torch.float16)
         return images
 
     def generate_highres(self, request, fix: HighresFix) -> HighresResult:
