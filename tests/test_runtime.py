@@ -127,3 +127,21 @@ def test_no_half_vae_keeps_the_vae_in_fp32_in_the_trainer_and_the_generator(monk
     device = settings_from_command_line(["--ckpt=m", "--prompt=a", "--bf16", "--no_half_vae"]).device
     assert runtime.vae_dtype(torch.bfloat16, device.no_half_vae) == torch.float32
     assert runtime.vae_dtype(torch.float16, False) == torch.float16
+
+
+@pytest.mark.parametrize(
+    ("processes", "environ", "warned"),
+    [
+        (1, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, True),  # --num_processes 2, plain launcher
+        (1, {}, False),  # python or accelerate launch, one process asked for
+        (2, {"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}, False),  # --multi_gpu: torchrun started two
+    ],
+)
+def test_a_run_started_alone_though_several_processes_were_asked_for_says_so(
+    processes, environ, warned, caplog
+):
+    from library.training.accelerator import warn_if_started_alone
+
+    with caplog.at_level(logging.WARNING):
+        warn_if_started_alone(processes, environ)
+    assert ("started this one alone" in caplog.text) == warned

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,13 +89,26 @@ def make_accelerator(
     trackers = tracking.trackers
     if trackers and "wandb" in trackers:
         _require_wandb(tracking.wandb_api_key)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision.mixed_precision,
         gradient_accumulation_steps=accumulation,
         log_with=trackers,
         project_dir=run_logging_dir(tracking.logging_dir, tracking.log_prefix),
         kwargs_handlers=handlers,
     )
+    warn_if_started_alone(accelerator.num_processes, os.environ)
+    return accelerator
+
+
+def warn_if_started_alone(num_processes: int, environ: Mapping[str, str]) -> None:
+    """``accelerate launch --num_processes 2`` without ``--multi_gpu`` on a CPU or a single GPU starts
+    one process, saying nothing; its plain launcher still sets ``MASTER_ADDR`` (torchrun, which
+    starts several, also sets ``WORLD_SIZE``), so the run can tell the user."""
+    if num_processes == 1 and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ:
+        logger.warning(
+            "accelerate launch was asked for several processes but started this one alone: without "
+            "several GPUs it needs --multi_gpu (on a CPU also ACCELERATE_USE_CPU=true) to start them"
+        )
 
 
 def run_logging_dir(logging_dir: str | None, log_prefix: str | None) -> str | None:
