@@ -727,12 +727,14 @@ def test_fp32_generation_keeps_an_fp16_files_weights_in_half_and_draws_the_same_
 
 
 def _non_default(name: str, default):
+    action = gen_img.setup_parser()._option_string_actions[f"--{name}"]
     if default is False:
         return [f"--{name}"]
+    if action.choices:
+        return [f"--{name}", next(choice for choice in action.choices if choice != default)]
     if default is None:
-        kind = gen_img.setup_parser()._option_string_actions[f"--{name}"]
-        value = "1" if kind.type in (int, float) else "x"
-        return [f"--{name}", value]
+        value = "1" if action.type in (int, float) else "x"
+        return [f"--{name}", *[value] * (action.nargs if isinstance(action.nargs, int) else 1)]
     return [f"--{name}", str(default + 1)]
 
 
@@ -745,9 +747,11 @@ def test_every_unimplemented_option_is_refused_with_one_line(name, run_main):
 
 @pytest.mark.parametrize("name", sorted(a.dest for a in gen_img.setup_parser()._actions if a.type is float))
 def test_a_number_option_given_nan_or_inf_is_one_line_naming_it(name, run_main):
+    action = gen_img.setup_parser()._option_string_actions[f"--{name}"]
+    count = action.nargs if isinstance(action.nargs, int) else 1
     for value in ("nan", "inf"):
         with pytest.raises(UserError, match=rf"^--{name}"):
-            run_main("--ckpt", "unused", "--prompt", "x", f"--{name}", value)
+            run_main("--ckpt", "unused", "--prompt", "x", f"--{name}", *[value] * count)
 
 
 def test_unimplemented_options_at_their_defaults_are_accepted():
@@ -771,7 +775,7 @@ def test_no_generator_option_is_accepted_and_dropped():
     read_by_network_settings = {
         f"network_{n}" for n in ("module", "weights", "mul", "show_meta", "merge", "pre_calc")
     }
-    read_under_another_name = {"ckpt", "sdxl"}  # ModelSettings.path, ModelSettings.expect_sdxl
+    read_under_another_name = {"ckpt", "sdxl", "v1"}  # ModelSettings.path, ModelSettings.expect_sdxl
     nothing_to_do = {"help", "no_preview"}  # images are never previewed
     options = {a.dest for a in gen_img.setup_parser()._actions}
     dropped = options - read - set(gen_img.UNSUPPORTED_OPTIONS)

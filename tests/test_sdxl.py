@@ -419,6 +419,20 @@ def test_the_generators_sdxl_flag_is_checked_against_the_file(tiny_sd1):
         load_model(ModelSettings(path=str(tiny_sd1 / "model.safetensors"), expect_sdxl=True), torch.float32)
 
 
+def test_the_generators_v1_flag_is_checked_against_the_file_and_the_other_flags(tiny_sdxl):
+    """kohya's gen_img.py takes --v1 (it guesses SDXL from a file's size otherwise); here the file
+    decides, and a flag that contradicts it or another flag is one line."""
+    from library.generation.args import settings_from_command_line
+    from library.models.loading import load_model
+
+    settings = settings_from_command_line([f"--ckpt={tiny_sdxl / 'model.safetensors'}", "--prompt=a", "--v1"])
+    with pytest.raises(UserError, match="an SDXL model; .* generate without --v1"):
+        load_model(settings.model, torch.float32)
+    for other in ("--sdxl", "--v2"):
+        with pytest.raises(UserError, match=f"^--v1 and {other} name two model families"):
+            settings_from_command_line(["--ckpt=m", "--prompt=a", "--v1", other])
+
+
 def test_the_generator_refuses_clip_skip_for_an_sdxl_file_before_loading_it(tiny_sdxl, tmp_path, monkeypatch):
     import gen_img_diffusers
     from library.models import loading

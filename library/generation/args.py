@@ -46,6 +46,22 @@ def setup_parser() -> argparse.ArgumentParser:
     add_attention_options(p)
     add = p.add_argument
     add("--sdxl", action="store_true", help="the model is SDXL (kohya's gen_img.py; detected from the file)")
+    add("--v1", action="store_true", help="the model is SD 1.x (kohya's gen_img.py; detected from the file)")
+    add("--zero_terminal_snr", action="store_true", help="not supported yet")
+    add("--force_scheduler_zero_steps_offset", action="store_true", help="not supported yet")
+    add("--pyramid_noise_prob", type=float, default=None, help="not supported yet")
+    add("--pyramid_noise_discount_range", type=float, nargs=2, default=None, help="not supported yet")
+    add("--noise_offset_prob", type=float, default=None, help="not supported yet")
+    add("--noise_offset_range", type=float, nargs=2, default=None, help="not supported yet")
+    add("--from_module", type=str, default=None, help="not supported yet")
+    add("--prompter_module_args", type=str, default=None, help="not supported yet")
+    add(
+        "--emb_normalize_mode",
+        type=str,
+        default="original",
+        choices=["original", "none", "abs"],
+        help="prompt weights keep each prompt's mean (kohya's original); the others are not supported yet",
+    )
     setting_default = functools.partial(default_of, GenerationSettings)  # a run's defaults live there
     add(
         "--prompt",
@@ -277,6 +293,8 @@ _CONTROL_NET = ("ControlNet", "")
 _GUIDANCE = ("CLIP/VGG16 guided generation", "")
 _DEEP_SHRINK = ("Deep Shrink", "")
 _GRADUAL = ("gradual latent", "")
+_NOISE = ("extra start noise (noise offset, pyramid noise)", "")
+_PROMPTER = ("prompt modules (Python code that writes the prompts)", "use --from_file")
 UNSUPPORTED_OPTIONS: dict[str, tuple[str, str]] = {  # name: (what it is, what to do instead)
     "network_args": _NETWORKS,
     "network_merge_n_models": _NETWORKS,
@@ -308,6 +326,18 @@ UNSUPPORTED_OPTIONS: dict[str, tuple[str, str]] = {  # name: (what it is, what t
     "gradual_latent_every_n_steps": _GRADUAL,
     "gradual_latent_s_noise": _GRADUAL,
     "gradual_latent_unsharp_params": _GRADUAL,
+    "zero_terminal_snr": ("zero terminal SNR schedules", ""),
+    "force_scheduler_zero_steps_offset": ("a zero steps offset forced on the sampler", ""),
+    "pyramid_noise_prob": _NOISE,
+    "pyramid_noise_discount_range": _NOISE,
+    "noise_offset_prob": _NOISE,
+    "noise_offset_range": _NOISE,
+    "from_module": _PROMPTER,
+    "prompter_module_args": _PROMPTER,
+    "emb_normalize_mode": (
+        "prompt-weight normalisation other than kohya's original (each prompt keeps its mean)",
+        "leave --emb_normalize_mode out",
+    ),
 }
 
 
@@ -327,6 +357,11 @@ def check_options(args: argparse.Namespace) -> None:
     """Catch mistakes before the model is loaded, each with the flag named."""
     refuse_unsupported(args)
     refuse_impossible_numbers(args, setup_parser())
+    if args.v1 and (args.sdxl or args.v2):
+        raise UserError(
+            f"--v1 and --{'sdxl' if args.sdxl else 'v2'} name two model families; give the one of your model "
+            "(it is also recognised from the file)"
+        )
     if not args.ckpt:
         raise UserError("--ckpt is required: the .safetensors/.ckpt checkpoint or diffusers folder to use")
     for name in ("images_per_prompt", "n_iter", "batch_size", "steps", "highres_fix_steps"):
@@ -475,7 +510,10 @@ def settings_from_command_line(argv: list[str] | None = None) -> GeneratorSettin
         )
     return GeneratorSettings(
         model=settings_from(
-            ModelSettings, args, path=resolve_checkpoint(args.ckpt), expect_sdxl=True if args.sdxl else None
+            ModelSettings,
+            args,
+            path=resolve_checkpoint(args.ckpt),
+            expect_sdxl=True if args.sdxl else False if args.v1 else None,
         ),
         console=settings_from(ConsoleSettings, args),
         inputs=settings_from(

@@ -455,7 +455,7 @@ def check_trainer_family(settings: ModelSettings, family: str) -> None:
     if not settings.expect_sdxl and family == "sdxl":
         raise UserError(
             f"{settings.path}: an SDXL model; train it with sdxl_train_textual_inversion.py "
-            "(the same options), or pass an SD 1.x/2.x model"
+            "(the same options) and generate without --v1, or pass an SD 1.x/2.x model"
         )
 
 
