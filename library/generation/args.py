@@ -47,21 +47,6 @@ def setup_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--sdxl", action="store_true", help="the model is SDXL (kohya's gen_img.py; detected from the file)")
     add("--v1", action="store_true", help="the model is SD 1.x (kohya's gen_img.py; detected from the file)")
-    add("--zero_terminal_snr", action="store_true", help="not supported yet")
-    add("--force_scheduler_zero_steps_offset", action="store_true", help="not supported yet")
-    add("--pyramid_noise_prob", type=float, default=None, help="not supported yet")
-    add("--pyramid_noise_discount_range", type=float, nargs=2, default=None, help="not supported yet")
-    add("--noise_offset_prob", type=float, default=None, help="not supported yet")
-    add("--noise_offset_range", type=float, nargs=2, default=None, help="not supported yet")
-    add("--from_module", type=str, default=None, help="not supported yet")
-    add("--prompter_module_args", type=str, default=None, help="not supported yet")
-    add(
-        "--emb_normalize_mode",
-        type=str,
-        default="original",
-        choices=["original", "none", "abs"],
-        help="prompt weights keep each prompt's mean (kohya's original); the others are not supported yet",
-    )
     setting_default = functools.partial(default_of, GenerationSettings)  # a run's defaults live there
     add(
         "--prompt",
@@ -282,6 +267,21 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--gradual_latent_every_n_steps", type=int, default=3, help="not supported yet")
     add("--gradual_latent_s_noise", type=float, default=1.0, help="not supported yet")
     add("--gradual_latent_unsharp_params", type=str, default=None, help="not supported yet")
+    add("--zero_terminal_snr", action="store_true", help="not supported yet")
+    add("--force_scheduler_zero_steps_offset", action="store_true", help="not supported yet")
+    add("--pyramid_noise_prob", type=float, default=None, help="not supported yet")
+    add("--pyramid_noise_discount_range", type=float, nargs=2, default=None, help="not supported yet")
+    add("--noise_offset_prob", type=float, default=None, help="not supported yet")
+    add("--noise_offset_range", type=float, nargs=2, default=None, help="not supported yet")
+    add("--from_module", type=str, default=None, help="not supported yet")
+    add("--prompter_module_args", type=str, default=None, help="not supported yet")
+    add(
+        "--emb_normalize_mode",
+        type=str,
+        default="original",
+        choices=["original", "none", "abs"],
+        help="prompt weights keep each prompt's mean (kohya's original); the others are not supported yet",
+    )
     return p
 
 
