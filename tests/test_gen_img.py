@@ -623,26 +623,33 @@ def test_no_half_vae_keeps_the_sdxl_vae_in_fp32_under_bf16(tmp_path, run_main, t
 
 def test_batched_decoding_upcasts_an_fp16_sdxl_vae_as_diffusers_pipelines_do(tiny_sdxl):
     """--vae_batch_size decodes outside diffusers' pipeline, which would decode SDXL's fp16 VAE in
-    fp32 (it overflows in fp16); the batched decoding does the same and leaves the VAE in fp16."""
+    fp32 (it overflows in fp16); the batched decoding does the same, outside autocast, and leaves
+    the VAE in fp16."""
     from library.generation.generator import GenerationRequest, ImageGenerator
 
     model = load_sd_model(tiny_sdxl / "model.safetensors")
     generator = ImageGenerator(model, dtype=torch.float16, vae_batch_size=1)
     decoded_in = []
-    model.vae.decoder.register_forward_pre_hook(lambda module, args: decoded_in.append(args[0].dtype))
-    images = generator.generate(GenerationRequest("a toy", width=64, height=64, steps=2, seeds=[1, 2]))
+    model.vae.decoder.conv_out.register_forward_hook(lambda module, args, out: decoded_in.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.float16):  # as the trainer draws its samples (on a GPU)
+        images = generator.generate(GenerationRequest("a toy", width=64, height=64, steps=2, seeds=[1, 2]))
     assert len(images) == 2 and decoded_in == [torch.float32, torch.float32]
     assert model.vae.dtype == torch.float16
 
 
 def test_a_vae_kept_in_fp32_is_handed_back_as_it_was(tiny_sdxl):
-    """The generator lets diffusers' pipelines use an fp32 VAE beside a bf16 UNet, then undoes it."""
+    """The generator lets diffusers' pipelines use an fp32 VAE beside a bf16 UNet, also under
+    autocast, then undoes it."""
     from library.generation.generator import GenerationRequest, ImageGenerator
 
     model = load_sd_model(tiny_sdxl / "model.safetensors")
     upcast = model.vae.config.force_upcast
     generator = ImageGenerator(model, dtype=torch.bfloat16, vae_dtype=torch.float32)
-    picture = generator.generate(GenerationRequest("a toy", width=64, height=64, steps=2, seeds=1))[0]
+    decoded_in = []
+    model.vae.decoder.conv_out.register_forward_hook(lambda module, args, out: decoded_in.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer draws its samples
+        picture = generator.generate(GenerationRequest("a toy", width=64, height=64, steps=2, seeds=1))[0]
+    assert decoded_in == [torch.float32]
     assert (model.unet.dtype, model.vae.dtype, model.vae.config.force_upcast) == (
         torch.bfloat16,
         torch.float32,

@@ -22,7 +22,7 @@ import logging
 import random
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -277,8 +277,8 @@ class _VAEInOwnDtype:
     The pipelines hand the VAE images and latents in the UNet's dtype and use the latents it encodes
     as they come, and the SDXL ones cast a VAE that asks for upcasting (``force_upcast``) back to
     the UNet's dtype after encoding. So, while installed, the VAE's ``encode``/``decode`` take their
-    input in its own dtype and ``encode`` returns latents in the caller's dtype, and the VAE does not
-    ask to be upcast (it already is). ``remove()`` undoes both.
+    input in its own dtype, run outside autocast, and ``encode`` returns latents in the caller's
+    dtype; and the VAE does not ask to be upcast (it already is). ``remove()`` undoes both.
     """
 
     def __init__(self, vae) -> None:
@@ -289,12 +289,14 @@ class _VAEInOwnDtype:
         encode, decode = vae.encode, vae.decode
 
         def encode_in_own_dtype(x: torch.Tensor, return_dict: bool = True):
-            moments = encode(x.to(vae.dtype)).latent_dist.parameters.to(x.dtype)
+            with _without_autocast(vae.device):
+                moments = encode(x.to(vae.dtype)).latent_dist.parameters.to(x.dtype)
             posterior = DiagonalGaussianDistribution(moments)
             return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
         def decode_in_own_dtype(z: torch.Tensor, *args, **kwargs):
-            return decode(z.to(vae.dtype), *args, **kwargs)
+            with _without_autocast(vae.device):
+                return decode(z.to(vae.dtype), *args, **kwargs)
 
         vae.encode, vae.decode = encode_in_own_dtype, decode_in_own_dtype
         vae.register_to_config(force_upcast=False)
@@ -302,6 +304,12 @@ class _VAEInOwnDtype:
     def remove(self) -> None:
         del self.vae.encode, self.vae.decode  # the class's methods again
         self.vae.register_to_config(force_upcast=self.force_upcast)
+
+
+def _without_autocast(device: torch.device):
+    """The trainer draws its samples inside accelerate's autocast, which would run the VAE's
+    convolutions in half precision whatever its weights are."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class ImageGenerator:
@@ -525,7 +533,8 @@ class ImageGenerator:
         """Decode in slices of ``vae_batch_size`` images (kohya's ``--vae_batch_size``).
 
         An fp16 SDXL VAE that asks for upcasting (``force_upcast``) decodes in fp32 here, as
-        diffusers' SDXL pipelines decode it: in fp16 it overflows to black pictures.
+        diffusers' SDXL pipelines decode it, and outside autocast: in fp16 it overflows to black
+        pictures.
         """
         pipe = pipe or self.txt2img
         step = max(1, int(self.vae_batch_size or latents.shape[0]))
@@ -536,7 +545,8 @@ class ImageGenerator:
         try:
             for start in range(0, latents.shape[0], step):
                 part = latents[start : start + step].to(self.vae.dtype) / self.vae.config.scaling_factor
-                decoded = self.vae.decode(part, return_dict=False)[0]
+                with _without_autocast(self.vae.device) if upcast else nullcontext():
+                    decoded = self.vae.decode(part, return_dict=False)[0]
                 images += pipe.image_processor.postprocess(decoded, output_type="pil")
         finally:
             if upcast:
