@@ -30,6 +30,7 @@ from library.text.tokenizer import family_tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5  # the first is warm-up; the others are timed by the wall clock
+OURS_ONLY = {"--highvram"}  # kohya's trainers have no such option: compared with kohya's run without it
 
 
 def command_line(checkpoint: Path, data: Path, out: Path, tokenizers: Path, precision: str) -> list[str]:
@@ -57,8 +58,18 @@ def command_line(checkpoint: Path, data: Path, out: Path, tokenizers: Path, prec
     ]
 
 
+def run_name(program: str, extra: list[str], precision: str) -> str:
+    """A run's name in the table and the JSON: ``ours --highvram no``, ``kohya bf16``."""
+    return " ".join([program, *extra, precision])
+
+
+def kohya_counterpart(extra: list[str], precision: str) -> str:
+    """The kohya run a run of ours is compared with: the same options, less those kohya lacks."""
+    return run_name("kohya", [option for option in extra if option not in OURS_ONLY], precision)
+
+
 def print_row(name: str, figure: dict, kohya: dict) -> None:
-    """One table row; the ratios to kohya's run of the same precision and options when there is one."""
+    """One table row; the ratios to kohya's run of the same precision (and options) when there is one."""
     if "error" in figure:
         print(f"| {name} | failed: {figure['error'].strip().splitlines()[-1]} | | | | |", flush=True)
         return
@@ -117,19 +128,16 @@ def main(argv: list[str] | None = None) -> int:
             *[[o] for o in args.with_option],
         ]
         for extra in options_sets:
-            label = " ".join(extra)
-            runs = {f"ours {label}".strip(): (ours, ROOT)} if "ours" in args.programs else {}
-            if kohyas and "kohya" in args.programs and extra != ["--highvram"]:  # kohya has no such option
-                runs[f"kohya {label}".strip()] = (kohyas, args.kohya)
+            runs = {run_name("ours", extra, precision): (ours, ROOT)} if "ours" in args.programs else {}
+            if kohyas and "kohya" in args.programs and not set(extra) & OURS_ONLY:
+                runs[run_name("kohya", extra, precision)] = (kohyas, args.kohya)
             for name, (program, cwd) in runs.items():
-                out = work / f"{name}-{precision}".replace(" ", "").replace("-", "_")
+                out = work / name.replace(" ", "").replace("-", "_")
                 options = command_line(checkpoint, data, out, work / "tokenizers", precision)
-                figures[f"{name} {precision}"] = measure([*program, *options, *extra], cwd, STEPS)
-            kohya = figures.get(f"kohya {label} {precision}".replace("  ", " "), {})
+                figures[name] = measure([*program, *options, *extra], cwd, STEPS)
+            kohya = figures.get(kohya_counterpart(extra, precision), {})
             for name in runs:
-                print_row(
-                    f"{name} {precision}", figures[f"{name} {precision}"], {} if "kohya" in name else kohya
-                )
+                print_row(name, figures[name], {} if name.startswith("kohya") else kohya)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "runs": figures}, indent=1))
     return 0
