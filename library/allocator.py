@@ -14,7 +14,8 @@ command again with the library in ``LD_PRELOAD`` (``os.execve``: the same proces
 and signals are unaffected). It does nothing on a machine with a CUDA device (host memory matters
 little there, and GPU runs stay as they were), outside glibc Linux, when the user preloads an
 allocator or sets glibc's malloc knobs, or with ``TI_ALLOCATOR=glibc``. ``TI_ALLOCATOR=tcmalloc``,
-``jemalloc`` or a library's path asks for one; an unusable value is one error line.
+``jemalloc`` or a library's path asks for one; an unusable value is one error line. Under tcmalloc
+the restart also asks PyTorch to put large tensors on transparent huge pages (``HUGE_PAGES``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from library.errors import UserError
 from library.host_memory import ALLOCATOR_CHOICE as CHOICE
+from library.host_memory import HUGE_PAGES, glibc_version, user_allocator_settings
 from library.host_memory import PRELOADED_ALLOCATOR as PRELOADED
-from library.host_memory import glibc_version, user_allocator_settings
 
 # Library names (as the dynamic loader knows them) in order of preference, and the Debian/Ubuntu
 # package that installs them. tcmalloc first: its steps were the faster ones (docs/benchmarks.md).
@@ -92,8 +93,18 @@ def restart_under_installed_allocator() -> None:
     library = allocator_to_preload(os.environ)
     if library is None or _has_cuda_device():
         return
-    preload = ":".join(part for part in (library, os.environ.get("LD_PRELOAD", "")) if part)
-    environ = {**os.environ, "LD_PRELOAD": preload, PRELOADED: library}
+    environ = restart_environment(os.environ, library)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+
+def restart_environment(environ: Mapping[str, str], library: str) -> dict[str, str]:
+    """The environment to start again in: ``library`` preloaded before the user's own preloads,
+    and under tcmalloc PyTorch's tensors of 2 MB and more on transparent huge pages, unless the
+    user set ``THP_MEM_ALLOC_ENABLE`` themselves."""
+    preload = ":".join(part for part in (library, environ.get("LD_PRELOAD", "")) if part)
+    restarted = {**environ, "LD_PRELOAD": preload, PRELOADED: library}
+    if "tcmalloc" in Path(library).name:
+        restarted.setdefault(HUGE_PAGES, "1")
+    return restarted

@@ -55,6 +55,10 @@ STEP_HAND_BACK_FROM = 256 << 20
 # restarted under tcmalloc or jemalloc what it runs under.
 ALLOCATOR_CHOICE = "TI_ALLOCATOR"
 PRELOADED_ALLOCATOR = "TI_ALLOCATOR_PRELOADED"
+# PyTorch's switch for placing CPU tensors of 2 MB and more on transparent huge pages (madvise).
+# The restart under tcmalloc sets it: a full-size SDXL step was faster with it at the same peak
+# memory (docs/benchmarks.md).
+HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
 
 
 class _MallInfo2(ctypes.Structure):
@@ -153,8 +157,12 @@ def keep_freed_memory_in_process() -> bool:
         return False
     preloaded = os.environ.get(PRELOADED_ALLOCATOR)
     if preloaded:
+        huge_pages = ", large tensors on transparent huge pages" if os.environ.get(HUGE_PAGES) == "1" else ""
         logger.info(
-            "memory allocator: %s, preloaded at start (%s=glibc keeps glibc's)", preloaded, ALLOCATOR_CHOICE
+            "memory allocator: %s, preloaded at start%s (%s=glibc keeps glibc's)",
+            preloaded,
+            huge_pages,
+            ALLOCATOR_CHOICE,
         )
         return False
     own = user_allocator_settings()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from library.allocator import allocator_to_preload
+from library.allocator import allocator_to_preload, restart_environment
 from library.errors import UserError
 from library.host_memory import glibc_version, user_allocator_settings
 
@@ -190,6 +190,22 @@ def test_an_allocator_that_cannot_be_had_is_one_line(tmp_path):
     assert allocator_to_preload({"TI_ALLOCATOR": str(library)}, found_only()) == str(library)
 
 
+def test_the_restart_under_tcmalloc_puts_large_tensors_on_huge_pages():
+    """The allocator goes before the user's own preloads; PyTorch's huge pages come with tcmalloc
+    only (the one they were measured with), and a user's own THP_MEM_ALLOC_ENABLE stays."""
+    restarted = restart_environment({"LD_PRELOAD": "/opt/mine.so"}, "libtcmalloc_minimal.so.4")
+    assert restarted["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:/opt/mine.so"
+    assert restarted["TI_ALLOCATOR_PRELOADED"] == "libtcmalloc_minimal.so.4"
+    assert restarted["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert restart_environment({}, "/usr/lib/libtcmalloc.so.4")["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert (
+        restart_environment({"THP_MEM_ALLOC_ENABLE": "0"}, "libtcmalloc_minimal.so.4")["THP_MEM_ALLOC_ENABLE"]
+        == "0"
+    )
+    assert "THP_MEM_ALLOC_ENABLE" not in restart_environment({}, "libjemalloc.so.2")
+    assert restart_environment({}, "libjemalloc.so.2")["LD_PRELOAD"] == "libjemalloc.so.2"
+
+
 def test_a_wrong_allocator_choice_stops_the_cli_at_once():
     """Checked first of all (before even --help), before the generator's imports: one line, exit code 2."""
     result = subprocess.run(
@@ -225,7 +241,11 @@ keep_freed_memory_in_process()
         ({"TI_ALLOCATOR": "glibc"}, None),  # asked for: no tip
         (
             {"TI_ALLOCATOR_PRELOADED": "libtcmalloc_minimal.so.4"},
-            "memory allocator: libtcmalloc_minimal.so.4, ",
+            "memory allocator: libtcmalloc_minimal.so.4, preloaded at start (",
+        ),
+        (
+            {"TI_ALLOCATOR_PRELOADED": "libtcmalloc_minimal.so.4", "THP_MEM_ALLOC_ENABLE": "1"},
+            "memory allocator: libtcmalloc_minimal.so.4, preloaded at start, large tensors on transparent huge pages",
         ),
     ],
 )
@@ -234,7 +254,8 @@ def test_the_log_says_which_allocator_a_cpu_run_uses(env, said):
     clean = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("MALLOC_", "TI_ALLOCATOR")) and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+        if not k.startswith(("MALLOC_", "TI_ALLOCATOR"))
+        and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
     }
     result = subprocess.run(
         [sys.executable, "-c", ALLOCATOR_LOG_PROBE],
